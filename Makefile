@@ -1,0 +1,26 @@
+# Two entry points: `make demo` (the main job on the embedded default) and `make test`.
+# Both build their own virtual environment; torch is pinned to the CPU build on disk.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH := torch==2.13.0
+
+.PHONY: venv demo test clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev,deepspeed,megatron]' $(TORCH)
+	touch $@
+
+demo: venv
+	$(VENV)/bin/growth-ds demo
+
+test: venv
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info
