@@ -227,7 +227,8 @@ def launch_triple_product(x: Operand, y: Operand, z: Operand, out: Operand, *,
         raise ValueError(f"shape mismatch: x {n_i}x{n_a}, y {y.n_rows}x{y.n_cols}, "
                          f"z {n_k}x{n_b}, out {out.n_rows}x{out.n_cols}")
     interp = is_interpreter()
-    if config is None:
+    default_config = config is None
+    if default_config:
         dtype = x.tensor.dtype
         config = interpreter_config(n_i, n_k, n_a, n_b) if interp else gpu_config(dtype)
     if allow_transpose and mix in (MIX_NONE, MIX_Y):
@@ -236,7 +237,7 @@ def launch_triple_product(x: Operand, y: Operand, z: Operand, out: Operand, *,
         if cost_t < cost:
             x, y, z, out = z, y.t, x, out.t
             n_i, n_k, n_a, n_b = n_k, n_i, n_b, n_a
-            if interp:
+            if interp and default_config:
                 config = interpreter_config(n_i, n_k, n_a, n_b)
     if mix == MIX_NONE:
         d, n_src, sd_l, sd_j = x.tensor, 1, 0, 0  # d_ptr is never read

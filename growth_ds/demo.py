@@ -1,0 +1,67 @@
+"""The operator demo: train a small model briefly on real text (bytes of the embedded excerpt),
+grow it with every lossless method, and print loss before/after and the max logit difference."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from growth_ds.models import build_model, lm_loss
+from growth_ds.ops import METHODS, grow_module, make_plan
+from growth_ds.shapes import ModelShape
+
+FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "corpus_excerpt.txt"
+
+
+def byte_batches(text: str, seq_len: int, batch: int, seed: int):
+    data = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        idx = torch.randint(0, data.numel() - seq_len - 1, (batch,), generator=g)
+        chunk = torch.stack([data[i:i + seq_len + 1] for i in idx.tolist()])
+        yield chunk[:, :-1], chunk[:, 1:]
+
+
+def run_ops_demo(steps: int = 60, seed: int = 0, out=print) -> list:
+    text = FIXTURE.read_text(encoding="utf-8") if FIXTURE.exists() else "growth-ds " * 2000
+    rows = []
+    for flavour in ("gpt2", "llama"):
+        small = ModelShape(flavour=flavour, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2 if flavour == "llama" else 4,
+                           head_dim=16, d_ffn=172 if flavour == "llama" else 256, vocab_size=256, max_seq_len=64)
+        torch.manual_seed(seed)
+        model = build_model(small, seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+        batches = byte_batches(text, 64, 16, seed)
+        t0 = time.time()
+        for _ in range(steps):
+            x, y = next(batches)
+            opt.zero_grad()
+            lm_loss(model(x), y).backward()
+            opt.step()
+        x, y = next(batches)
+        with torch.no_grad():
+            logits = model(x)
+            before = lm_loss(logits, y).item()
+        out(f"\n{small.describe()}: trained {steps} steps on {FIXTURE.name} bytes in {time.time() - t0:.1f}s, "
+            f"loss {before:.4f}")
+        out(f"{'width':>13} {'depth':>9} {'grown to':<42} {'loss before':>11} {'loss after':>11} {'max |dlogit|':>12}")
+        for width in [m for m, v in METHODS.items() if v["width_lossless"]] + [None]:
+            for depth in (None, "identity"):
+                if width is None and depth is None:
+                    continue
+                large = dataclasses.replace(small, n_layers=small.n_layers + (2 if depth else 0))
+                if width:
+                    large = dataclasses.replace(large, d_model=2 * small.d_model, n_heads=2 * small.n_heads,
+                                                n_kv_heads=2 * small.n_kv_heads, d_ffn=2 * small.d_ffn)
+                plan = make_plan(small, large, width=width, depth=depth, seed=seed)
+                big, _ = grow_module(model, opt, plan)
+                with torch.no_grad():
+                    big_logits = big(x)
+                    after = lm_loss(big_logits, y).item()
+                diff = (big_logits - logits).abs().max().item()
+                rows.append(dict(flavour=flavour, width=width, depth=depth, before=before, after=after, diff=diff))
+                out(f"{width or '-':>13} {depth or '-':>9} {large.describe():<42} {before:>11.6f} {after:>11.6f} "
+                    f"{diff:>12.2e}")
+    return rows
