@@ -1,4 +1,4 @@
-"""``growth-ds`` command line: demo | grow | verify (train, data, report, plan come with their modules)."""
+"""``growth-ds`` command line: demo | train | check | report | data | grow | verify."""
 from __future__ import annotations
 
 import argparse
@@ -67,9 +67,43 @@ def cmd_verify(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from growth_ds.demo import run_ops_demo
+    if args.ops:
+        from growth_ds.demo import run_ops_demo
 
-    run_ops_demo(steps=args.steps, seed=args.seed)
+        run_ops_demo(steps=args.steps, seed=args.seed)
+        return 0
+    from growth_ds.demo import run_main_job
+
+    return run_main_job(args.config, nproc=args.nproc)
+
+
+def cmd_train(args) -> int:
+    from growth_ds.train.config import load_config
+    from growth_ds.train.trainer import train
+
+    cfg = load_config(args.config)
+    resume = "always" if args.resume else ("never" if args.no_resume else "auto")
+    result = train(cfg, scratch=args.scratch, resume=resume, run_dir=args.run_dir, progress_bar=not args.no_progress)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"finished: step {result['step']}, stage {result['stage']}, val loss {result['val_loss']:.4f}, "
+              f"{result['flops']:.3e} FLOPs")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from growth_ds.train.config import load_config
+
+    cfg = load_config(args.config)
+    print(f"{args.config}: ok ({len(cfg.stages)} stage(s): "
+          + " -> ".join(s.shape.describe() for s in cfg.stages) + ")")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from growth_ds.train.report import report
+
+    _, lines = report(args.run_root, args.staged, args.scratch, args.png)
+    print("\n".join(lines))
     return 0
 
 
@@ -77,10 +111,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="growth-ds", description="Grow trained GPT models and their training state.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="grow a small model with every lossless method; print the loss table")
-    d.add_argument("--steps", type=int, default=60)
+    d = sub.add_parser("demo", help="the main job: scratch vs staged run on the embedded corpus, then the report")
+    d.add_argument("--config", default=None, help="default: configs/demo.yaml")
+    d.add_argument("--nproc", type=int, default=2, help="processes (torchrun)")
+    d.add_argument("--ops", action="store_true", help="instead: grow a small model with every lossless method")
+    d.add_argument("--steps", type=int, default=60, help="--ops: training steps before growth")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="staged (or --scratch) pretraining on DeepSpeed; run under a launcher")
+    t.add_argument("config")
+    t.add_argument("--scratch", action="store_true", help="train only the final shape from scratch (baseline)")
+    t.add_argument("--resume", action="store_true", help="require resuming from the latest checkpoint")
+    t.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    t.add_argument("--run-dir", default=None, help="default: run.out_dir/staged (or /scratch)")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("check", help="validate a run config (shapes, stages, growth methods)")
+    c.add_argument("config")
+    c.set_defaults(func=cmd_check)
+
+    r = sub.add_parser("report", help="compare a staged run with its from-scratch baseline")
+    r.add_argument("run_root", help="directory holding staged/ and scratch/")
+    r.add_argument("--staged", default=None)
+    r.add_argument("--scratch", default=None)
+    r.add_argument("--png", default=None, help="default: RUN_ROOT/report.png")
+    r.set_defaults(func=cmd_report)
+
+    from growth_ds.train.data import add_data_commands
+
+    add_data_commands(sub)
 
     g = sub.add_parser("grow", help="grow a saved checkpoint (model + optimizer + step) into a larger shape")
     g.add_argument("--from", required=True, metavar="CKPT", help="checkpoint file (growth-ds or plain torch)")

@@ -65,3 +65,46 @@ def run_ops_demo(steps: int = 60, seed: int = 0, out=print) -> list:
                 out(f"{width or '-':>13} {depth or '-':>9} {large.describe():<42} {before:>11.6f} {after:>11.6f} "
                     f"{diff:>12.2e}")
     return rows
+
+
+def _launch(args, nproc: int) -> None:
+    """Run ``growth-ds ARGS`` under torchrun with ``nproc`` processes (raises on failure)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a free port: other jobs may hold torchrun's default
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+           "-m", "growth_ds.cli"] + list(args)
+    subprocess.run(cmd, check=True, env=env)
+
+
+def run_main_job(config=None, nproc: int = 2, out=print) -> int:
+    """The main job: prepare the embedded corpus, train the final shape from scratch and the staged run
+    (small -> grown) on ``nproc`` CPU processes, then print the report and write its plot."""
+    from growth_ds.train.config import load_config
+    from growth_ds.train.data import prepare_data
+    from growth_ds.train.report import report
+
+    config = Path(config) if config else Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    cfg = load_config(config)
+    data_cfg = dict(cfg.data)
+    data_dir = data_cfg.pop("out_dir", None) or Path(cfg.out_dir) / "data"
+    t0 = time.time()
+    info = prepare_data(data_cfg, data_dir)
+    st = info["stats"]
+    out(f"data: {', '.join(st['sources'])}; {st['n_tokens']['train']:,} train / {st['n_tokens']['val']:,} val tokens "
+        f"(vocab {st['vocab_size']}) in {time.time() - t0:.0f}s")
+    for label, extra in (("from scratch", ["--scratch"]), ("staged", [])):
+        t0 = time.time()
+        out(f"\n== {label}: {config.name}, {nproc} processes ==")
+        _launch(["train", str(config), "--no-resume"] + extra, nproc)
+        out(f"{label} run took {time.time() - t0:.0f}s")
+    _, lines = report(cfg.out_dir)
+    out("\n== report ==\n" + "\n".join(lines))
+    return 0

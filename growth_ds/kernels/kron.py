@@ -16,6 +16,7 @@ the full output, because row i of W'_l depends only on row i of B_l.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 __all__ = ["kron_expand", "kron_expand_reference", "triton_available"]
 
@@ -86,6 +87,7 @@ class _KronExpandTriton(torch.autograd.Function):
         return kron_triton.kron_forward(W, D, B, A, r0, r1, config).to(W.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         from growth_ds.kernels import kron_triton
 

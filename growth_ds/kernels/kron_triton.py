@@ -12,11 +12,15 @@ stride 0) operands cost nothing. At most one operand is *depth mixed*: its tile 
 fly as ``sum_j D[l, j] * src[j]`` (``MIX`` names which one), so the mixed weight never exists in
 memory. Accumulation is fp32. Masked loads handle shapes that are not multiples of the blocks.
 
-Each program keeps the intermediate tile ``t = Y[a-tile, :] Z[k-tile, :]^T`` in registers, so
-the inner product ``Y Z^T`` is recomputed once per row tile (``cdiv(I, BLOCK_I)`` times).
-:func:`launch_triple_product` picks the association (``X (Y Z^T)`` or, via the transpose,
-``(X Y) Z^T``) with fewer executed FLOPs when the operand roles allow it. The fused kernel does no
-redundant work when one output dimension fits one tile (e.g. a sharded row fragment).
+Cost of fusing everything into one launch (see :func:`forward_cost`): each program keeps the
+intermediate tile ``t = Y[a-tile, :] Z[k-tile, :]^T`` in registers, so the inner product is
+recomputed once per row tile (``cdiv(I, BLOCK_I)`` times), and a mixed operand's depth mix is
+rebuilt for every output tile. :func:`launch_triple_product` picks the association (``X (Y Z^T)``
+or, via the transpose, ``(X Y) Z^T``) with fewer executed FLOPs when the operand roles allow it.
+For square growth d/2 -> d with 128x128 tiles the model gives ~3.3x the tensor-core FLOPs of
+einsum + two matmuls at d=1024 and ~22x at d=8192 (also for thin row fragments), so the kernel
+wins on memory (no [L2, P, Q] mix, no intermediate) and launch count, not on FLOPs; GPU timings
+come from ``benchmarks/kron_kernel.py`` (not yet run on a GPU).
 
 Forward and backward passes (what is fused):
 
@@ -201,6 +205,21 @@ def executed_flops(n_i: int, n_k: int, n_a: int, n_b: int, block_i: int) -> int:
     return 2 * triton.cdiv(n_i, block_i) * n_a * n_b * n_k + 2 * n_i * n_a * n_k
 
 
+def forward_cost(r: int, p: int, q: int, n: int, l_src: int, config: KernelConfig) -> dict:
+    """Per-layer work of the fused forward for B_r [R, P], W [L1, P, Q], A [N, Q] -> [R, N].
+
+    Returns ``useful`` (cheaper two-matmul association plus one depth mix, what torch does),
+    ``dot`` (tensor-core FLOPs the kernel executes, inner product recomputed per row tile) and
+    ``mix`` (CUDA-core FLOPs of the depth mix, which is rebuilt for every output tile:
+    2 * L1 * P * Q * #tiles). Mirrors the association choice of :func:`launch_triple_product`.
+    """
+    useful = min(2 * r * q * (p + n), 2 * p * n * (q + r)) + 2 * l_src * p * q
+    dot = min(executed_flops(r, n, p, q, config.block_i),
+              executed_flops(n, r, q, p, config.block_i))
+    tiles = triton.cdiv(r, config.block_i) * triton.cdiv(n, config.block_k)
+    return {"useful": useful, "dot": dot, "mix": 2 * l_src * p * q * tiles}
+
+
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -239,6 +258,8 @@ def launch_triple_product(x: Operand, y: Operand, z: Operand, out: Operand, *,
             n_i, n_k, n_a, n_b = n_k, n_i, n_b, n_a
             if interp and default_config:
                 config = interpreter_config(n_i, n_k, n_a, n_b)
+    if n_i == 0 or n_k == 0 or n_layers == 0:
+        return  # empty output (e.g. an empty row range): nothing to launch
     if mix == MIX_NONE:
         d, n_src, sd_l, sd_j = x.tensor, 1, 0, 0  # d_ptr is never read
     else:
@@ -271,7 +292,8 @@ def _out_buffer(shape, like: torch.Tensor, zero: bool = False) -> torch.Tensor:
     return make(shape, dtype=dtype, device=like.device)
 
 
-def _check_launchable(*tensors: torch.Tensor) -> None:
+def _check_launchable(D: torch.Tensor, *tensors: torch.Tensor) -> None:
+    """One supported dtype for W, B, A (and G); one device for all; int32-addressable matrices."""
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPES:
         raise TypeError(f"triton backend needs W, B, A (and the gradient) in one of {_DTYPES}, "
@@ -281,8 +303,10 @@ def _check_launchable(*tensors: torch.Tensor) -> None:
         raise RuntimeError(
             "triton backend on CPU tensors needs the interpreter: set TRITON_INTERPRET=1 before "
             "growth_ds.kernels.kron_triton is first imported, or use backend='torch'")
-    for t in tensors:
-        if t.is_cuda != on_cuda:
+    if not D.is_floating_point():
+        raise TypeError(f"D must be a floating-point tensor, got {D.dtype}")
+    for t in (D, *tensors):
+        if t.device != tensors[0].device:
             raise ValueError(f"all operands must be on one device, got {t.device} and "
                              f"{tensors[0].device}")
         span = sum((n - 1) * abs(s) for n, s in zip(t.shape[-2:], t.stride()[-2:]))
@@ -297,7 +321,7 @@ def kron_forward(W, D, B, A, r0: int, r1: int, config: KernelConfig | None = Non
     W: [L1, P, Q]; D: [L2, L1]; B: [L2, M, P] or [M, P]; A: [L2, N, Q] or [N, Q].
     Returns fp32 under the interpreter (cast by the caller), else W.dtype.
     """
-    _check_launchable(W, B, A)
+    _check_launchable(D, W, B, A)
     n_layers = D.shape[0]
     b_rows = B[..., r0:r1, :]
     out = _out_buffer((n_layers, r1 - r0, A.shape[-2]), W)
@@ -315,7 +339,7 @@ def kron_backward(G, W, D, B, A, r0: int, r1: int, needs: tuple[bool, bool, bool
     Entries are None where ``needs`` (W, D, B, A) is False. Dtypes: fp32 under the
     interpreter, else the input dtype (dD: fp32).
     """
-    _check_launchable(W, B, A, G)
+    _check_launchable(D, W, B, A, G)
     n_layers = D.shape[0]
     g = Operand.of(G)
     b_rows = Operand.of(B[..., r0:r1, :])
@@ -327,7 +351,7 @@ def kron_backward(G, W, D, B, A, r0: int, r1: int, needs: tuple[bool, bool, bool
                               mix=MIX_Z, d=D, n_layers=n_layers, reduce_layers=B.dim() == 2,
                               config=config)
     if need_a:  # dA_l = G_l^T B_l[r0:r1] Wmix_l  (X=G^T [N,R], Y=B_r [R,P], Z=Wmix^T [Q,P])
-        dA = _out_buffer(A.shape, A)
+        dA = _out_buffer(A.shape, A, zero=A.dim() == 2)
         launch_triple_product(g.t, b_rows, Operand.of(W).t, Operand.of(dA),
                               mix=MIX_Z, d=D, n_layers=n_layers, reduce_layers=A.dim() == 2,
                               config=config)

@@ -126,7 +126,7 @@ class Decoder(nn.Module):
         x = self.tok_emb(tokens)  # (B, T, d_model)
         rope = None
         if self.shape.flavour == "gpt2":
-            x = x + self.pos_emb.weight[:T]
+            x = x + self.pos_emb(torch.arange(T, device=tokens.device))
         else:
             rope = (self.rope_cos, self.rope_sin)
         for layer in self.layers:

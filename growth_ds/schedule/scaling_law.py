@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -394,7 +394,7 @@ class ChinchillaFit(_Fit):
     B: float
     beta: float
     n_points: int = 0
-    objective: float = float("nan")          # mean Huber(delta)/delta at the optimum
+    objective: Optional[float] = None        # mean Huber(delta)/delta at the optimum
     ci: Optional[Dict[str, List[float]]] = None
     ci_level: Optional[float] = None
     n_boot: int = 0
@@ -448,7 +448,7 @@ class KaplanNSFit(_Fit):
     alpha_S: float
     tokens_per_step: float = 1.0
     n_points: int = 0
-    objective: float = float("nan")
+    objective: Optional[float] = None
     ci: Optional[Dict[str, List[float]]] = None
     ci_level: Optional[float] = None
     n_boot: int = 0
@@ -488,7 +488,7 @@ class KaplanCFit(_Fit):
     C_c: float
     alpha_C: float
     n_points: int = 0
-    objective: float = float("nan")
+    objective: Optional[float] = None
     ci: Optional[Dict[str, List[float]]] = None
     ci_level: Optional[float] = None
     n_boot: int = 0
@@ -521,7 +521,7 @@ class CurveFit(_Fit):
     last_loss: float
     n_points: int = 0
     window: int = 5
-    objective: float = float("nan")
+    objective: Optional[float] = None
     ci: Optional[Dict[str, List[float]]] = None
     ci_level: Optional[float] = None
     n_boot: int = 0

@@ -586,7 +586,8 @@ def cli_data_prepare(args: argparse.Namespace) -> int:
     cfg_path = Path(args.config)
     full = yaml.safe_load(cfg_path.read_text()) or {}
     data_cfg = dict(full.get("data") or {})
-    out = args.out or data_cfg.pop("out_dir", None) or "runs/data"
+    run_root = (full.get("run") or {}).get("out_dir") or f"runs/{cfg_path.stem}"
+    out = args.out or data_cfg.pop("out_dir", None) or str(Path(run_root) / "data")  # where `train` looks
     data_cfg.pop("out_dir", None)  # --out wins over the config
     srcs = data_cfg.get("sources")
     if isinstance(srcs, list):

@@ -1,0 +1,1 @@
+"""Placement executors: growth applied where the training state lives (tensor-parallel shards, ...)."""

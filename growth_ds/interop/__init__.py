@@ -1,0 +1,1 @@
+"""Mappings between growth-ds's reference model and other frameworks (megatron-core, ...)."""

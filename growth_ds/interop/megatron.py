@@ -1,0 +1,751 @@
+"""megatron-core GPTModel (local spec) and growth-ds: configs, layouts, tensor-parallel growth, checkpoints.
+
+Parameter correspondence (reference name on the right; ``L`` = ``decoder.layers.{i}.``)::
+
+    embedding.word_embeddings.weight        tok_emb.weight                 vocab-parallel   [V/tp, d]
+    embedding.position_embeddings.weight    pos_emb.weight  (gpt2)         replicated       [S, d]
+    L input_layernorm.{weight,bias}         layers.i.attn_norm.*           replicated       [d]
+    L self_attention.linear_qkv.{weight,bias}  attn.{q,k,v}.*              column-parallel  [K/tp*(g+2)*hd, d]
+    L self_attention.linear_proj.weight     attn.o.weight                  row-parallel     [d, H/tp*hd]
+    L self_attention.linear_proj.bias       attn.o.bias                    replicated       [d]
+    L pre_mlp_layernorm.{weight,bias}       layers.i.mlp_norm.*            replicated       [d]
+    L mlp.linear_fc1.weight                 mlp.gate/up.weight (llama)     column-parallel  [2*f/tp, d] = [gate_r; up_r]
+                                            mlp.up.weight (gpt2)           column-parallel  [f/tp, d]
+    L mlp.linear_fc1.bias                   mlp.up.bias (gpt2)             column-parallel  [f/tp]
+    L mlp.linear_fc2.weight                 mlp.down.weight                row-parallel     [d, f/tp]
+    L mlp.linear_fc2.bias                   mlp.down.bias                  replicated       [d]
+    decoder.final_layernorm.{weight,bias}   norm.*                         replicated       [d]
+    output_layer.weight                     lm_head.weight  (untied)       vocab-parallel   [V/tp, d]
+
+The fused QKV rows are group-major: for each of the ``K`` kv groups, its ``g = H/K`` query heads,
+then its key head, then its value head (``hd`` rows each); TP splits whole groups. Shard layouts are
+read from each parameter's ``tensor_model_parallel`` / ``partition_dim`` / ``partition_stride``
+attributes and checked against this table.
+
+Flavours: ``gpt2`` = LayerNorm, GELU (tanh), learned positions, linear biases; ``llama`` = RMSNorm,
+SwiGLU, RoPE, no biases. Either may use GQA and tied or untied output weights.
+
+Growth (:func:`grow_gpt_model`) builds the grown ``GPTModel`` from a new ``TransformerConfig`` and
+fills every rank's shards from that rank's old shards with :class:`ShardGrower` under the TP-aware
+plan (:func:`growth_ds.distributed.tensor_parallel.make_tp_plan`): no weight is gathered; only
+HyperCloning's relative noise all-reduces two scalars per sharded weight.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from growth_ds.distributed.tensor_parallel import ShardGrower, ShardSpec, TPPlan, check_tp_shape, make_tp_plan
+from growth_ds.models.schema import param_shape, parameter_schema
+from growth_ds.ops.apply import source_name
+from growth_ds.ops.plan import GrowthPlan, make_plan
+from growth_ds.ops.state import TrainingState
+from growth_ds.shapes import ModelShape
+
+CHECKPOINT_FORMAT = "growth-ds/megatron-1"
+COMMON_KEY = "growth_ds"
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation (the reference decoder's ``gpt2`` activation)."""
+    return F.gelu(x, approximate="tanh")
+
+
+# ---- shapes <-> megatron configs -------------------------------------------------------------------
+def transformer_config(shape: ModelShape, *, tp: int = 1, **overrides):
+    """A megatron ``TransformerConfig`` for ``shape`` (dropout 0, CPU initialisation; ``overrides`` win)."""
+    from megatron.core.transformer import TransformerConfig
+
+    check_tp_shape(shape, tp)
+    gpt2 = shape.flavour == "gpt2"
+    kw = dict(num_layers=shape.n_layers, hidden_size=shape.d_model, num_attention_heads=shape.n_heads,
+              num_query_groups=shape.n_kv_heads, kv_channels=shape.head_dim, ffn_hidden_size=shape.d_ffn,
+              normalization="LayerNorm" if gpt2 else "RMSNorm", layernorm_epsilon=shape.norm_eps,
+              add_bias_linear=gpt2, gated_linear_unit=not gpt2, activation_func=gelu_tanh if gpt2 else F.silu,
+              hidden_dropout=0.0, attention_dropout=0.0, tensor_model_parallel_size=tp,
+              use_cpu_initialization=True, sequence_parallel=False, gradient_accumulation_fusion=False)
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def layer_spec(shape_or_config):
+    """``get_gpt_layer_local_spec`` with the flavour's norm."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    if isinstance(shape_or_config, ModelShape):
+        norm = "LayerNorm" if shape_or_config.flavour == "gpt2" else "RMSNorm"
+    else:
+        norm = shape_or_config.normalization
+    return get_gpt_layer_local_spec(normalization=norm)
+
+
+def build_gpt_model(shape: ModelShape, *, config=None, tp: Optional[int] = None, **config_overrides):
+    """A megatron-core ``GPTModel`` (local spec) for ``shape`` on the current TP group.
+
+    ``tp`` defaults to ``parallel_state``'s tensor-parallel size. With the default
+    ``use_cpu_initialization=True`` the initial weights do not depend on the TP size.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    if config is None:
+        tp = tp or ps.get_tensor_model_parallel_world_size()
+        config = transformer_config(shape, tp=tp, **config_overrides)
+    model = GPTModel(config, layer_spec(config), vocab_size=shape.vocab_size, max_sequence_length=shape.max_seq_len,
+                     share_embeddings_and_output_weights=shape.tied_embeddings,
+                     position_embedding_type="learned_absolute" if shape.flavour == "gpt2" else "rope",
+                     rotary_base=shape.rope_theta)
+    ensure_tp_attributes(model, shape)
+    return model
+
+
+def shape_of(model) -> ModelShape:
+    """The :class:`ModelShape` of a megatron ``GPTModel``; ``ValueError`` naming any feature growth-ds lacks."""
+    c = model.config
+    unsupported = {
+        "pipeline parallelism (pre_process/post_process)": not (model.pre_process and model.post_process),
+        "num_moe_experts": bool(c.num_moe_experts), "multi_latent_attention": c.multi_latent_attention,
+        "qk_layernorm": c.qk_layernorm, "attention_output_gate": getattr(c, "attention_output_gate", False),
+        "mtp_num_layers": bool(c.mtp_num_layers), "softmax_scale": c.softmax_scale is not None,
+        "glu_linear_offset": bool(getattr(c, "glu_linear_offset", 0.0)),
+        "activation_func_clamp_value": getattr(c, "activation_func_clamp_value", None) is not None,
+        "rotary_interleaved": bool(getattr(c, "rotary_interleaved", False)),
+        "rotary_percent != 1": float(getattr(model, "rotary_percent", 1.0)) != 1.0,
+        "add_qkv_bias without add_bias_linear": c.add_qkv_bias and not c.add_bias_linear,
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ValueError(f"GPTModel uses {bad}, which the growth-ds reference decoder does not have")
+    pos, norm, gated, bias = model.position_embedding_type, c.normalization, c.gated_linear_unit, c.add_bias_linear
+    if (norm, gated, pos, bias) == ("RMSNorm", True, "rope", False):
+        flavour = "llama"
+    elif (norm, gated, pos, bias) == ("LayerNorm", False, "learned_absolute", True):
+        flavour = "gpt2"
+    else:
+        raise ValueError(f"GPTModel with normalization={norm}, gated_linear_unit={gated}, position_embedding_type="
+                         f"{pos}, add_bias_linear={bias} is neither flavour: gpt2 is (LayerNorm, False, "
+                         f"learned_absolute, True), llama is (RMSNorm, True, rope, False)")
+    return ModelShape(flavour=flavour, n_layers=c.num_layers, d_model=c.hidden_size, n_heads=c.num_attention_heads,
+                      n_kv_heads=c.num_query_groups or c.num_attention_heads, head_dim=c.kv_channels,
+                      d_ffn=c.ffn_hidden_size, vocab_size=model.vocab_size, max_seq_len=model.max_sequence_length,
+                      tied_embeddings=model.share_embeddings_and_output_weights, norm_eps=c.layernorm_epsilon,
+                      rope_theta=float(model.rotary_base))
+
+
+# ---- layouts ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Entry:
+    """One megatron parameter: how it packs reference parameters and how TP splits it.
+
+    ``kind``: ``plain`` (one reference parameter), ``qkv`` (group-major fused q/k/v), ``glu``
+    (``[gate; up]``). ``expect``: ``(partition_dim, partition_stride)``, ``partition_dim`` None when
+    replicated.
+    """
+
+    kind: str
+    refs: Tuple[str, ...]
+    expect: Tuple[Optional[int], int]
+
+
+def megatron_layout(shape: ModelShape) -> Dict[str, Entry]:
+    """``{megatron parameter name: Entry}`` for a local-spec ``GPTModel`` of ``shape``, in parameter order."""
+    gpt2 = shape.flavour == "gpt2"
+    col, row, rep = (0, 1), (1, 1), (None, 1)
+    out: Dict[str, Entry] = {"embedding.word_embeddings.weight": Entry("plain", ("tok_emb.weight",), col)}
+    if gpt2:
+        out["embedding.position_embeddings.weight"] = Entry("plain", ("pos_emb.weight",), rep)
+    kinds = ("weight", "bias") if gpt2 else ("weight",)
+    for i in range(shape.n_layers):
+        m, r = f"decoder.layers.{i}.", f"layers.{i}."
+        for k in kinds:
+            out[m + f"input_layernorm.{k}"] = Entry("plain", (r + f"attn_norm.{k}",), rep)
+        for k in kinds:
+            out[m + f"self_attention.linear_qkv.{k}"] = Entry("qkv", tuple(r + f"attn.{p}.{k}" for p in "qkv"), col)
+        out[m + "self_attention.linear_proj.weight"] = Entry("plain", (r + "attn.o.weight",), row)
+        if gpt2:
+            out[m + "self_attention.linear_proj.bias"] = Entry("plain", (r + "attn.o.bias",), rep)
+        for k in kinds:
+            out[m + f"pre_mlp_layernorm.{k}"] = Entry("plain", (r + f"mlp_norm.{k}",), rep)
+        if gpt2:
+            out[m + "mlp.linear_fc1.weight"] = Entry("plain", (r + "mlp.up.weight",), col)
+            out[m + "mlp.linear_fc1.bias"] = Entry("plain", (r + "mlp.up.bias",), col)
+        else:
+            out[m + "mlp.linear_fc1.weight"] = Entry("glu", (r + "mlp.gate.weight", r + "mlp.up.weight"), (0, 2))
+        out[m + "mlp.linear_fc2.weight"] = Entry("plain", (r + "mlp.down.weight",), row)
+        if gpt2:
+            out[m + "mlp.linear_fc2.bias"] = Entry("plain", (r + "mlp.down.bias",), rep)
+    for k in kinds:
+        out[f"decoder.final_layernorm.{k}"] = Entry("plain", (f"norm.{k}",), rep)
+    if not shape.tied_embeddings:
+        out["output_layer.weight"] = Entry("plain", ("lm_head.weight",), col)
+    return out
+
+
+def _tp_group(model=None):
+    from megatron.core import parallel_state as ps
+
+    pgs = getattr(model, "pg_collection", None)
+    group = getattr(pgs, "tp", None) if pgs is not None else None
+    return group if group is not None else ps.get_tensor_model_parallel_group()
+
+
+def _group_rank_size(group) -> Tuple[int, int]:
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def ensure_tp_attributes(model, shape: Optional[ModelShape] = None) -> None:
+    """Give parameters that lack them (built with ``perform_initialization=False``) megatron's TP attributes.
+
+    Parameters that already carry ``tensor_model_parallel`` are left alone.
+    """
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    layout = megatron_layout(shape or shape_of(model))
+    for name, p in model.named_parameters():
+        entry = layout.get(name)
+        if entry is None or hasattr(p, "tensor_model_parallel") or entry.expect[0] is None:
+            continue
+        set_tensor_model_parallel_attributes(p, True, entry.expect[0], entry.expect[1])
+
+
+def shard_spec_of(name: str, param: torch.Tensor, entry: Entry, rank: int, size: int) -> ShardSpec:
+    """The shard layout of ``param`` read from its TP attributes, checked against ``entry``.
+
+    ``RuntimeError`` when the attributes contradict the local spec's layout (a layout growth-ds
+    would mis-read).
+    """
+    if getattr(param, "tensor_model_parallel", False):
+        got = (int(param.partition_dim), int(getattr(param, "partition_stride", 1)))
+    else:
+        got = (None, 1)
+    if size > 1 and got != entry.expect:
+        raise RuntimeError(f"{name}: its tensor_model_parallel/partition_dim/partition_stride attributes give "
+                           f"(partition_dim, stride) = {got}, but growth-ds expects {entry.expect} for the "
+                           f"megatron-core local spec; this layout is not supported")
+    dim = got[0] if size > 1 else entry.expect[0]
+    return ShardSpec(dim, got[1] if dim is not None else 1, rank, size)
+
+
+def split_megatron(entry: Entry, t: torch.Tensor, shape: ModelShape, spec: ShardSpec) -> List[torch.Tensor]:
+    """Reference-parameter pieces (``entry.refs`` order) of a megatron tensor or its TP shard."""
+    if entry.kind == "plain":
+        return [t]
+    if entry.kind == "glu":
+        if spec.tp_size > 1 and spec.stride != 2:
+            raise RuntimeError(f"gated fc1 with partition_stride {spec.stride}: a rank would not hold matching "
+                               f"gate and up rows")
+        return list(t.chunk(2, dim=0))
+    groups = shape.n_kv_heads // spec.tp_size
+    g, hd = shape.group_size, shape.head_dim
+    t4 = t.reshape(groups, g + 2, hd, *t.shape[1:])  # (groups, [q_0..q_{g-1}, k, v], hd, ...)
+    return [t4[:, :g].reshape(groups * g * hd, *t.shape[1:]), t4[:, g].reshape(groups * hd, *t.shape[1:]),
+            t4[:, g + 1].reshape(groups * hd, *t.shape[1:])]
+
+
+def fuse_megatron(entry: Entry, parts: Sequence[torch.Tensor], shape: ModelShape, spec: ShardSpec) -> torch.Tensor:
+    """Inverse of :func:`split_megatron`."""
+    if entry.kind == "plain":
+        return parts[0]
+    if entry.kind == "glu":
+        return torch.cat(list(parts), dim=0)
+    groups = shape.n_kv_heads // spec.tp_size
+    g, hd = shape.group_size, shape.head_dim
+    rest = parts[0].shape[1:]
+    q = parts[0].reshape(groups, g, hd, *rest)
+    k, v = (p.reshape(groups, 1, hd, *rest) for p in parts[1:])
+    return torch.cat([q, k, v], dim=1).reshape(groups * (g + 2) * hd, *rest)
+
+
+def megatron_to_reference(full: Dict[str, torch.Tensor], shape: ModelShape) -> Dict[str, torch.Tensor]:
+    """Gathered megatron tensors (``{megatron name: full tensor}``) -> ``{reference name: tensor}``."""
+    layout = megatron_layout(shape)
+    _same_keys(full, layout, "megatron state")
+    out = {}
+    for name, entry in layout.items():
+        for ref, piece in zip(entry.refs, split_megatron(entry, full[name], shape, ShardSpec(entry.expect[0]))):
+            out[ref] = piece.clone()
+    return out
+
+
+def reference_to_megatron(params: Dict[str, torch.Tensor], shape: ModelShape) -> Dict[str, torch.Tensor]:
+    """``{reference name: tensor}`` -> full megatron tensors ``{megatron name: tensor}``."""
+    _same_keys(params, parameter_schema(shape), "reference state")
+    return {name: fuse_megatron(entry, [params[r] for r in entry.refs], shape, ShardSpec(entry.expect[0]))
+            for name, entry in megatron_layout(shape).items()}
+
+
+def _same_keys(got, want, label):
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or extra:
+        raise ValueError(f"{label}: missing {missing[:4]}, unexpected {extra[:4]}")
+
+
+# ---- gathered views (tests, export) -----------------------------------------------------------------
+def _model_specs(model, shape: ModelShape) -> Dict[str, Tuple[torch.nn.Parameter, Entry, ShardSpec]]:
+    rank, size = _group_rank_size(_tp_group(model))
+    layout = megatron_layout(shape)
+    params = dict(model.named_parameters())
+    _same_keys(params, layout, "GPTModel parameters")
+    return {n: (params[n], e, shard_spec_of(n, params[n], e, rank, size)) for n, e in layout.items()}
+
+
+def gather_tensor(local: torch.Tensor, spec: ShardSpec, group) -> torch.Tensor:
+    """Full tensor from every TP rank's shard (an all-gather; for tests and export, never used by growth)."""
+    if spec.replicated or spec.tp_size == 1:
+        return local.detach().clone()
+    shards = [torch.empty_like(local) for _ in range(spec.tp_size)]
+    dist.all_gather(shards, local.detach().contiguous(), group=group)
+    return spec.unshard(shards)
+
+
+def _adam_tensors(optimizer, p):
+    st = optimizer.state.get(p, {}) if optimizer is not None else {}
+    if "exp_avg" in st:
+        return st["exp_avg"], st["exp_avg_sq"], int(st["step"])
+    return torch.zeros_like(p), torch.zeros_like(p), 0
+
+
+def to_reference_state(model, optimizer=None) -> TrainingState:
+    """The gathered :class:`TrainingState` of a megatron model (and Adam optimizer), reference names.
+
+    Collective over the TP group (all-gathers every sharded tensor): for tests and export only.
+    """
+    shape = shape_of(model)
+    group = _tp_group(model)
+    full_p, full_m, full_v, steps = {}, {}, {}, set()
+    for name, (p, entry, spec) in _model_specs(model, shape).items():
+        full_p[name] = gather_tensor(p.data, spec, group)
+        if optimizer is not None:
+            m, v, step = _adam_tensors(optimizer, p)
+            full_m[name], full_v[name] = gather_tensor(m, spec, group), gather_tensor(v, spec, group)
+            steps.add(step)
+    if len(steps) > 1:
+        raise ValueError(f"optimizer parameters disagree on the step count: {sorted(steps)}")
+    state = TrainingState(shape, megatron_to_reference(full_p, shape))
+    if optimizer is not None:
+        state.exp_avg, state.exp_avg_sq = megatron_to_reference(full_m, shape), megatron_to_reference(full_v, shape)
+        state.step = steps.pop() if steps else 0
+    return state
+
+
+def load_reference_state(model, state: TrainingState, optimizer=None) -> None:
+    """Write a full reference :class:`TrainingState` into this rank's shards (and Adam state); no communication."""
+    shape = shape_of(model)
+    for f in ("flavour", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ffn", "vocab_size",
+              "max_seq_len", "tied_embeddings"):
+        if getattr(shape, f) != getattr(state.shape, f):
+            raise ValueError(f"{f}: the state has {getattr(state.shape, f)!r}, the model {getattr(shape, f)!r}")
+    full_p = reference_to_megatron(state.params, shape)
+    full_m = full_v = None
+    if optimizer is not None and state.exp_avg is not None:
+        full_m, full_v = reference_to_megatron(state.exp_avg, shape), reference_to_megatron(state.exp_avg_sq, shape)
+    with torch.no_grad():
+        for name, (p, entry, spec) in _model_specs(model, shape).items():
+            p.copy_(spec.shard(full_p[name]))
+            if full_m is not None:
+                optimizer.state[p] = {"step": torch.tensor(float(state.step)),
+                                      "exp_avg": spec.shard(full_m[name]).clone().to(p.dtype),
+                                      "exp_avg_sq": spec.shard(full_v[name]).clone().to(p.dtype)}
+
+
+# ---- growth ---------------------------------------------------------------------------------------
+@dataclass
+class GrownGPT:
+    """Result of :func:`grow_gpt_model`: the grown model and optimizer, the plan that grew them."""
+
+    model: object
+    optimizer: Optional[torch.optim.Optimizer]
+    tp_plan: TPPlan
+    shape: ModelShape
+    step: int
+
+    @property
+    def plan(self) -> GrowthPlan:
+        return self.tp_plan.plan
+
+
+def _check_plan_matches(shape: ModelShape, plan: GrowthPlan) -> None:
+    for f in ("flavour", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ffn", "vocab_size",
+              "max_seq_len", "tied_embeddings"):
+        if getattr(shape, f) != getattr(plan.small, f):
+            raise ValueError(f"{f}: the model has {getattr(shape, f)!r} but the plan grows from "
+                             f"{getattr(plan.small, f)!r}")
+
+
+def grow_config(config, grown: ModelShape):
+    """The old ``TransformerConfig`` with the grown sizes (every other setting kept)."""
+    return dataclasses.replace(config, num_layers=grown.n_layers, hidden_size=grown.d_model,
+                               num_attention_heads=grown.n_heads, num_query_groups=grown.n_kv_heads,
+                               kv_channels=grown.head_dim, ffn_hidden_size=grown.d_ffn,
+                               layernorm_epsilon=grown.norm_eps)
+
+
+def grow_gpt_model(model, optimizer: Optional[torch.optim.Optimizer], plan: GrowthPlan, *,
+                   plan_tp: Optional[int] = None) -> GrownGPT:
+    """Grow a megatron-core ``GPTModel`` and its torch Adam/AdamW shard by shard, on every TP rank.
+
+    Args:
+        model: the small model (local spec), this rank's shards; not modified.
+        optimizer: a ``torch.optim.Adam``/``AdamW`` over ``model``'s parameters, or None.
+        plan: any operator-core plan from ``plan.small`` (must match the model) to the large shape.
+        plan_tp: the TP size the plan is made block-diagonal for (default: the current TP size; it
+            must be a multiple of it). Growing at TP=1 with ``plan_tp=2`` gives exactly the gathered
+            TP=2 result.
+
+    Returns a :class:`GrownGPT`: a new ``GPTModel`` built from the old ``TransformerConfig`` with the
+    grown sizes (same spec, vocab, position type, tying), its shards filled; a new optimizer of the
+    same class and param groups holding the grown moments and step (``plan.moments``). No collective
+    runs except HyperCloning's scalar all-reduces. The LR policy is ``result.plan.lr``.
+    """
+    from megatron.core.models.gpt import GPTModel
+
+    if optimizer is not None:
+        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            raise TypeError(f"grow_gpt_model grows torch Adam/AdamW state, got {type(optimizer).__name__}")
+        if any(g.get("amsgrad") for g in optimizer.param_groups):
+            raise ValueError("amsgrad: max_exp_avg_sq is not grown; use amsgrad=False")
+    small = shape_of(model)
+    _check_plan_matches(small, plan)
+    group = _tp_group(model)
+    rank, tp = _group_rank_size(group)
+    plan_tp = plan_tp or tp
+    if plan_tp % tp:
+        raise ValueError(f"plan_tp ({plan_tp}) must be a multiple of the tensor-parallel size ({tp})")
+    tpp = make_tp_plan(plan, plan_tp)
+    # a plan block-diagonal over plan_tp ranks is block-diagonal over tp ranks: re-label it for tp
+    tpp_here = tpp if plan_tp == tp else TPPlan(tpp.plan, tp, plan, tpp.how, tpp.perm)
+    grown = tpp.plan.grown_shape
+    check_tp_shape(grown, tp, "grown shape")
+
+    def reduce_sum(t):
+        dist.all_reduce(t, group=group)
+        return t
+
+    grower = ShardGrower(tpp_here, rank, reduce_sum)
+
+    # 1. the grown module, without initialisation (every value is written below)
+    config = grow_config(model.config, grown)
+    perform_init = config.perform_initialization
+    config.perform_initialization = False
+    new = GPTModel(config, model.transformer_layer_spec, vocab_size=model.vocab_size,
+                   max_sequence_length=grown.max_seq_len, pre_process=model.pre_process,
+                   post_process=model.post_process, fp16_lm_cross_entropy=model.fp16_lm_cross_entropy,
+                   parallel_output=model.parallel_output,
+                   share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
+                   position_embedding_type=model.position_embedding_type, rotary_percent=model.rotary_percent,
+                   rotary_base=model.rotary_base, rope_scaling=getattr(model, "rotary_scaling", False))
+    config.perform_initialization = perform_init
+
+    # 2. every new shard from the matching old shard
+    old_specs = _model_specs(model, small)
+    old_of_ref = {ref: name for name, (_, e, _) in old_specs.items() for ref in e.refs}
+    schema = parameter_schema(grown)
+    new_params = dict(new.named_parameters())
+    new_layout = megatron_layout(grown)
+    _same_keys(new_params, new_layout, "grown GPTModel parameters")
+    src_name_of, new_specs = {}, {}
+    with torch.no_grad():
+        for name, entry in new_layout.items():
+            p_new = new_params[name]
+            srcs = {old_of_ref[source_name(plan, ref)] for ref in entry.refs}
+            assert len(srcs) == 1, (name, srcs)
+            src = src_name_of[name] = srcs.pop()
+            p_old, old_entry, old_spec = old_specs[src]
+            for key, value in vars(p_old).items():  # megatron's attributes (TP layout, allreduce, shared, ...)
+                if not key.startswith("_"):
+                    setattr(p_new, key, value)
+            spec = new_specs[name] = dataclasses.replace(old_spec)
+            old_parts = split_megatron(old_entry, p_old.data, small, old_spec)
+            parts = [grower.value(ref, schema[ref], old_parts[old_entry.refs.index(source_name(plan, ref))])
+                     for ref in entry.refs]
+            value = fuse_megatron(entry, parts, grown, spec)
+            if tuple(value.shape) != tuple(p_new.shape):
+                raise RuntimeError(f"{name}: grew a shard of shape {tuple(value.shape)}, the grown model has "
+                                   f"{tuple(p_new.shape)}")
+            p_new.copy_(value)
+
+    # 3. the optimizer: same class and groups, grown moments
+    new_opt, step = None, 0
+    if optimizer is not None:
+        old_params = dict(model.named_parameters())
+        group_of = {}
+        for gi, g in enumerate(optimizer.param_groups):
+            for p in g["params"]:
+                group_of[id(p)] = gi
+        groups = [dict((k, v) for k, v in g.items() if k != "params") | {"params": []} for g in optimizer.param_groups]
+        steps = set()
+        for name in new_layout:
+            p_old = old_params[src_name_of[name]]
+            if id(p_old) not in group_of:
+                raise ValueError(f"{src_name_of[name]} is not in the optimizer; growth needs every parameter in it")
+            groups[group_of[id(p_old)]]["params"].append(new_params[name])
+            steps.add(_adam_tensors(optimizer, p_old)[2])
+        if len(steps) > 1:
+            raise ValueError(f"optimizer parameters disagree on the step count: {sorted(steps)}")
+        step = 0 if plan.moments == "reset" else steps.pop()
+        new_opt = type(optimizer)([g for g in groups if g["params"]])
+        for name, entry in new_layout.items():
+            p_new = new_params[name]
+            p_old, old_entry, old_spec = old_specs[src_name_of[name]]
+            m, v, _ = _adam_tensors(optimizer, p_old)
+            moments = []
+            for t, power in ((m, 1), (v, 2)):
+                old_parts = split_megatron(old_entry, t, small, old_spec)
+                parts = [grower.moment(ref, schema[ref], old_parts[old_entry.refs.index(source_name(plan, ref))], power)
+                         for ref in entry.refs]
+                moments.append(fuse_megatron(entry, parts, grown, new_specs[name]).to(p_new.dtype).contiguous())
+            new_opt.state[p_new] = {"step": torch.tensor(float(step)), "exp_avg": moments[0], "exp_avg_sq": moments[1]}
+    return GrownGPT(new, new_opt, tpp, grown, step)
+
+
+# ---- forward helpers ------------------------------------------------------------------------------
+def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """This rank's vocab-parallel logits ``[B, T, V/tp]`` for ``tokens[B, T]`` (causal; no mask needed)."""
+    position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    return model(tokens, position_ids, None)
+
+
+def gather_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Full logits ``[B, T, V]`` (all-gathers the vocab shards; for tests)."""
+    local = forward_logits(model, tokens)
+    group = _tp_group(model)
+    return gather_tensor(local, ShardSpec(2, 1, *_group_rank_size(group)), group)
+
+
+def lm_loss(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy (megatron's vocab-parallel cross entropy)."""
+    position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    return model(tokens, position_ids, None, labels=labels).float().mean()
+
+
+# ---- dist_checkpointing ---------------------------------------------------------------------------
+def _ensure_adam_state(optimizer) -> None:
+    """Materialise zero Adam state for parameters that have none (so a checkpoint has tensors to hold)."""
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            if "exp_avg" not in optimizer.state.get(p, {}):
+                optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _optimizer_params(optimizer) -> List[torch.nn.Parameter]:
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def checkpoint_state_dict(model, optimizer=None, *, extra: Optional[dict] = None) -> dict:
+    """The sharded state dict growth-ds saves: ``model``, ``optimizer`` (moments sharded like their
+    parameters), and a common ``growth_ds`` entry holding the shape, step and parameter groups."""
+    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
+                                                            optim_state_to_sharding_state)
+
+    shape = shape_of(model)
+    sd = {"model": model.sharded_state_dict()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    common = {"format": CHECKPOINT_FORMAT, "shape": shape.to_dict(), "step": 0, "param_groups": None}
+    if optimizer is not None:
+        _ensure_adam_state(optimizer)
+        osd = optimizer.state_dict()
+        steps = {int(s["step"]) for s in osd["state"].values()}
+        if len(steps) > 1:
+            raise ValueError(f"optimizer parameters disagree on the step count: {sorted(steps)}")
+        common["step"] = steps.pop() if steps else 0
+        common["param_groups"] = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+        common["optimizer_class"] = type(optimizer).__name__
+        id_map = get_param_id_to_sharded_param_map(sd["model"], _optimizer_params(optimizer))
+        optim_state_to_sharding_state(osd, id_map, exclude_keys=("step",))
+        sd["optimizer"] = osd
+    common.update(extra or {})
+    sd[COMMON_KEY] = common
+    return sd
+
+
+def save_dist_checkpoint(model, optimizer, ckpt_dir, *, extra: Optional[dict] = None) -> None:
+    """Save with ``megatron.core.dist_checkpointing`` (torch_dist); collective over all ranks.
+
+    The checkpoint stores global (TP-independent) tensors, so it loads at any TP size.
+    """
+    from megatron.core import dist_checkpointing
+
+    from growth_ds.interop.megatron_cpu import apply_cpu_patches
+
+    apply_cpu_patches(seed=None)  # no-op with CUDA; on the CPU, the writer's CUDA calls
+    Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
+    dist_checkpointing.save(checkpoint_state_dict(model, optimizer, extra=extra), str(ckpt_dir))
+
+
+def checkpoint_common(ckpt_dir) -> dict:
+    """The common (non-sharded) part of a dist checkpoint; ``{}`` when it has no growth-ds entry."""
+    from megatron.core import dist_checkpointing
+
+    return dict(dist_checkpointing.load_common_state_dict(str(ckpt_dir)).get(COMMON_KEY) or {})
+
+
+def checkpoint_shape(ckpt_dir) -> Optional[ModelShape]:
+    common = checkpoint_common(ckpt_dir)
+    return ModelShape.from_dict(common["shape"]) if common.get("shape") else None
+
+
+def is_dist_checkpoint(path) -> bool:
+    """True for a ``dist_checkpointing`` directory (it has ``metadata.json``)."""
+    return Path(path).is_dir() and (Path(path) / "metadata.json").is_file()
+
+
+def load_dist_checkpoint(model, optimizer, ckpt_dir, *, check_shape: bool = True) -> dict:
+    """Load a dist checkpoint into ``model`` (and ``optimizer``) at the current TP size; returns its common dict.
+
+    ``check_shape``: refuse, before any I/O of tensors, a checkpoint of another shape (megatron would
+    refuse it too, with a global-shape mismatch on the first differing tensor). A grown shape cannot
+    load a small checkpoint: grow it with :func:`grow_dist_checkpoint`.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
+                                                            optim_state_to_sharding_state)
+
+    common = checkpoint_common(ckpt_dir)
+    shape = shape_of(model)
+    if check_shape and common.get("shape"):
+        saved = ModelShape.from_dict(common["shape"])
+        if saved != shape:
+            diff = {f: (getattr(saved, f), getattr(shape, f)) for f in saved.to_dict()
+                    if getattr(saved, f) != getattr(shape, f)}
+            raise ValueError(f"{ckpt_dir} holds a {saved.describe()} model but this model is {shape.describe()} "
+                             f"(checkpoint vs model: {diff}); dist_checkpointing cannot load tensors into other global "
+                             f"shapes. Load it at its own shape and grow it (grow_dist_checkpoint / growth-ds grow)")
+    sd = {"model": model.sharded_state_dict()}
+    if optimizer is not None:
+        _ensure_adam_state(optimizer)
+        osd = optimizer.state_dict()
+        id_map = get_param_id_to_sharded_param_map(sd["model"], _optimizer_params(optimizer))
+        optim_state_to_sharding_state(osd, id_map, exclude_keys=("step",))
+        sd["optimizer"] = osd
+    loaded = dist_checkpointing.load(sd, str(ckpt_dir))
+    model.load_state_dict(loaded["model"], strict=True)
+    if optimizer is not None:
+        step = torch.tensor(float(common.get("step", 0)))
+        for st in loaded["optimizer"]["state"].values():
+            st["step"] = step.clone()
+        optimizer.load_state_dict(loaded["optimizer"])
+    return common
+
+
+# ---- offline growth of a dist checkpoint -----------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_model_parallel(tp: Optional[int] = None, seed: int = 1234) -> int:
+    """Initialise ``torch.distributed`` (a 1-process gloo group when not launched by torchrun) and
+    megatron's model parallelism at TP size ``tp`` (default: the world size); returns the TP size."""
+    from megatron.core import parallel_state as ps
+
+    from growth_ds.interop.megatron_cpu import apply_cpu_patches
+
+    if not dist.is_initialized():
+        if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
+            dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+        else:
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    tp = tp or dist.get_world_size()
+    if ps.model_parallel_is_initialized():
+        if ps.get_tensor_model_parallel_world_size() != tp:
+            raise RuntimeError(f"model parallelism is initialised with TP={ps.get_tensor_model_parallel_world_size()},"
+                               f" not {tp}")
+    else:
+        if dist.get_world_size() % tp:
+            raise ValueError(f"--tp {tp} does not divide the world size {dist.get_world_size()}")
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+    apply_cpu_patches(seed)
+    return tp
+
+
+def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional[str] = None,
+                         depth: Optional[str] = None, seed: int = 0, moments: Optional[str] = None,
+                         lr: Optional[str] = None, tp: Optional[int] = None, small: Optional[ModelShape] = None,
+                         overwrite: bool = False) -> GrownGPT:
+    """Grow a megatron-core dist checkpoint: load at the old shape, grow in memory, save at the new shape.
+
+    Collective over all ranks (launch with ``torchrun --nproc_per_node N`` for ``tp = N``; a plain
+    process runs at TP=1). ``small`` gives the old shape when the checkpoint was not written by
+    growth-ds. The checkpoint's TP size does not matter (dist checkpoints reshard on load).
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--force) to replace it")
+    if not is_dist_checkpoint(src_dir):
+        raise FileNotFoundError(f"{src_dir} is not a megatron dist checkpoint (no metadata.json)")
+    tp = ensure_model_parallel(tp)
+    common = checkpoint_common(src_dir)
+    if small is None:
+        if not common.get("shape"):
+            raise ValueError(f"{src_dir} records no growth-ds shape; pass the old ModelShape (--shape)")
+        small = ModelShape.from_dict(common["shape"])
+    model = build_gpt_model(small, tp=tp, perform_initialization=False)
+    optimizer = None
+    if common.get("param_groups"):
+        named = dict(model.named_parameters())
+        cls = getattr(torch.optim, common.get("optimizer_class", "AdamW"))
+        optimizer = cls([{"params": [named[n] for n in names]} for names in common["param_groups"]])
+    load_dist_checkpoint(model, optimizer, src_dir)
+    plan = make_plan(small, large, width=width, depth=depth, seed=seed, moments=moments, lr=lr)
+    grown = grow_gpt_model(model, optimizer, plan)
+    del model, optimizer
+    extra = {"grown_from": small.to_dict(), "plan": plan.describe(), "tp_plan": grown.tp_plan.describe(),
+             "lr_policy": grown.plan.lr.kind}
+    save_dist_checkpoint(grown.model, grown.optimizer, out, extra=extra)
+    return grown
+
+
+def cmd_grow_dist(args) -> int:
+    """``growth-ds grow`` for a dist checkpoint directory (same flags as ``grow``, plus ``--tp``)."""
+    from growth_ds.cli import _parse_methods
+
+    large = ModelShape.from_yaml(args.to)
+    small = ModelShape.from_yaml(args.shape) if getattr(args, "shape", None) else None
+    width, depth = _parse_methods(args.method)
+    grown = grow_dist_checkpoint(getattr(args, "from"), large, args.out, width=width, depth=depth, seed=args.seed,
+                                 moments=args.moments, lr=args.lr_policy, tp=getattr(args, "tp", None), small=small,
+                                 overwrite=args.force)
+    if dist.get_rank() == 0:
+        print(grown.plan.describe())
+        print(grown.tp_plan.describe())
+        print(f"wrote {args.out}: {grown.shape.describe()}, step {grown.step}, moments={grown.plan.moments}, "
+              f"TP={grown.tp_plan.tp}")
+    return 0
+
+
+def add_megatron_commands(subparsers) -> None:
+    """Add ``grow-megatron`` (a dist checkpoint -> a grown dist checkpoint) to a ``growth-ds`` parser."""
+    g = subparsers.add_parser("grow-megatron", help="grow a megatron-core dist checkpoint (torch_dist) in memory "
+                                                    "and save it at the new shape; torchrun -nproc N for TP=N")
+    g.add_argument("--from", required=True, metavar="DIR", help="dist checkpoint directory")
+    g.add_argument("--to", required=True, metavar="SHAPE_YAML", help="target ModelShape YAML")
+    g.add_argument("--method", required=True, help="WIDTH, DEPTH or WIDTH+DEPTH, e.g. lemon+identity")
+    g.add_argument("--out", required=True, metavar="DIR", help="output dist checkpoint directory")
+    g.add_argument("--tp", type=int, help="tensor-parallel size (default: the world size)")
+    g.add_argument("--shape", help="ModelShape YAML of the checkpoint when it records none")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--moments", choices=["adjoint", "reset"], help="default: the method's paper")
+    g.add_argument("--lr-policy", choices=["continue", "rewarm", "lemon", "restart"])
+    g.add_argument("--force", action="store_true", help="replace --out if it exists")
+    g.set_defaults(func=cmd_grow_dist)
+
+
+__all__ = ["CHECKPOINT_FORMAT", "Entry", "GrownGPT", "add_megatron_commands", "build_gpt_model", "checkpoint_common",
+           "checkpoint_shape", "checkpoint_state_dict", "cmd_grow_dist", "ensure_model_parallel", "ensure_tp_attributes",
+           "forward_logits", "fuse_megatron", "gather_logits", "gather_tensor", "gelu_tanh", "grow_config",
+           "grow_dist_checkpoint", "grow_gpt_model", "is_dist_checkpoint", "layer_spec", "load_dist_checkpoint",
+           "load_reference_state", "lm_loss", "megatron_layout", "megatron_to_reference", "reference_to_megatron",
+           "save_dist_checkpoint", "shape_of", "shard_spec_of", "split_megatron", "to_reference_state",
+           "transformer_config"]

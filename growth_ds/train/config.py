@@ -1,0 +1,176 @@
+"""Run configuration (YAML) for staged pretraining, validated before any training starts.
+
+    run:       {name, out_dir, seed}
+    data:      growth_ds.train.data.prepare_data keys (sources, vocab_size, val_fraction, seed) + dir
+    train:     seq_len, micro_batch_size, grad_accum, lr, min_lr_ratio, warmup_steps, total_steps,
+               weight_decay, betas, grad_clip, eval_every, eval_batches, save_every, keep_last
+    deepspeed: zero_stage (0-3), precision (fp32 | bf16), extra (merged into the DeepSpeed config)
+    stages:    - shape: PATH.yaml | {ModelShape fields}
+                 until: {steps: N} | {tokens: N}          (every stage but the last)
+               - shape: ...
+                 grow: {width, depth, moments, lr, rho, rewarm_steps, positions, seed}
+
+Every error is a ``ValueError`` whose message starts with the offending key, e.g.
+``stages[1].grow.width: unknown width method 'lemonade'``.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from growth_ds.shapes import ModelShape
+
+TRAIN_DEFAULTS = dict(seq_len=64, micro_batch_size=8, grad_accum=1, lr=3e-3, min_lr_ratio=0.1, warmup_steps=20,
+                      total_steps=200, weight_decay=0.1, betas=[0.9, 0.95], eps=1e-8, grad_clip=1.0, eval_every=20,
+                      eval_batches=4, save_every=50, keep_last=2, log_every=1, checkpoint_before_growth=True)
+DS_DEFAULTS = dict(zero_stage=0, precision="fp32", extra={})
+GROW_KEYS = {"width", "depth", "moments", "lr", "rho", "rewarm_steps", "horizon", "positions", "seed"}
+
+
+@dataclass
+class Stage:
+    shape: ModelShape
+    until_steps: Optional[int] = None
+    until_tokens: Optional[int] = None
+    grow: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    name: str
+    out_dir: Path
+    seed: int
+    data: Dict[str, Any]
+    train: Dict[str, Any]
+    deepspeed: Dict[str, Any]
+    stages: List[Stage]
+    source: Optional[Path] = None
+    raw: Dict[str, Any] = field(default_factory=dict)
+
+    def scratch(self) -> "RunConfig":
+        """The same run with only the final shape, trained from scratch for the same steps."""
+        cfg = copy.deepcopy(self)
+        cfg.stages = [Stage(self.stages[-1].shape)]
+        cfg.name = self.name + "-scratch"
+        return cfg
+
+    def tokens_per_step(self, world_size: int) -> int:
+        t = self.train
+        return t["micro_batch_size"] * t["grad_accum"] * world_size * t["seq_len"]
+
+
+def _shape(value, where: str, base: Path) -> ModelShape:
+    try:
+        if isinstance(value, (str, Path)):
+            path = Path(value)
+            if not path.is_absolute() and not path.exists():
+                path = base / path
+            return ModelShape.from_yaml(path)
+        if isinstance(value, dict):
+            return ModelShape.from_dict(value)
+    except (ValueError, OSError, TypeError) as e:
+        raise ValueError(f"{where}: {e}") from e
+    raise ValueError(f"{where}: expected a shape YAML path or a mapping, got {type(value).__name__}")
+
+
+def _check_keys(d: dict, allowed, where: str):
+    unknown = sorted(set(d) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def parse_config(raw: Dict[str, Any], source: Optional[Path] = None) -> RunConfig:
+    """Validate a config mapping; every growth is planned (dry run) so bad stages fail here."""
+    from growth_ds.ops import LRPolicy, make_plan
+
+    if not isinstance(raw, dict):
+        raise ValueError("config: expected a mapping at the top level")
+    _check_keys(raw, {"run", "data", "train", "deepspeed", "stages", "schedule"}, "config")
+    base = source.parent if source else Path.cwd()
+    run = raw.get("run") or {}
+    _check_keys(run, {"name", "out_dir", "seed"}, "run")
+    train = dict(TRAIN_DEFAULTS)
+    _check_keys(raw.get("train") or {}, TRAIN_DEFAULTS, "train")
+    train.update(raw.get("train") or {})
+    for k in ("seq_len", "micro_batch_size", "grad_accum", "total_steps", "eval_every", "eval_batches", "save_every"):
+        if not isinstance(train[k], int) or train[k] < 1:
+            raise ValueError(f"train.{k}: must be a positive integer, got {train[k]!r}")
+    ds = dict(DS_DEFAULTS)
+    _check_keys(raw.get("deepspeed") or {}, DS_DEFAULTS, "deepspeed")
+    ds.update(raw.get("deepspeed") or {})
+    if ds["zero_stage"] not in (0, 1, 2, 3):
+        raise ValueError(f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {ds['zero_stage']!r}")
+    if ds["precision"] not in ("fp32", "bf16"):
+        raise ValueError(f"deepspeed.precision: must be fp32 or bf16, got {ds['precision']!r}")
+    stages_raw = raw.get("stages")
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise ValueError("stages: need a non-empty list of stages")
+    stages: List[Stage] = []
+    for i, st in enumerate(stages_raw):
+        where = f"stages[{i}]"
+        if not isinstance(st, dict) or "shape" not in st:
+            raise ValueError(f"{where}.shape: every stage needs a shape")
+        _check_keys(st, {"shape", "until", "grow", "name"}, where)
+        stage = Stage(_shape(st["shape"], f"{where}.shape", base))
+        until = st.get("until")
+        last = i == len(stages_raw) - 1
+        if until is not None:
+            if last:
+                raise ValueError(f"{where}.until: the last stage runs to train.total_steps")
+            if not isinstance(until, dict) or len(until) != 1 or not set(until) <= {"steps", "tokens"}:
+                raise ValueError(f"{where}.until: expected {{steps: N}} or {{tokens: N}}, got {until!r}")
+            (kind, value), = until.items()
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{where}.until.{kind}: must be a positive integer, got {value!r}")
+            setattr(stage, f"until_{kind}", value)
+        elif not last:
+            raise ValueError(f"{where}.until: every stage but the last needs until: {{steps: N}} or {{tokens: N}}")
+        grow = st.get("grow") or {}
+        if i == 0 and grow:
+            raise ValueError(f"{where}.grow: the first stage is trained from scratch")
+        _check_keys(grow, GROW_KEYS, f"{where}.grow")
+        if i > 0:
+            prev = stages[-1].shape
+            try:
+                policy = _lr_policy(grow)
+                make_plan(prev, stage.shape, width=grow.get("width"), depth=grow.get("depth"),
+                          seed=grow.get("seed", 0), moments=grow.get("moments"), lr=policy,
+                          positions=grow.get("positions"))
+            except ValueError as e:
+                msg = str(e)
+                key = msg.split(":", 1)[0]
+                sub = f"grow.{key}" if key in GROW_KEYS else "shape"
+                raise ValueError(f"{where}.{sub}: {msg}") from e
+        stage.grow = grow
+        stages.append(stage)
+    steps = [s.until_steps for s in stages if s.until_steps is not None]
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"stages: until.steps must increase, got {steps}")
+    if steps and steps[-1] >= train["total_steps"]:
+        raise ValueError(f"stages: growth at step {steps[-1]} is not before train.total_steps={train['total_steps']}")
+    name = run.get("name") or (source.stem if source else "run")
+    out_dir = Path(run.get("out_dir") or Path("runs") / name)
+    data = dict(raw.get("data") or {})
+    return RunConfig(name, out_dir, int(run.get("seed", 0)), data, train, ds, stages, source, raw)
+
+
+def _lr_policy(grow: dict):
+    from growth_ds.ops import LRPolicy
+
+    if "lr" not in grow and not {"rho", "rewarm_steps", "horizon"} & set(grow):
+        return None
+    kw = {k: grow[k] for k in ("rho", "rewarm_steps", "horizon") if k in grow}
+    return LRPolicy(grow.get("lr", "rewarm" if "rho" in grow else "continue"), **kw)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config: {path} does not exist")
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    return parse_config(raw, path)

@@ -1,0 +1,65 @@
+"""Compute accounting and the metrics log (JSON lines)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, List
+
+from growth_ds.shapes import ModelShape
+
+
+def flops_per_token(shape: ModelShape, seq_len: int) -> float:
+    """Training FLOPs per token: ``6 N + 6 L T d_attn``.
+
+    ``N`` counts every matmul weight, the output layer included (tied or not), and excludes the
+    embedding lookups; the attention term is the causal score and value products (Kaplan et al.
+    2020, halved for causality), forward + backward.
+    """
+    matmul_params = shape.n_nonembedding_params + shape.vocab_size * shape.d_model * (1 if shape.tied_embeddings else 0)
+    d_attn = shape.n_heads * shape.head_dim
+    return 6.0 * matmul_params + 6.0 * shape.n_layers * seq_len * d_attn
+
+
+class MetricsLog:
+    """Append-only JSON-lines log; on resume, records past the resumed step are dropped first."""
+
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            for r in keep:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+
+def read_metrics(path: str | Path) -> List[dict]:
+    """Records of a metrics log; a torn last line (killed writer) is ignored."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def val_curve(records: Iterable[dict]):
+    """``[(flops, tokens, step, val_loss)]`` from step records that carry a val loss."""
+    return [(r["flops"], r["tokens"], r["step"], r["val_loss"]) for r in records
+            if "val_loss" in r and r.get("event", "step") == "step"]

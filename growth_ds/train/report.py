@@ -1,0 +1,91 @@
+"""Staged vs from-scratch: FLOPs each needed to reach the scratch run's final validation loss."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+from growth_ds.train.metrics import read_metrics, val_curve
+
+
+def flops_to_reach(curve: Sequence[Tuple[float, float, int, float]], target: float) -> Optional[float]:
+    """First compute at which a validation curve reaches ``target`` (log-linear interpolation between
+    evaluations); None if it never does."""
+    prev = None
+    for flops, _, _, loss in curve:
+        if loss <= target:
+            if prev is None or prev[1] == loss:
+                return flops
+            f0, l0 = prev
+            frac = (l0 - target) / (l0 - loss)
+            return math.exp(math.log(f0) + frac * (math.log(flops) - math.log(f0)))
+        prev = (flops, loss)
+    return None
+
+
+def compare(staged_dir: str | Path, scratch_dir: str | Path) -> dict:
+    staged = read_metrics(Path(staged_dir) / "metrics.jsonl")
+    scratch = read_metrics(Path(scratch_dir) / "metrics.jsonl")
+    s_curve, b_curve = val_curve(staged), val_curve(scratch)
+    if not s_curve or not b_curve:
+        raise ValueError("report: both runs need validation losses in metrics.jsonl")
+    target = b_curve[-1][3]
+    f_scratch = flops_to_reach(b_curve, target)
+    f_staged = flops_to_reach(s_curve, target)
+    return {
+        "target_val_loss": target, "flops_scratch": f_scratch, "flops_staged": f_staged,
+        "saving_percent": None if f_staged is None else 100.0 * (1 - f_staged / f_scratch),
+        "final_val_loss": {"staged": s_curve[-1][3], "scratch": target},
+        "total_flops": {"staged": s_curve[-1][0], "scratch": b_curve[-1][0]},
+        "growths": [r for r in staged if r.get("event") == "growth"],
+        "curves": {"staged": s_curve, "scratch": b_curve},
+    }
+
+
+def plot(result: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, style in (("scratch", "-"), ("staged", "-")):
+        c = result["curves"][name]
+        ax.plot([p[0] for p in c], [p[3] for p in c], style, marker=".", label=name)
+    for g in result["growths"]:
+        ax.axvline(g["flops"], color="grey", ls=":", lw=1)
+        ax.annotate(f"grow ({g['width'] or ''}{'+' if g['width'] and g['depth'] else ''}{g['depth'] or ''})",
+                    (g["flops"], ax.get_ylim()[1]), fontsize=8, rotation=90, va="top", ha="right")
+    ax.axhline(result["target_val_loss"], color="k", lw=0.8, ls="--", label="scratch final loss")
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("validation loss")
+    s = result["saving_percent"]
+    ax.set_title("staged vs from scratch" + (f": {s:.1f}% FLOPs saved" if s is not None else ""))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_report(result: dict) -> str:
+    lines = [f"target (scratch final val loss): {result['target_val_loss']:.4f}",
+             f"FLOPs to target  scratch: {result['flops_scratch']:.3e}"]
+    if result["flops_staged"] is None:
+        lines.append(f"                 staged: not reached (final val loss {result['final_val_loss']['staged']:.4f})")
+    else:
+        lines.append(f"                 staged: {result['flops_staged']:.3e}  (small stages included)")
+        lines.append(f"saving: {result['saving_percent']:.1f}% of the scratch run's FLOPs")
+    for g in result["growths"]:
+        lines.append(f"growth at step {g['step']}: {g['width']}/{g['depth']}, val loss {g['val_loss_before']:.4f} -> "
+                     f"{g['val_loss_after']:.4f}")
+    return "\n".join(lines)
+
+
+def report(run_root: str | Path, staged: Optional[str] = None, scratch: Optional[str] = None,
+           png: Optional[str] = None) -> Tuple[dict, List[str]]:
+    root = Path(run_root)
+    result = compare(staged or root / "staged", scratch or root / "scratch")
+    out = Path(png) if png else root / "report.png"
+    plot(result, out)
+    return result, [format_report(result), f"plot: {out}"]

@@ -1,0 +1,314 @@
+"""Staged pretraining on DeepSpeed: train a small model, grow the whole training state at each stage
+boundary inside the same job, keep training; metrics as JSON lines, atomic resumable checkpoints.
+
+Run under any launcher that sets the torch.distributed env (``deepspeed``, ``torchrun``, ``srun``),
+or as a single process. On CPU, DeepSpeed uses its CPU accelerator and gloo.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from growth_ds.models import build_model, lm_loss
+from growth_ds.models.schema import parameter_schema
+from growth_ds.ops import LRSchedule, make_plan
+from growth_ds.ops.apply import grow_moment, grow_value, source_name
+from growth_ds.shapes import ModelShape
+from growth_ds.train import deepspeed_engine as dse
+from growth_ds.train.config import RunConfig, _lr_policy
+from growth_ds.train.metrics import MetricsLog, flops_per_token
+
+dist = dse.dist
+SHAPE_FIELDS = ("flavour", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ffn", "vocab_size",
+                "max_seq_len", "tied_embeddings")
+
+
+@dataclass
+class Progress:
+    """Everything besides the engine that a checkpoint must hold to resume exactly."""
+
+    step: int = 0
+    stage: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    schedule_step: int = 0
+    seconds: float = 0.0
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _same_arch(a: ModelShape, b: ModelShape) -> Optional[str]:
+    for f in SHAPE_FIELDS:
+        if getattr(a, f) != getattr(b, f):
+            return f"{f}: checkpoint has {getattr(a, f)!r}, config has {getattr(b, f)!r}"
+    return None
+
+
+class StagedTrainer:
+    """One staged (or from-scratch) run. ``run_dir`` holds metrics.jsonl and checkpoints/."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, data_dir: Path, progress_bar: bool = True):
+        self.cfg, self.run_dir, self.data_dir = cfg, Path(run_dir), Path(data_dir)
+        self.progress_bar = progress_bar
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        t = cfg.train
+        self.schedule = LRSchedule(t["lr"], t["warmup_steps"], t["total_steps"], t["min_lr_ratio"])
+
+    # ---- set-up ---------------------------------------------------------------------------------
+    def _prepare_data(self):
+        from growth_ds.train.data import Batches, TokenStore, prepare_data
+
+        if self.rank == 0:
+            prepare_data({**self.cfg.data, "seed": self.cfg.data.get("seed", self.cfg.seed)}, self.data_dir)
+        dist.barrier()
+        info = json.loads((self.data_dir / "data.json").read_text())
+        vocab = info["stats"]["vocab_size"]
+        for i, st in enumerate(self.cfg.stages):
+            if st.shape.vocab_size != vocab:
+                raise ValueError(f"stages[{i}].shape.vocab_size: {st.shape.vocab_size} does not match the "
+                                 f"tokenizer's {vocab}")
+        t = self.cfg.train
+        self.train_tokens = TokenStore.open(info["train"])
+        self.val_tokens = TokenStore.open(info["val"])
+        self.batches = Batches(self.train_tokens, t["seq_len"], t["micro_batch_size"], self.cfg.seed,
+                               self.rank, self.world)
+
+    def _eval_set(self):
+        from growth_ds.train.data import eval_batches
+
+        t = self.cfg.train
+        return list(eval_batches(self.val_tokens, t["seq_len"], t["micro_batch_size"], t["eval_batches"]))
+
+    # ---- engine ---------------------------------------------------------------------------------
+    def _ds_config(self):
+        return dse.ds_config(self.cfg.train, self.cfg.deepspeed)
+
+    def _new_engine(self, shape: ModelShape, fresh: bool):
+        config = self._ds_config()
+        if fresh:
+            model = build_model(shape, seed=self.cfg.seed)
+        else:
+            model = dse.construct_model(shape, self.cfg.deepspeed["zero_stage"], config)
+        return dse.build_engine(model, self.cfg.train, config)
+
+    @torch.no_grad()
+    def evaluate(self, engine) -> float:
+        total, count = 0.0, 0
+        for x, y in self.eval_set:
+            logits = engine(x)
+            total += lm_loss(logits, y).item() * x.shape[0]
+            count += x.shape[0]
+        return total / count
+
+    def _train_step(self, engine, lr: float) -> float:
+        dse.set_lr(engine, lr)
+        losses = []
+        for _ in range(self.cfg.train["grad_accum"]):
+            x, y = next(self.batches)
+            loss = lm_loss(engine(x), y)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach())
+        loss = torch.stack(losses).mean()
+        if self.world > 1:
+            dist.all_reduce(loss)
+            loss /= self.world
+        return loss.item()
+
+    # ---- growth ---------------------------------------------------------------------------------
+    def grow(self, engine, shape: ModelShape, stage_idx: int):
+        """Grow ``engine`` (of ``shape``) into stage ``stage_idx``: one parameter gathered at a time,
+        every rank writing only its own slices of the new engine. Returns (engine, shape)."""
+        stage = self.cfg.stages[stage_idx]
+        g = stage.grow
+        plan = make_plan(shape, stage.shape, width=g.get("width"), depth=g.get("depth"), seed=g.get("seed", 0),
+                         moments=g.get("moments"), lr=_lr_policy(g), positions=g.get("positions"))
+        new_shape = plan.grown_shape
+        new = self._new_engine(new_shape, fresh=False)
+        dse.materialise_optimizer_state(new, self.eval_set[0])
+        dse.link_optimizer_state(engine)
+        old_p, new_p = dse.named_params(engine), dse.named_params(new)
+        for name, spec in parameter_schema(new_shape).items():
+            src = old_p[source_name(plan, name)]
+            dse.set_full(new, new_p[name], grow_value(plan, name, spec, dse.get_full(engine, src)))
+            for key, power in (("exp_avg", 1), ("exp_avg_sq", 2)):
+                dse.set_full(new, new_p[name], grow_moment(plan, name, spec, dse.get_full(engine, src, key), power),
+                             key)
+        dse.set_step(new, 0 if plan.moments == "reset" else dse.get_step(engine))
+        dse.refresh_low_precision(new)
+        self.schedule, self.progress.schedule_step = plan.lr.apply(self.schedule, self.progress.schedule_step)
+        dse.release_engine(engine)
+        return new, new_shape, plan
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def latest(self) -> Optional[dict]:
+        ptr = self.ckpt_dir / "latest.json"
+        if not ptr.exists():
+            return None
+        meta = json.loads(ptr.read_text())
+        if not (self.ckpt_dir / meta["tag"] / "growth_meta.json").exists():
+            raise ValueError(f"{ptr}: points at {meta['tag']}, which is incomplete")
+        return json.loads((self.ckpt_dir / meta["tag"] / "growth_meta.json").read_text())
+
+    def save(self, engine, shape: ModelShape) -> None:
+        p = self.progress
+        tag = f"step{p.step:08d}"
+        meta = {
+            "tag": tag, "progress": p.__dict__, "shape": shape.to_dict(), "schedule": self.schedule.to_dict(),
+            "batches": self.batches.state_dict(), "world_size": self.world,
+            "zero_stage": self.cfg.deepspeed["zero_stage"], "precision": self.cfg.deepspeed["precision"],
+            "config": self.cfg.raw,  # no RNG state: sampling is keyed by (seed, sample), growth by (seed, name)
+        }
+        engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False,
+                               client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}})
+        dist.barrier()
+        if self.rank == 0:  # meta, then the pointer: a checkpoint without both is never used
+            _write_json_atomic(self.ckpt_dir / tag / "growth_meta.json", meta)
+            _write_json_atomic(self.ckpt_dir / "latest.json", {"tag": tag, "step": p.step})
+            tags = sorted(d.name for d in self.ckpt_dir.iterdir() if d.is_dir() and d.name.startswith("step"))
+            for old in tags[:-self.cfg.train["keep_last"]]:
+                shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
+        dist.barrier()
+
+    def _resume(self, meta: dict):
+        shape = ModelShape.from_dict(meta["shape"])
+        prog = Progress(**meta["progress"])
+        if prog.stage >= len(self.cfg.stages):
+            raise ValueError(f"stages: the checkpoint is in stage {prog.stage}, the config has {len(self.cfg.stages)}")
+        problem = _same_arch(shape, self.cfg.stages[prog.stage].shape)
+        if problem:
+            raise ValueError(f"stages[{prog.stage}].shape.{problem}")
+        if meta["world_size"] != self.world:
+            raise ValueError(f"world size: the checkpoint was written by {meta['world_size']} ranks, this job has "
+                             f"{self.world}; grow or reshard it through a universal checkpoint")
+        engine = self._new_engine(shape, fresh=False)
+        engine.load_checkpoint(str(self.ckpt_dir), tag=meta["tag"], load_optimizer_states=True,
+                               load_lr_scheduler_states=False)
+        self.schedule = LRSchedule.from_dict(meta["schedule"])
+        self.batches.load_state_dict(meta["batches"])
+        self.progress = prog
+        return engine, shape
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def _boundary(self) -> bool:
+        p = self.progress
+        if p.stage + 1 >= len(self.cfg.stages):
+            return False
+        st = self.cfg.stages[p.stage]
+        return (st.until_steps is not None and p.step >= st.until_steps) or \
+            (st.until_tokens is not None and p.tokens >= st.until_tokens)
+
+    def run(self, resume: str = "auto") -> dict:
+        """Train to ``train.total_steps``. ``resume``: auto (if a checkpoint exists), always, never."""
+        dse.init_distributed()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        t = self.cfg.train
+        self._prepare_data()
+        self.eval_set = self._eval_set()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.rank == 0)
+        meta = self.latest() if resume != "never" else None
+        if resume == "always" and meta is None:
+            raise ValueError(f"--resume: no complete checkpoint in {self.ckpt_dir}")
+        if meta is not None:
+            engine, shape = self._resume(meta)
+            log.truncate_after(self.progress.step)
+        else:
+            if self.rank == 0 and (self.run_dir / "metrics.jsonl").exists():
+                (self.run_dir / "metrics.jsonl").unlink()
+            self.progress = Progress()
+            shape = self.cfg.stages[0].shape
+            engine = self._new_engine(shape, fresh=True)
+        tokens_per_step = self.cfg.tokens_per_step(self.world)
+        kill_at = int(os.environ.get("GROWTH_DS_KILL_AT_STEP", "0"))
+        bar = None
+        if self.progress_bar and self.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=t["total_steps"], initial=self.progress.step, desc=self.cfg.name, unit="step",
+                       dynamic_ncols=True)
+        p = self.progress
+        last_saved = p.step if meta is not None else -1
+        t_start = time.time() - p.seconds
+        while p.step < t["total_steps"]:
+            if self._boundary():
+                if t["checkpoint_before_growth"] and last_saved != p.step:
+                    self.save(engine, shape)
+                    last_saved = p.step
+                t0 = time.time()
+                before = self.evaluate(engine)
+                old_shape = shape
+                engine, shape, plan = self.grow(engine, shape, p.stage + 1)
+                after = self.evaluate(engine)
+                p.stage += 1
+                log.write({"event": "growth", "step": p.step, "stage": p.stage, "tokens": p.tokens,
+                           "flops": p.flops, "from": old_shape.to_dict(), "to": shape.to_dict(),
+                           "width": plan.width, "depth": plan.depth, "moments": plan.moments, "lr_policy": plan.lr.kind,
+                           "val_loss_before": before, "val_loss_after": after, "seconds": time.time() - t0})
+                if bar is not None:
+                    bar.write(f"grew at step {p.step}: {old_shape.describe()} -> {shape.describe()}; "
+                              f"val loss {before:.4f} -> {after:.4f}")
+            t0 = time.time()
+            lr = self.schedule.lr(p.schedule_step)
+            loss = self._train_step(engine, lr)
+            dt = time.time() - t0
+            p.step += 1
+            p.schedule_step += 1
+            p.tokens += tokens_per_step
+            p.flops += flops_per_token(shape, t["seq_len"]) * tokens_per_step
+            p.seconds = time.time() - t_start
+            rec = {"event": "step", "step": p.step, "stage": p.stage, "tokens": p.tokens, "flops": p.flops,
+                   "n_params": shape.n_params, "train_loss": loss, "lr": lr, "seconds": p.seconds,
+                   "tokens_per_s": tokens_per_step / max(dt, 1e-9)}
+            if p.step % t["eval_every"] == 0 or p.step == t["total_steps"]:
+                rec["val_loss"] = self.evaluate(engine)
+            log.write(rec)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(stage=p.stage, loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+            if p.step % t["save_every"] == 0 or p.step == t["total_steps"]:
+                self.save(engine, shape)
+                last_saved = p.step
+            if kill_at and p.step == kill_at:  # tests: simulate a job killed mid-stage
+                os._exit(137)
+        if bar is not None:
+            bar.close()
+        result = {"step": p.step, "stage": p.stage, "tokens": p.tokens, "flops": p.flops,
+                  "shape": shape.to_dict(), "val_loss": self.evaluate(engine)}
+        dse.release_engine(engine)
+        return result
+
+
+def train(cfg: RunConfig, scratch: bool = False, resume: str = "auto", run_dir: Optional[Path] = None,
+          progress_bar: bool = True) -> dict:
+    """Run the staged job (or its from-scratch baseline) described by ``cfg``."""
+    root = Path(cfg.out_dir)
+    if scratch:
+        cfg = cfg.scratch()
+    run_dir = Path(run_dir) if run_dir else root / ("scratch" if scratch else "staged")
+    data_cfg = dict(cfg.data)
+    data_dir = Path(data_cfg.pop("out_dir", None) or root / "data")
+    base = cfg.source.parent if cfg.source else Path.cwd()
+    srcs = data_cfg.get("sources")
+    if srcs is not None:
+        from growth_ds.train.data import _resolve_source
+
+        data_cfg["sources"] = [_resolve_source(s, base) for s in srcs] if isinstance(srcs, list) \
+            else _resolve_source(srcs, base)
+    cfg.data = data_cfg
+    return StagedTrainer(cfg, run_dir, data_dir, progress_bar).run(resume)
+
