@@ -13,14 +13,16 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev,deepspeed,megatron]' $(TORCH)
+	$(PY) -m pip install -q -e '.[dev,deepspeed,megatron,hf]' $(TORCH)
+	# DeepSpeed JIT-builds its CPU shared-memory collective at the first init (about a minute); do it once here
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
 	touch $@
 
 demo: venv
 	$(VENV)/bin/growth-ds demo
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -ra --durations=15 tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,4 +1,4 @@
-"""``growth-ds`` command line: demo | train | check | report | data | grow | verify."""
+"""``growth-ds`` command line: demo | train | check | report | plan | data | grow | verify."""
 from __future__ import annotations
 
 import argparse
@@ -99,6 +99,31 @@ def cmd_check(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from pathlib import Path
+
+    from growth_ds.schedule import (fit_from_logs, format_stage_table, law_from_json, load_metrics, plan_stages,
+                                    plot_fit)
+    from growth_ds.shapes import ModelShape
+
+    if bool(args.law) == bool(args.logs):
+        raise ValueError("plan: give exactly one of --law LAW.json or --logs RUN_DIR/metrics.jsonl ...")
+    law = law_from_json(Path(args.law).read_text()) if args.law else fit_from_logs(args.logs, form=args.form,
+                                                                                   n_boot=args.bootstrap)
+    shapes = [ModelShape.from_yaml(p) for p in args.shapes]
+    plan = plan_stages(law, args.budget, shapes, rho=args.rho)
+    print(format_stage_table(plan))
+    if args.out:
+        Path(args.out).write_text(plan.to_json(indent=2))
+        Path(args.out).with_suffix(".law.json").write_text(law.to_json())
+        print(f"wrote {args.out} and the law to {Path(args.out).with_suffix('.law.json')}")
+    if args.png:
+        points = load_metrics(args.logs) if args.logs else []
+        plot_fit(points, law, plan, args.png)
+        print(f"plot: {args.png}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from growth_ds.train.report import report
 
@@ -138,6 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--scratch", default=None)
     r.add_argument("--png", default=None, help="default: RUN_ROOT/report.png")
     r.set_defaults(func=cmd_report)
+
+    pl = sub.add_parser("plan", help="fit a scaling law and plan stages: which shapes, when to grow, the saving")
+    pl.add_argument("--shapes", nargs="+", required=True, help="candidate shape YAMLs, small -> large")
+    pl.add_argument("--budget", type=float, required=True, help="compute budget in FLOPs")
+    pl.add_argument("--law", help="a fitted law (JSON)")
+    pl.add_argument("--logs", nargs="+", help="metrics.jsonl files or run dirs to fit the law on")
+    pl.add_argument("--form", default="chinchilla", choices=["chinchilla", "kaplan_ns"])
+    pl.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for confidence intervals")
+    pl.add_argument("--rho", type=float, default=None, help="growth discount (1 = ideal lossless growth)")
+    pl.add_argument("--out", help="write the stage plan (JSON) here, and the law next to it")
+    pl.add_argument("--png", help="plot of fits, data points and boundaries")
+    pl.set_defaults(func=cmd_plan)
 
     from growth_ds.train.data import add_data_commands
 

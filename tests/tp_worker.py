@@ -266,7 +266,8 @@ def reload(tp, out, res, keep, other):
         x, _ = batches(small)[0]
         with torch.no_grad():
             logits = gm.gather_logits(model, x)
-        res[f"reload.tp{other}_at_tp{tp}.{flavour}.logits"] = max_diff(logits, keep[f"{flavour}.trained_logits.tp{other}"])
+        want = keep[f"{flavour}.trained_logits.tp{other}"]
+        res[f"reload.tp{other}_at_tp{tp}.{flavour}.logits"] = max_diff(logits, want)
         res[f"reload.tp{other}_at_tp{tp}.{flavour}.step"] = common["step"]
         # one more training step continues identically at either TP size
         res[f"reload.tp{other}_at_tp{tp}.{flavour}.next_loss"] = train(model, opt, shape, steps=1)[0]

@@ -44,7 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from growth_ds.distributed.tensor_parallel import ShardGrower, ShardSpec, TPPlan, check_tp_shape, make_tp_plan
-from growth_ds.models.schema import param_shape, parameter_schema
+from growth_ds.models.schema import parameter_schema
 from growth_ds.ops.apply import source_name
 from growth_ds.ops.plan import GrowthPlan, make_plan
 from growth_ds.ops.state import TrainingState
@@ -393,7 +393,8 @@ def grow_gpt_model(model, optimizer: Optional[torch.optim.Optimizer], plan: Grow
     """Grow a megatron-core ``GPTModel`` and its torch Adam/AdamW shard by shard, on every TP rank.
 
     Args:
-        model: the small model (local spec), this rank's shards; not modified.
+        model: the small model (local spec), this rank's shards. Not modified, except that parameters
+            built without initialisation get megatron's TP attributes (:func:`ensure_tp_attributes`).
         optimizer: a ``torch.optim.Adam``/``AdamW`` over ``model``'s parameters, or None.
         plan: any operator-core plan from ``plan.small`` (must match the model) to the large shape.
         plan_tp: the TP size the plan is made block-diagonal for (default: the current TP size; it
@@ -414,6 +415,7 @@ def grow_gpt_model(model, optimizer: Optional[torch.optim.Optimizer], plan: Grow
             raise ValueError("amsgrad: max_exp_avg_sq is not grown; use amsgrad=False")
     small = shape_of(model)
     _check_plan_matches(small, plan)
+    ensure_tp_attributes(model, small)
     group = _tp_group(model)
     rank, tp = _group_rank_size(group)
     plan_tp = plan_tp or tp
@@ -443,6 +445,8 @@ def grow_gpt_model(model, optimizer: Optional[torch.optim.Optimizer], plan: Grow
                    position_embedding_type=model.position_embedding_type, rotary_percent=model.rotary_percent,
                    rotary_base=model.rotary_base, rope_scaling=getattr(model, "rotary_scaling", False))
     config.perform_initialization = perform_init
+    if getattr(model, "rotary_pos_emb", None) is not None and hasattr(model.rotary_pos_emb, "inv_freq"):
+        new.rotary_pos_emb.inv_freq = model.rotary_pos_emb.inv_freq.clone()  # head_dim is kept: same rotation
 
     # 2. every new shard from the matching old shard
     old_specs = _model_specs(model, small)
@@ -459,8 +463,8 @@ def grow_gpt_model(model, optimizer: Optional[torch.optim.Optimizer], plan: Grow
             assert len(srcs) == 1, (name, srcs)
             src = src_name_of[name] = srcs.pop()
             p_old, old_entry, old_spec = old_specs[src]
-            for key, value in vars(p_old).items():  # megatron's attributes (TP layout, allreduce, shared, ...)
-                if not key.startswith("_"):
+            for key, value in vars(p_old).items():  # megatron's flags (TP layout, allreduce, shared, ...)
+                if not key.startswith("_") and not torch.is_tensor(value) and not callable(value):
                     setattr(p_new, key, value)
             spec = new_specs[name] = dataclasses.replace(old_spec)
             old_parts = split_megatron(old_entry, p_old.data, small, old_spec)
@@ -743,7 +747,8 @@ def add_megatron_commands(subparsers) -> None:
 
 
 __all__ = ["CHECKPOINT_FORMAT", "Entry", "GrownGPT", "add_megatron_commands", "build_gpt_model", "checkpoint_common",
-           "checkpoint_shape", "checkpoint_state_dict", "cmd_grow_dist", "ensure_model_parallel", "ensure_tp_attributes",
+           "checkpoint_shape", "checkpoint_state_dict", "cmd_grow_dist", "ensure_model_parallel",
+           "ensure_tp_attributes",
            "forward_logits", "fuse_megatron", "gather_logits", "gather_tensor", "gelu_tanh", "grow_config",
            "grow_dist_checkpoint", "grow_gpt_model", "is_dist_checkpoint", "layer_spec", "load_dist_checkpoint",
            "load_reference_state", "lm_loss", "megatron_layout", "megatron_to_reference", "reference_to_megatron",

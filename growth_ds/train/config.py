@@ -7,6 +7,9 @@
     deepspeed: zero_stage (0-3), precision (fp32 | bf16), extra (merged into the DeepSpeed config)
     stages:    - shape: PATH.yaml | {ModelShape fields}
                  until: {steps: N} | {tokens: N}          (every stage but the last)
+                 until: {auto: {threshold | law, max_tokens, rho, min_points, skip_points, patience}}
+                                                          (grow when the fitted slope d ln L / d ln C
+                                                           crosses the boundary; ``when: auto`` too)
                - shape: ...
                  grow: {width, depth, moments, lr, rho, rewarm_steps, positions, seed}
 
@@ -26,7 +29,8 @@ from growth_ds.shapes import ModelShape
 
 TRAIN_DEFAULTS = dict(seq_len=64, micro_batch_size=8, grad_accum=1, lr=3e-3, min_lr_ratio=0.1, warmup_steps=20,
                       total_steps=200, weight_decay=0.1, betas=[0.9, 0.95], eps=1e-8, grad_clip=1.0, eval_every=20,
-                      eval_batches=4, save_every=50, keep_last=2, log_every=1, checkpoint_before_growth=True)
+                      eval_batches=4, save_every=50, keep_last=2, log_every=1, checkpoint_before_growth=True,
+                      budget="steps")
 DS_DEFAULTS = dict(zero_stage=0, precision="fp32", extra={})
 GROW_KEYS = {"width", "depth", "moments", "lr", "rho", "rewarm_steps", "horizon", "positions", "seed"}
 
@@ -36,6 +40,7 @@ class Stage:
     shape: ModelShape
     until_steps: Optional[int] = None
     until_tokens: Optional[int] = None
+    until_auto: Optional[Dict[str, Any]] = None   # GrowthTrigger arguments (when: auto)
     grow: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -61,6 +66,25 @@ class RunConfig:
     def tokens_per_step(self, world_size: int) -> int:
         t = self.train
         return t["micro_batch_size"] * t["grad_accum"] * world_size * t["seq_len"]
+
+    def total_steps(self, world_size: int) -> int:
+        """Steps of this run. ``budget: flops`` lengthens a staged run until its FLOPs match the final
+        shape trained from scratch for ``total_steps`` (the comparison at equal compute)."""
+        from growth_ds.train.metrics import flops_per_token
+
+        t = self.train
+        if t["budget"] == "steps" or len(self.stages) == 1:
+            return t["total_steps"]
+        tps = self.tokens_per_step(world_size)
+        target = flops_per_token(self.stages[-1].shape, t["seq_len"]) * tps * t["total_steps"]
+        spent, step = 0.0, 0
+        for st in self.stages[:-1]:
+            tokens = st.until_tokens if st.until_tokens is not None else (st.until_auto or {}).get("max_tokens", 0)
+            end = st.until_steps if st.until_steps is not None else -(-int(tokens) // tps)
+            spent += flops_per_token(st.shape, t["seq_len"]) * tps * max(0, end - step)
+            step = max(step, end)
+        per_step = flops_per_token(self.stages[-1].shape, t["seq_len"]) * tps
+        return step + max(1, int(-(-(target - spent) // per_step)))
 
 
 def _shape(value, where: str, base: Path) -> ModelShape:
@@ -99,6 +123,8 @@ def parse_config(raw: Dict[str, Any], source: Optional[Path] = None) -> RunConfi
     for k in ("seq_len", "micro_batch_size", "grad_accum", "total_steps", "eval_every", "eval_batches", "save_every"):
         if not isinstance(train[k], int) or train[k] < 1:
             raise ValueError(f"train.{k}: must be a positive integer, got {train[k]!r}")
+    if train["budget"] not in ("steps", "flops"):
+        raise ValueError(f"train.budget: must be steps or flops, got {train['budget']!r}")
     ds = dict(DS_DEFAULTS)
     _check_keys(raw.get("deepspeed") or {}, DS_DEFAULTS, "deepspeed")
     ds.update(raw.get("deepspeed") or {})
@@ -114,11 +140,15 @@ def parse_config(raw: Dict[str, Any], source: Optional[Path] = None) -> RunConfi
         where = f"stages[{i}]"
         if not isinstance(st, dict) or "shape" not in st:
             raise ValueError(f"{where}.shape: every stage needs a shape")
-        _check_keys(st, {"shape", "until", "grow", "name"}, where)
         stage = Stage(_shape(st["shape"], f"{where}.shape", base))
-        until = st.get("until")
+        _check_keys(st, {"shape", "until", "when", "grow", "name"}, where)
+        until = st.get("until", st.get("when"))
         last = i == len(stages_raw) - 1
-        if until is not None:
+        if until == "auto" or (isinstance(until, dict) and "auto" in until):
+            if last:
+                raise ValueError(f"{where}.until: the last stage runs to train.total_steps")
+            stage.until_auto = _auto_trigger_args(until, f"{where}.until.auto", base)
+        elif until is not None:
             if last:
                 raise ValueError(f"{where}.until: the last stage runs to train.total_steps")
             if not isinstance(until, dict) or len(until) != 1 or not set(until) <= {"steps", "tokens"}:
@@ -147,6 +177,11 @@ def parse_config(raw: Dict[str, Any], source: Optional[Path] = None) -> RunConfi
                 raise ValueError(f"{where}.{sub}: {msg}") from e
         stage.grow = grow
         stages.append(stage)
+        if i > 0 and stages[i - 1].until_auto is not None:
+            try:
+                make_trigger(stages[i - 1].until_auto, stages[i - 1].shape.n_params, stage.shape.n_params)
+            except ValueError as e:
+                raise ValueError(f"stages[{i - 1}].until.auto: {e}") from e
     steps = [s.until_steps for s in stages if s.until_steps is not None]
     if any(b <= a for a, b in zip(steps, steps[1:])):
         raise ValueError(f"stages: until.steps must increase, got {steps}")
@@ -156,6 +191,37 @@ def parse_config(raw: Dict[str, Any], source: Optional[Path] = None) -> RunConfi
     out_dir = Path(run.get("out_dir") or Path("runs") / name)
     data = dict(raw.get("data") or {})
     return RunConfig(name, out_dir, int(run.get("seed", 0)), data, train, ds, stages, source, raw)
+
+
+AUTO_KEYS = {"threshold", "law", "rho", "max_tokens", "max_flops", "min_points", "skip_points", "patience"}
+
+
+def _auto_trigger_args(until, where: str, base: Path) -> Dict[str, Any]:
+    """Validate ``until: {auto: {...}}`` (``when: auto``): a slope threshold or a fitted law
+    (``growth-ds plan`` writes one) and a hard ``max_tokens`` cap."""
+    args = dict(until["auto"] or {}) if isinstance(until, dict) else {}
+    _check_keys(args, AUTO_KEYS, where)
+    if "max_tokens" not in args and "max_flops" not in args:
+        raise ValueError(f"{where}.max_tokens: when: auto needs a hard cap so a bad fit cannot run forever")
+    if "threshold" not in args and "law" not in args:
+        raise ValueError(f"{where}: give a slope threshold or a law (JSON from `growth-ds plan` / fit_from_logs)")
+    if "law" in args:
+        law = Path(args["law"])
+        if not law.is_absolute() and not law.exists():
+            law = base / law
+        if not law.is_file():
+            raise ValueError(f"{where}.law: {args['law']} does not exist")
+        args["law"] = str(law)
+    return args
+
+
+def make_trigger(args: Dict[str, Any], n_params: int, next_n_params: int):
+    from growth_ds.schedule import GrowthTrigger, law_from_json
+
+    kw = dict(args)
+    if "law" in kw:
+        kw["law"] = law_from_json(Path(kw["law"]).read_text())
+    return GrowthTrigger(kw.pop("threshold", None), n_params=n_params, next_n_params=next_n_params, **kw)
 
 
 def _lr_policy(grow: dict):

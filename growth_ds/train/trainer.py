@@ -22,7 +22,7 @@ from growth_ds.ops import LRSchedule, make_plan
 from growth_ds.ops.apply import grow_moment, grow_value, source_name
 from growth_ds.shapes import ModelShape
 from growth_ds.train import deepspeed_engine as dse
-from growth_ds.train.config import RunConfig, _lr_policy
+from growth_ds.train.config import RunConfig, _lr_policy, make_trigger
 from growth_ds.train.metrics import MetricsLog, flops_per_token
 
 dist = dse.dist
@@ -65,8 +65,6 @@ class StagedTrainer:
         self.cfg, self.run_dir, self.data_dir = cfg, Path(run_dir), Path(data_dir)
         self.progress_bar = progress_bar
         self.ckpt_dir = self.run_dir / "checkpoints"
-        t = cfg.train
-        self.schedule = LRSchedule(t["lr"], t["warmup_steps"], t["total_steps"], t["min_lr_ratio"])
 
     # ---- set-up ---------------------------------------------------------------------------------
     def _prepare_data(self):
@@ -171,7 +169,7 @@ class StagedTrainer:
             "tag": tag, "progress": p.__dict__, "shape": shape.to_dict(), "schedule": self.schedule.to_dict(),
             "batches": self.batches.state_dict(), "world_size": self.world,
             "zero_stage": self.cfg.deepspeed["zero_stage"], "precision": self.cfg.deepspeed["precision"],
-            "config": self.cfg.raw,  # no RNG state: sampling is keyed by (seed, sample), growth by (seed, name)
+            "config": self.cfg.raw, "trigger": None if self.trigger is None else self.trigger.state_dict(),  # no RNG state: sampling is keyed by (seed, sample), growth by (seed, name)
         }
         engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False,
                                client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}})
@@ -201,6 +199,9 @@ class StagedTrainer:
         self.schedule = LRSchedule.from_dict(meta["schedule"])
         self.batches.load_state_dict(meta["batches"])
         self.progress = prog
+        self.trigger = self._make_trigger()
+        if self.trigger is not None and meta.get("trigger"):
+            self.trigger.load_state_dict(meta["trigger"])
         return engine, shape
 
     # ---- the loop -------------------------------------------------------------------------------
@@ -210,13 +211,35 @@ class StagedTrainer:
             return False
         st = self.cfg.stages[p.stage]
         return (st.until_steps is not None and p.step >= st.until_steps) or \
-            (st.until_tokens is not None and p.tokens >= st.until_tokens)
+            (st.until_tokens is not None and p.tokens >= st.until_tokens) or \
+            (self.trigger is not None and self.trigger.fired is not None)
+
+    def _make_trigger(self):
+        """The online ``when: auto`` rule of the current stage (None for fixed boundaries)."""
+        p = self.progress
+        if p.stage + 1 >= len(self.cfg.stages) or self.cfg.stages[p.stage].until_auto is None:
+            return None
+        return make_trigger(self.cfg.stages[p.stage].until_auto, self.cfg.stages[p.stage].shape.n_params,
+                            self.cfg.stages[p.stage + 1].shape.n_params)
+
+    def _auto_decision(self, shape: ModelShape, val_loss: float, log: MetricsLog) -> None:
+        """Feed the trigger this stage's position on its own curve (compute of the current shape over all
+        tokens so far: lossless growth continues the curve) and log the decision with its fit."""
+        if self.trigger is None:
+            return
+        p = self.progress
+        position = flops_per_token(shape, self.cfg.train["seq_len"]) * p.tokens
+        decision = self.trigger.update(position, val_loss, p.tokens)
+        log.write({"event": "schedule", "step": p.step, "stage": p.stage, "tokens": p.tokens,
+                   **json.loads(json.dumps(decision.to_dict(), default=float))})
 
     def run(self, resume: str = "auto") -> dict:
         """Train to ``train.total_steps``. ``resume``: auto (if a checkpoint exists), always, never."""
         dse.init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         t = self.cfg.train
+        self.total_steps = self.cfg.total_steps(self.world)
+        self.schedule = LRSchedule(t["lr"], t["warmup_steps"], self.total_steps, t["min_lr_ratio"])
         self._prepare_data()
         self.eval_set = self._eval_set()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -231,6 +254,7 @@ class StagedTrainer:
             if self.rank == 0 and (self.run_dir / "metrics.jsonl").exists():
                 (self.run_dir / "metrics.jsonl").unlink()
             self.progress = Progress()
+            self.trigger = self._make_trigger()
             shape = self.cfg.stages[0].shape
             engine = self._new_engine(shape, fresh=True)
         tokens_per_step = self.cfg.tokens_per_step(self.world)
@@ -239,12 +263,12 @@ class StagedTrainer:
         if self.progress_bar and self.rank == 0:
             from tqdm import tqdm
 
-            bar = tqdm(total=t["total_steps"], initial=self.progress.step, desc=self.cfg.name, unit="step",
+            bar = tqdm(total=self.total_steps, initial=self.progress.step, desc=self.cfg.name, unit="step",
                        dynamic_ncols=True)
         p = self.progress
         last_saved = p.step if meta is not None else -1
         t_start = time.time() - p.seconds
-        while p.step < t["total_steps"]:
+        while p.step < self.total_steps:
             if self._boundary():
                 if t["checkpoint_before_growth"] and last_saved != p.step:
                     self.save(engine, shape)
@@ -255,6 +279,7 @@ class StagedTrainer:
                 engine, shape, plan = self.grow(engine, shape, p.stage + 1)
                 after = self.evaluate(engine)
                 p.stage += 1
+                self.trigger = self._make_trigger()
                 log.write({"event": "growth", "step": p.step, "stage": p.stage, "tokens": p.tokens,
                            "flops": p.flops, "from": old_shape.to_dict(), "to": shape.to_dict(),
                            "width": plan.width, "depth": plan.depth, "moments": plan.moments, "lr_policy": plan.lr.kind,
@@ -274,13 +299,15 @@ class StagedTrainer:
             rec = {"event": "step", "step": p.step, "stage": p.stage, "tokens": p.tokens, "flops": p.flops,
                    "n_params": shape.n_params, "train_loss": loss, "lr": lr, "seconds": p.seconds,
                    "tokens_per_s": tokens_per_step / max(dt, 1e-9)}
-            if p.step % t["eval_every"] == 0 or p.step == t["total_steps"]:
+            if p.step % t["eval_every"] == 0 or p.step == self.total_steps:
                 rec["val_loss"] = self.evaluate(engine)
             log.write(rec)
+            if "val_loss" in rec:
+                self._auto_decision(shape, rec["val_loss"], log)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(stage=p.stage, loss=f"{loss:.3f}", lr=f"{lr:.2e}")
-            if p.step % t["save_every"] == 0 or p.step == t["total_steps"]:
+            if p.step % t["save_every"] == 0 or p.step == self.total_steps:
                 self.save(engine, shape)
                 last_saved = p.step
             if kill_at and p.step == kill_at:  # tests: simulate a job killed mid-stage
