@@ -34,14 +34,44 @@ def cmd_grow(args) -> int:
     shape = ModelShape.from_yaml(args.shape) if args.shape else None
     state = load_state(getattr(args, "from"), shape)
     large = ModelShape.from_yaml(args.to)
-    width, depth = _parse_methods(args.method)
-    plan = make_plan(state.shape, large, width=width, depth=depth, seed=args.seed, moments=args.moments,
-                     lr=args.lr_policy)
-    grown = grow(state, plan)
+    if args.method == "ligo":
+        grown, plan = _grow_ligo(args, state, large)
+    else:
+        width, depth = _parse_methods(args.method)
+        plan = make_plan(state.shape, large, width=width, depth=depth, seed=args.seed, moments=args.moments,
+                         lr=args.lr_policy)
+        grown = grow(state, plan)
     save_state(grown, out, overwrite=args.force)
     print(plan.describe())
     print(f"wrote {out}: {grown.shape.describe()}, step {grown.step}, moments={plan.moments}")
     return 0
+
+
+def _grow_ligo(args, state, large):
+    """LiGO: train the operator ``--steps`` steps on ``--data`` (a prepared token store), then materialise."""
+    import json
+    from pathlib import Path
+
+    from growth_ds.ops import make_plan
+    from growth_ds.ops.ligo import LigoOperator, materialise_state, train_ligo
+    from growth_ds.train.data import Batches, TokenStore
+
+    if not args.data:
+        raise ValueError("--data: ligo trains its operator on text; give a prepared data dir (growth-ds data prepare)")
+    info = json.loads((Path(args.data) / "data.json").read_text())
+    if info["stats"]["vocab_size"] != state.shape.vocab_size:
+        raise ValueError(f"--data: tokenizer vocab {info['stats']['vocab_size']} != model vocab {state.shape.vocab_size}")
+    width, depth = _parse_methods(args.init or "lemon")
+    if depth is None and large.n_layers != state.shape.n_layers:
+        depth = "identity"
+    plan = make_plan(state.shape, large, width=width, depth=depth, seed=args.seed, lr=args.lr_policy or "restart")
+    op = LigoOperator(plan, state.params)
+    seq_len = min(args.seq_len, state.shape.max_seq_len)
+    batches = Batches(TokenStore.open(info["train"]), seq_len, args.batch_size, args.seed)
+    losses = train_ligo(op, batches, steps=args.steps, lr=args.ligo_lr,
+                        log=lambda i, l: print(f"ligo step {i + 1}/{args.steps}: loss {l:.4f}") if (i + 1) % 10 == 0 else None)
+    print(f"ligo: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} operator steps")
+    return materialise_state(op, state, args.moments if args.moments in ("plan",) else "fresh"), plan
 
 
 def cmd_verify(args) -> int:
@@ -183,13 +213,20 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("grow", help="grow a saved checkpoint (model + optimizer + step) into a larger shape")
     g.add_argument("--from", required=True, metavar="CKPT", help="checkpoint file (growth-ds or plain torch)")
     g.add_argument("--to", required=True, metavar="SHAPE_YAML", help="target ModelShape YAML")
-    g.add_argument("--method", required=True, help="WIDTH, DEPTH or WIDTH+DEPTH, e.g. lemon+identity")
+    g.add_argument("--method", required=True, help="WIDTH, DEPTH or WIDTH+DEPTH, e.g. lemon+identity; or ligo")
     g.add_argument("--out", required=True, help="output checkpoint file (atomic write)")
     g.add_argument("--shape", help="ModelShape YAML of the checkpoint when it records none")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--moments", choices=["adjoint", "reset"], help="default: the method's paper")
+    g.add_argument("--moments", choices=["adjoint", "reset", "fresh", "plan"],
+                   help="default: the method's paper (ligo: fresh; plan = the initialising plan's rule)")
     g.add_argument("--lr-policy", choices=["continue", "rewarm", "lemon", "restart"])
     g.add_argument("--force", action="store_true", help="replace --out if it exists")
+    g.add_argument("--init", help="ligo: the fixed plan the operator starts from (default lemon[+identity])")
+    g.add_argument("--steps", type=int, default=100, help="ligo: operator training steps")
+    g.add_argument("--data", help="ligo: prepared data dir (tokenizer + token store) to train the operator on")
+    g.add_argument("--ligo-lr", type=float, default=1e-3)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--seq-len", type=int, default=128)
     g.set_defaults(func=cmd_grow)
 
     v = sub.add_parser("verify", help="max logit difference between a small and a grown checkpoint")

@@ -85,3 +85,21 @@ def test_step_flops_counts_model_and_materialisation():
 
     f = op.step_flops(1000, 16)
     assert f > flops_per_token(plan.grown_shape, 16) * 1000
+
+
+def test_cli_grow_ligo(tmp_path):
+    from growth_ds.checkpoint import load_state, save_state
+    from growth_ds.cli import main
+    from growth_ds.train.data import prepare_data
+    import yaml
+
+    prepare_data({"sources": [str(FIXTURE)], "vocab_size": 512, "val_fraction": 0.1}, tmp_path / "data")
+    small = small_shape("llama", vocab_size=512)
+    save_state(TrainingState.from_module(randomised_model(small)), tmp_path / "small.pt")
+    (tmp_path / "large.yaml").write_text(yaml.safe_dump(grown(small, True, True).to_dict()))
+    args = ["grow", "--from", str(tmp_path / "small.pt"), "--to", str(tmp_path / "large.yaml"), "--method", "ligo",
+            "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--out", str(tmp_path / "big.pt")]
+    assert main(args[:-2] + ["--out", str(tmp_path / "x.pt")] + ["--data", str(tmp_path / "nope")]) == 2
+    assert main(args + ["--data", str(tmp_path / "data")]) == 0
+    big = load_state(tmp_path / "big.pt")
+    assert big.shape.n_layers == 4 and big.step == 0

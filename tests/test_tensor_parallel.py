@@ -108,7 +108,7 @@ def test_uneven_copies_are_grown_per_rank_and_stay_lossless(flavour):
     large = dataclasses.replace(small, d_model=48, d_ffn=72, n_heads=12, n_kv_heads=6, n_layers=3)
     plan = make_plan(small, large, width="lemon", depth="identity", seed=2)
     tpp = make_tp_plan(plan, 2)
-    assert tpp.how["ffn"] == "per-rank" and not tpp.is_permutation
+    assert tpp.how["ffn"] == tpp.how["heads"] == "per-rank" and not tpp.is_permutation
     state = state_with_moments(small)
     grown = grow(state, tpp.plan)
     assert_equal_states(grow_sharded(state, tpp), grown)
@@ -205,6 +205,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
+class _Run(list):
+    """Both ranks' result dicts; ``out`` is the worker's directory (checkpoints)."""
+
+    def __init__(self, results, out):
+        super().__init__(results)
+        self.out = out
+
+
 @pytest.fixture(scope="module")
 def tp_run(tmp_path_factory):
     if importlib.util.find_spec("megatron") is None:
@@ -221,7 +229,7 @@ def tp_run(tmp_path_factory):
     res = [json.loads(p.read_text()) for p in results]
     for r in res:
         assert r["ok"], r.get("error")
-    return res
+    return _Run(res, out)
 
 
 def _growths(res, tp):
@@ -306,3 +314,46 @@ def test_grow_dist_checkpoint(tp_run):
         theirs = res[f"ckpt_grow.tp2.{flavour}.load_small_into_grown.check_shape=False"]
         assert ours.startswith("ValueError") and "grow" in ours
         assert theirs is not None and "shape mismatch" in theirs
+
+
+_CLI = """
+import argparse, json, sys, torch
+from growth_ds.interop import megatron as gm
+parser = argparse.ArgumentParser()
+gm.add_megatron_commands(parser.add_subparsers(dest="command"))
+args = parser.parse_args(sys.argv[1:])
+rc = args.func(args)
+x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+logits = []
+for path in (getattr(args, "from"), args.out):
+    model = gm.build_gpt_model(gm.checkpoint_shape(path), perform_initialization=False)
+    gm.load_dist_checkpoint(model, torch.optim.AdamW(model.parameters()), path)
+    with torch.no_grad():
+        logits.append(gm.gather_logits(model, x))
+common = gm.checkpoint_common(args.out)
+print(json.dumps({"rc": rc, "diff": float((logits[0] - logits[1]).abs().max()), "shape": common["shape"],
+                  "step": common["step"], "tp_plan": common["tp_plan"]}))
+"""
+
+
+@pytest.mark.slow
+def test_grow_megatron_command_in_one_process(tp_run, tmp_path):
+    """``grow-megatron`` without torchrun (TP=1, a 1-process gloo group) on a checkpoint saved at TP=2."""
+    import yaml
+
+    import tp_worker
+
+    flavour, small, large, specs = tp_worker.cases()[0]
+    to = tmp_path / "large.yaml"
+    to.write_text(yaml.safe_dump(large.to_dict()))
+    src, out = tp_run.out / f"{flavour}_small_tp2", tmp_path / "grown"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("RANK", None)
+    cmd = [sys.executable, "-c", _CLI, "grow-megatron", "--from", str(src), "--to", str(to), "--method", specs[0],
+           "--out", str(out), "--seed", "3"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["rc"] == 0 and got["diff"] < 1e-5
+    assert got["shape"]["d_model"] == large.d_model and got["step"] == 0  # duplicate: fresh AdamW (reset)
+    assert "TP=1" in got["tp_plan"]

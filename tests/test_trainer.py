@@ -130,3 +130,41 @@ def test_report_compares_with_scratch(tmp_path, data_dir):
 
     assert main(["report", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "report.png").stat().st_size > 1000
+
+
+def test_ligo_stage_in_the_trainer(tmp_path, data_dir):
+    cfg = write_config(tmp_path, "ligo", zero=1, data_dir=data_dir)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["stages"][1]["grow"] = {"method": "ligo", "width": "lemon", "depth": "identity", "steps": 6, "ligo_lr": 3e-3}
+    cfg.write_text(yaml.safe_dump(raw))
+    run_ok(["train", cfg, "--no-progress"])
+    recs = read_metrics(tmp_path / "ligo" / "staged" / "metrics.jsonl")
+    growth = [r for r in recs if r.get("event") == "growth"][0]
+    assert growth["method"] == "ligo" and len(growth["ligo_losses"]) == 6
+    steps = [r for r in recs if r.get("event") == "step"]
+    # the operator's tokens and FLOPs are part of the run's compute
+    assert growth["tokens"] == steps[GROW_AT - 1]["tokens"] + 6 * 4 * 2 * 32
+    assert growth["flops"] > steps[GROW_AT - 1]["flops"]
+    raw["deepspeed"]["zero_stage"] = 3
+    with pytest.raises(ValueError, match=r"stages\[1\]\.grow\.method"):
+        parse_config(raw)
+
+
+@pytest.mark.parametrize("threshold,reason", [(-10.0, "slope"), (-1e-9, "max_tokens")])
+def test_when_auto_grows_from_the_fitted_slope_or_the_cap(tmp_path, data_dir, threshold, reason):
+    cfg = write_config(tmp_path, "auto", zero=2, data_dir=data_dir, eval_every=2)
+    raw = yaml.safe_load(cfg.read_text())
+    cap = 16 * 4 * 2 * 32  # tokens of 16 steps
+    raw["stages"][0]["until"] = {"auto": {"threshold": threshold, "max_tokens": cap, "min_points": 4}}
+    cfg.write_text(yaml.safe_dump(raw))
+    run_ok(["train", cfg, "--no-progress"])
+    recs = read_metrics(tmp_path / "auto" / "staged" / "metrics.jsonl")
+    decisions = [r for r in recs if r.get("event") == "schedule"]
+    growth = [r for r in recs if r.get("event") == "growth"]
+    assert len(growth) == 1 and decisions and decisions[-1]["grow"] and decisions[-1]["reason"] == reason
+    assert all(not d["grow"] for d in decisions[:-1])
+    if reason == "slope":
+        assert growth[0]["step"] < 16 and decisions[-1]["slope"] >= threshold
+        assert not decisions[0]["grow"] and "no growth yet" in decisions[0]["detail"]  # too few points at first
+    else:
+        assert growth[0]["step"] == 16

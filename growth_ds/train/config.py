@@ -32,7 +32,8 @@ TRAIN_DEFAULTS = dict(seq_len=64, micro_batch_size=8, grad_accum=1, lr=3e-3, min
                       eval_batches=4, save_every=50, keep_last=2, log_every=1, checkpoint_before_growth=True,
                       budget="steps")
 DS_DEFAULTS = dict(zero_stage=0, precision="fp32", extra={})
-GROW_KEYS = {"width", "depth", "moments", "lr", "rho", "rewarm_steps", "horizon", "positions", "seed"}
+GROW_KEYS = {"width", "depth", "moments", "lr", "rho", "rewarm_steps", "horizon", "positions", "seed",
+             "method", "steps", "ligo_lr"}  # method: ligo (width/depth then name the initialising plan)
 
 
 @dataclass
@@ -163,12 +164,23 @@ def parse_config(raw: Dict[str, Any], source: Optional[Path] = None) -> RunConfi
         if i == 0 and grow:
             raise ValueError(f"{where}.grow: the first stage is trained from scratch")
         _check_keys(grow, GROW_KEYS, f"{where}.grow")
+        if grow.get("method") not in (None, "ligo"):
+            raise ValueError(f"{where}.grow.method: only 'ligo' (a learned operator) is a method; fixed methods "
+                             f"go in grow.width / grow.depth")
+        if grow.get("method") == "ligo":
+            if ds["zero_stage"] == 3:
+                raise ValueError(f"{where}.grow.method: ligo trains its operator over the full small model on every "
+                                 f"rank; use zero_stage 0-2 (ZeRO-3 never gathers the model)")
+            if grow.get("moments") not in (None, "fresh", "plan"):
+                raise ValueError(f"{where}.grow.moments: ligo takes fresh (the paper) or plan, got {grow['moments']!r}")
         if i > 0:
             prev = stages[-1].shape
             try:
                 policy = _lr_policy(grow)
-                make_plan(prev, stage.shape, width=grow.get("width"), depth=grow.get("depth"),
-                          seed=grow.get("seed", 0), moments=grow.get("moments"), lr=policy,
+                ligo = grow.get("method") == "ligo"
+                make_plan(prev, stage.shape, width=grow.get("width") or ("lemon" if ligo else None),
+                          depth=grow.get("depth"), seed=grow.get("seed", 0),
+                          moments=None if ligo else grow.get("moments"), lr=policy,
                           positions=grow.get("positions"))
             except ValueError as e:
                 msg = str(e)

@@ -133,12 +133,18 @@ class StagedTrainer:
         every rank writing only its own slices of the new engine. Returns (engine, shape)."""
         stage = self.cfg.stages[stage_idx]
         g = stage.grow
-        plan = make_plan(shape, stage.shape, width=g.get("width"), depth=g.get("depth"), seed=g.get("seed", 0),
-                         moments=g.get("moments"), lr=_lr_policy(g), positions=g.get("positions"))
+        ligo = g.get("method") == "ligo"
+        self.ligo_losses = None
+        policy = _lr_policy(g) or ("restart" if ligo else None)
+        plan = make_plan(shape, stage.shape, width=g.get("width") or ("lemon" if ligo else None),
+                         depth=g.get("depth"), seed=g.get("seed", 0), moments=None if ligo else g.get("moments"),
+                         lr=policy, positions=g.get("positions"))
         new_shape = plan.grown_shape
+        dse.link_optimizer_state(engine)
+        if ligo:
+            return self._grow_ligo(engine, shape, plan, g)
         new = self._new_engine(new_shape, fresh=False)
         dse.materialise_optimizer_state(new, self.eval_set[0])
-        dse.link_optimizer_state(engine)
         old_p, new_p = dse.named_params(engine), dse.named_params(new)
         for name, spec in parameter_schema(new_shape).items():
             src = old_p[source_name(plan, name)]
@@ -151,6 +157,52 @@ class StagedTrainer:
         self.schedule, self.progress.schedule_step = plan.lr.apply(self.schedule, self.progress.schedule_step)
         dse.release_engine(engine)
         return new, new_shape, plan
+
+    def _grow_ligo(self, engine, shape: ModelShape, plan, g: dict):
+        """LiGO (Wang et al. 2023): learn the growth operator for ``steps`` on the training stream with the
+        small model frozen (data parallel: gradients averaged over ranks), then materialise the grown state.
+        Operator steps consume tokens and FLOPs, counted in the run's compute."""
+        from growth_ds.ops.ligo import LigoOperator, materialise_state, train_ligo
+        from growth_ds.ops.state import TrainingState
+
+        names = list(parameter_schema(shape))
+        old_p = dse.named_params(engine)
+        small = {n: dse.get_full(engine, old_p[n]) for n in names}  # ZeRO 0-2 hold these on every rank
+        moments = g.get("moments", "fresh")
+        state = TrainingState(shape, small, step=dse.get_step(engine))
+        if moments == "plan":
+            state.exp_avg = {n: dse.get_full(engine, old_p[n], "exp_avg") for n in names}
+            state.exp_avg_sq = {n: dse.get_full(engine, old_p[n], "exp_avg_sq") for n in names}
+        op = LigoOperator(plan, small)
+        world = self.world
+
+        def all_reduce(t):
+            if world > 1:
+                dist.all_reduce(t)
+                t /= world
+
+        p = self.progress
+        tps = self.cfg.tokens_per_step(self.world)
+        step_flops = op.step_flops(tps, self.cfg.train["seq_len"])
+        losses = train_ligo(op, self.batches, steps=int(g.get("steps", 100)), lr=float(g.get("ligo_lr", 1e-3)),
+                            all_reduce=all_reduce)
+        p.tokens += tps * len(losses)
+        p.flops += step_flops * len(losses)
+        grown = materialise_state(op, state, moments)
+        del op, small
+        new = self._new_engine(plan.grown_shape, fresh=False)
+        dse.materialise_optimizer_state(new, self.eval_set[0])
+        new_p = dse.named_params(new)
+        for name in parameter_schema(plan.grown_shape):
+            dse.set_full(new, new_p[name], grown.params[name])
+            dse.set_full(new, new_p[name], grown.exp_avg[name], "exp_avg")
+            dse.set_full(new, new_p[name], grown.exp_avg_sq[name], "exp_avg_sq")
+        dse.set_step(new, grown.step)
+        dse.refresh_low_precision(new)
+        self.schedule, p.schedule_step = plan.lr.apply(self.schedule, p.schedule_step)
+        self.ligo_losses = losses
+        dse.release_engine(engine)
+        return new, plan.grown_shape, plan
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def latest(self) -> Optional[dict]:
@@ -282,7 +334,10 @@ class StagedTrainer:
                 self.trigger = self._make_trigger()
                 log.write({"event": "growth", "step": p.step, "stage": p.stage, "tokens": p.tokens,
                            "flops": p.flops, "from": old_shape.to_dict(), "to": shape.to_dict(),
-                           "width": plan.width, "depth": plan.depth, "moments": plan.moments, "lr_policy": plan.lr.kind,
+                           "width": plan.width, "depth": plan.depth, "lr_policy": plan.lr.kind,
+                           "method": self.cfg.stages[p.stage].grow.get("method", "fixed"),
+                           "moments": self.cfg.stages[p.stage].grow.get("moments", plan.moments),
+                           "ligo_losses": getattr(self, "ligo_losses", None),
                            "val_loss_before": before, "val_loss_after": after, "seconds": time.time() - t0})
                 if bar is not None:
                     bar.write(f"grew at step {p.step}: {old_shape.describe()} -> {shape.describe()}; "

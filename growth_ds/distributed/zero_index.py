@@ -1,0 +1,518 @@
+"""Index math of ZeRO-sharded growth: which old elements feed a range of a new parameter, and the
+reference executor's arithmetic replayed on a block of new rows. Pure torch: no torch.distributed,
+no DeepSpeed, so every function here is unit-tested in one process.
+
+Vocabulary
+----------
+* A parameter is addressed by the flat index of its row-major flattening.
+* ``bounds`` (``ws + 1`` non-decreasing ints, ``bounds[0] == 0``, ``bounds[ws] == numel``) says which
+  rank holds which elements: rank ``r`` holds flat ``[bounds[r], bounds[r + 1])``. Both DeepSpeed layouts
+  are of this form: ZeRO-1/2 cut the flat buffer of a param group into equal partitions (a parameter's
+  intersection with a partition is contiguous), ZeRO-3 cuts every parameter into ``ceil(numel / ws)``.
+* An *interval list* is a sorted list of disjoint, non-empty ``(start, stop)`` flat ranges.
+
+How a new element is made (see :mod:`growth_ds.ops.apply`)
+-----------------------------------------------------------
+For a 2-D parameter ``W'[i', j'] = ((W[src_b(i'), src_a(j')] * c_b(i')) * c_a(j')) * K[i', j'] + N[i', j']``
+in float64, cast to float32. So a block of new rows ``[i0, i1)`` needs exactly the old rows
+``src_b(i0..i1)`` (:meth:`ParamGrowth.needs` returns them as intervals); the rest is elementwise.
+Three parts are not a gather of a few old elements and are handled so that the result stays
+bit-identical to the reference:
+
+* **mean rows** (``residue == "mean"`` on the out side of axis 0: GPT-2's ``model`` space grown by a
+  non-integer factor, for ``attn.o`` / ``mlp.down``): the reference takes ``x.mean(dim=0)`` over the
+  whole old parameter, and a float64 column reduction is *not* reproducible from a subset of columns
+  (measured), so one designated rank receives the whole old parameter, computes the same reduction
+  on the same shape, and shares the ``[d_in]`` result (:meth:`ParamGrowth.reduce`). The axis-1 mean
+  of embeddings is a per-row reduction, which is reproducible row by row (measured), so it is
+  computed locally on the rows a rank needs.
+* **relative noise** (HyperCloning's ``std`` of the whole old weight): the same, one scalar.
+* **random parts** (fan-in splits, random columns and new units) are drawn from generators keyed by
+  ``(seed, parameter name, purpose)`` exactly as the reference draws them; :func:`randn_slice`
+  reproduces any slice of ``torch.randn(numel)`` in bounded memory (it skips the uniforms before the
+  slice), so no rank ever materialises a whole random matrix.
+
+1-D parameters (biases, norms) are tiny: a rank owning part of one receives the whole old vector
+and runs the reference itself (``mode == "full"``), which is exact by construction.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from growth_ds.models.schema import ParamSpec
+from growth_ds.ops.apply import _axes, grow_moment, grow_value, is_identity_block, keyed_generator, source_name
+from growth_ds.ops.plan import GrowthPlan
+
+Interval = Tuple[int, int]
+F64 = torch.float64
+
+# ---- intervals ---------------------------------------------------------------------------------
+
+
+def runs_to_intervals(idx: torch.Tensor, width: int = 1) -> List[Interval]:
+    """Sorted unique indices -> merged intervals of ``[i * width, (i + 1) * width)``."""
+    if idx.numel() == 0:
+        return []
+    idx = idx.to(torch.long)
+    brk = torch.nonzero(idx[1:] != idx[:-1] + 1).flatten() + 1
+    starts = torch.cat([idx[:1], idx[brk]]).tolist()
+    stops = torch.cat([idx[brk - 1] + 1, idx[-1:] + 1]).tolist()
+    return [(s * width, e * width) for s, e in zip(starts, stops)]
+
+
+def clip_intervals(ivs: Sequence[Interval], lo: int, hi: int) -> List[Interval]:
+    """The parts of ``ivs`` inside ``[lo, hi)``."""
+    out = []
+    for s, e in ivs:
+        s2, e2 = max(s, lo), min(e, hi)
+        if s2 < e2:
+            out.append((s2, e2))
+    return out
+
+
+def intervals_numel(ivs: Sequence[Interval]) -> int:
+    return sum(e - s for s, e in ivs)
+
+
+def rank_range(bounds: Sequence[int], rank: int) -> Interval:
+    return bounds[rank], bounds[rank + 1]
+
+
+def chunk_range(start: int, stop: int, row: int, max_elems: int) -> List[Interval]:
+    """Split ``[start, stop)`` into pieces of at most ``max(max_elems, row)`` elements whose inner cuts
+    fall on multiples of ``row`` (so every piece but the first and last covers whole rows)."""
+    if stop <= start:
+        return []
+    rows = max(1, max_elems // max(row, 1))
+    out, s = [], start
+    while s < stop:
+        e = min(stop, (s // row + rows) * row)
+        out.append((s, e))
+        s = e
+    return out
+
+
+# ---- exact random slices -----------------------------------------------------------------------
+
+_RANDN_CHUNK = 1 << 16
+_chunked_randn_ok: Optional[bool] = None
+
+
+def _draw_uniforms(gen: torch.Generator, n: int) -> None:
+    """Advance ``gen`` by ``n`` double uniforms (what ``randn`` consumes per element)."""
+    while n > 0:
+        k = min(n, 1 << 20)
+        torch.rand(k, generator=gen, dtype=F64)
+        n -= k
+
+
+def _randn_slice_chunked(gen: torch.Generator, numel: int, start: int, stop: int) -> torch.Tensor:
+    # torch's CPU normal sampler for a contiguous float64 tensor of >= 16 elements draws one uniform per
+    # element, then Box-Muller-transforms blocks of 16; if numel % 16 != 0 it redraws the last 16
+    # elements from 16 further uniforms. Reproduce that block by block.
+    out = torch.empty(stop - start, dtype=F64)
+    tail_start = numel - 16 if numel % 16 else numel
+    consumed = 0
+    body_stop = min(stop, tail_start)
+    if start < body_stop:
+        a = start // 16 * 16
+        b = -(-body_stop // 16) * 16
+        _draw_uniforms(gen, a)
+        pos = a
+        while pos < b:
+            k = min(_RANDN_CHUNK, b - pos)
+            block = torch.randn(k, generator=gen, dtype=F64)
+            s2, e2 = max(pos, start), min(pos + k, body_stop)
+            if s2 < e2:
+                out[s2 - start:e2 - start] = block[s2 - pos:e2 - pos]
+            pos += k
+        consumed = b
+    if stop > tail_start:
+        _draw_uniforms(gen, numel - consumed)
+        tail = torch.randn(16, generator=gen, dtype=F64)
+        s2 = max(start, tail_start)
+        out[s2 - start:] = tail[s2 - tail_start:stop - tail_start]
+    return out
+
+
+def chunked_randn_is_exact() -> bool:
+    """Self-check (cached) that :func:`randn_slice`'s block replay equals this torch's ``randn``."""
+    global _chunked_randn_ok
+    if _chunked_randn_ok is None:
+        ok = True
+        for n, (s, e) in ((16, (0, 16)), (37, (5, 37)), (1000, (100, 999)), (4099, (4000, 4099))):
+            full = torch.randn(n, generator=torch.Generator().manual_seed(n), dtype=F64)
+            part = _randn_slice_chunked(torch.Generator().manual_seed(n), n, s, e)
+            ok &= bool(torch.equal(full[s:e], part))
+        _chunked_randn_ok = ok
+    return _chunked_randn_ok
+
+
+def randn_slice(gen: torch.Generator, numel: int, start: int, stop: int) -> torch.Tensor:
+    """``torch.randn(numel, generator=gen, dtype=float64)[start:stop]``, bit for bit, holding only
+    ``O(stop - start + 64K)`` elements. Falls back to the full draw for ``numel < 16`` (a different torch
+    sampler) or if the self-check fails on this torch build."""
+    if stop <= start:
+        return torch.empty(0, dtype=F64)
+    if numel < 16 or not chunked_randn_is_exact():
+        return torch.randn(numel, generator=gen, dtype=F64)[start:stop].clone()
+    return _randn_slice_chunked(gen, numel, start, stop)
+
+
+# ---- one parameter -----------------------------------------------------------------------------
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return int(math.prod(shape))
+
+
+@dataclass
+class OldData:
+    """Old elements a rank received for one piece: ``intervals`` (old flat, sorted) and ``data``
+    ``[channels, sum of interval lengths]`` float32 (channel 0 the value, 1 ``exp_avg``, 2 ``exp_avg_sq``)."""
+
+    intervals: List[Interval]
+    data: torch.Tensor
+
+
+@dataclass
+class Reductions:
+    """Whole-parameter reductions of the old value, computed once by a designated rank."""
+
+    col_mean: Optional[torch.Tensor] = None   # [d_in] float64: x.mean(dim=0) of the old 2-D value
+    std: Optional[float] = None               # float(w.double().std())
+
+
+class ParamGrowth:
+    """How new parameter ``name`` is made from its source, any block of new rows at a time.
+
+    ``mode``: ``none`` (value and moments are exact zeros: needs nothing), ``full`` (1-D: the whole old
+    parameter, reference applied), ``rows`` (2-D: old rows gathered by index, arithmetic replayed).
+    ``channels``: 1 when the moments are zero (reset rule, identity blocks), else 3.
+    """
+
+    def __init__(self, plan: GrowthPlan, name: str, spec: ParamSpec):
+        self.plan, self.name, self.spec = plan, name, spec
+        self.source = source_name(plan, name)
+        self.new_shape = tuple(plan.spaces[s].new for s in spec.axes)
+        self.old_shape = tuple(plan.spaces[s].old for s in spec.axes)
+        self.new_numel, self.old_numel = _numel(self.new_shape), _numel(self.old_shape)
+        ident = is_identity_block(plan, name)
+        self.value_zero = ident and spec.residual_out
+        self.moment_zero = plan.moments == "reset" or ident
+        self.channels = 1 if self.moment_zero else 3
+        if self.value_zero and self.moment_zero:
+            self.mode = "none"
+        elif len(spec.axes) == 1:
+            self.mode = "full"
+        else:
+            self.mode = "rows"
+        self.reductions: Tuple[str, ...] = ()
+        if self.mode != "rows":
+            return
+        (s0, side0), (s1, side1) = _axes(spec)
+        self.m0, self.m1 = plan.spaces[s0], plan.spaces[s1]
+        self.side0, self.side1 = side0, side1
+        self.id0, self.id1 = self.m0.is_identity, self.m1.is_identity
+        self.keep0, self.keep1 = self.m0.src >= 0, self.m1.src >= 0
+        self.coef0 = (self.m0.out_coef if side0 == "out" else self.m0.in_coef).to(F64)
+        self.coef1 = (self.m1.out_coef if side1 == "out" else self.m1.in_coef).to(F64)
+        self.mean0 = (not self.id0) and side0 == "out" and self.m0.residue == "mean" and not bool(self.keep0.all())
+        self.mean1 = (not self.id1) and side1 == "out" and self.m1.residue == "mean" and not bool(self.keep1.all())
+        self.adj0 = self.m0.adjoint(side0 == "out")
+        self.adj1 = self.m1.adjoint(side1 == "out")
+        self.d0, self.d1 = self.old_shape
+        self.D0, self.D1 = self.new_shape
+        self.noisy = spec.role in ("weight", "head")
+        # staged training's block coupling (ops.apply._coupling, row by row)
+        self.K_g = 1
+        if plan.coupling == "block" and spec.role in ("weight", "head"):
+            b, a = plan.spaces[spec.axes[0]], plan.spaces["model" if spec.role == "head" else spec.axes[1]]
+            self.K_g = math.gcd(max(b.n_copies, 1), max(a.n_copies, 1))
+            self.K_b, self.K_a = b.copy, a.copy
+        red = []
+        if self.mean0 and not self.value_zero:
+            red.append("col_mean")
+        if (self.noisy and not self.value_zero and plan.noise == "zero_sum" and plan.noise_std > 0
+                and plan.noise_relative and not self.id1):
+            red.append("std")
+        self.reductions = tuple(red)
+
+    # -- which old elements --------------------------------------------------------------------
+    def rows_of(self, start: int, stop: int) -> Tuple[int, int]:
+        """New rows ``[i0, i1)`` covering new flat range ``[start, stop)``."""
+        return start // self.D1, -(-stop // self.D1)
+
+    def needs(self, start: int, stop: int) -> List[Interval]:
+        """Old flat intervals (sorted, merged) that new flat range ``[start, stop)`` is computed from."""
+        if stop <= start or self.mode == "none":
+            return []
+        if self.mode == "full":
+            return [(0, self.old_numel)]
+        i0, i1 = self.rows_of(start, stop)
+        if self.id0:
+            return [(i0 * self.d1, i1 * self.d1)]
+        src = self.m0.src[i0:i1]
+        keep = src >= 0
+        rows = src[keep]
+        if not bool(keep.all()) and not self.mean0 and not self.value_zero:
+            # new rows (src = -1) are old row 0 times 0 in the reference (src.clamp(0)); the sign of that
+            # zero survives where no noise is added (embeddings), so fetch row 0 as well
+            rows = torch.cat([rows, torch.zeros(1, dtype=torch.long)])
+        return runs_to_intervals(torch.unique(rows), self.d1)
+
+    # -- whole-parameter reductions (designated rank) ------------------------------------------
+    def reduce(self, old_value: torch.Tensor) -> Reductions:
+        """``old_value``: the whole old value, flat float32. Same ops, same shapes as the reference."""
+        w = old_value.reshape(self.old_shape)
+        out = Reductions()
+        if "col_mean" in self.reductions:
+            out.col_mean = w.to(F64).mean(dim=0, keepdim=True).reshape(-1)
+        if "std" in self.reductions:
+            out.std = float(w.double().std())
+        return out
+
+    # -- computing a piece ---------------------------------------------------------------------
+    def compute(self, start: int, stop: int, old: Optional[OldData], red: Optional[Reductions] = None
+                ) -> List[Optional[torch.Tensor]]:
+        """New flat ``[start, stop)`` of value, ``exp_avg``, ``exp_avg_sq`` (float32; ``None`` = zeros)."""
+        n = stop - start
+        if self.mode == "none":
+            return [None, None, None]
+        if self.mode == "full":
+            return self._compute_full(start, stop, old)
+        i0, i1 = self.rows_of(start, stop)
+        lo, hi = start - i0 * self.D1, start - i0 * self.D1 + n
+        rows = _RowView(old, self.d1)
+        out: List[Optional[torch.Tensor]] = [None, None, None]
+        if not self.value_zero:
+            out[0] = self._value_rows(i0, i1, rows, red).reshape(-1)[lo:hi]
+        if not self.moment_zero:
+            for c, power in ((1, 1), (2, 2)):
+                out[c] = self._moment_rows(i0, i1, rows, c, power).reshape(-1)[lo:hi]
+        return out
+
+    def _compute_full(self, start, stop, old: OldData) -> List[Optional[torch.Tensor]]:
+        full = old.data
+        w = full[0].reshape(self.old_shape)
+        out: List[Optional[torch.Tensor]] = [None, None, None]
+        if not self.value_zero:
+            out[0] = grow_value(self.plan, self.name, self.spec, w).reshape(-1)[start:stop]
+        if not self.moment_zero:
+            for c, power in ((1, 1), (2, 2)):
+                out[c] = grow_moment(self.plan, self.name, self.spec, full[c].reshape(self.old_shape),
+                                     power).reshape(-1)[start:stop]
+        return out
+
+    def _axis0(self, rows: "_RowView", c: int, i0: int, i1: int, moment: bool) -> torch.Tensor:
+        """Axis-0 map of rows ``[i0, i1)`` (before the mean replacement), float64 ``[i1 - i0, d1]``."""
+        if self.id0:
+            return rows.get(c, torch.arange(i0, i1)).to(F64)
+        src = self.m0.src[i0:i1]
+        x = rows.get(c, src.clamp(min=0)).to(F64)
+        coef = self.keep0[i0:i1].to(F64) if moment else self.coef0[i0:i1]
+        return x * coef.view(-1, 1)
+
+    def _value_rows(self, i0, i1, rows: "_RowView", red: Optional[Reductions]) -> torch.Tensor:
+        x = self._axis0(rows, 0, i0, i1, moment=False)
+        if self.mean0:
+            keep = self.keep0[i0:i1]
+            if not bool(keep.all()):
+                mean = red.col_mean.view(1, -1)
+                x = torch.where(keep.view(-1, 1), x, mean.expand_as(x))
+        if not self.id1:
+            y = x.index_select(1, self.m1.src.clamp(min=0)) * self.coef1.view(1, -1)
+            if self.mean1:
+                y = torch.where(self.keep1.view(1, -1), y, x.mean(dim=1, keepdim=True).expand_as(y))
+            x = y
+        if self.K_g != 1:
+            x = x * self._K_rows(i0, i1)
+        if self.noisy:
+            x = x + noise_rows(self.plan, self.name, self.spec, i0, i1, red.std if red is not None else None)
+        return x.to(torch.float32)
+
+    def _moment_rows(self, i0, i1, rows: "_RowView", c: int, power: int) -> torch.Tensor:
+        x = self._axis0(rows, c, i0, i1, moment=True)
+        if not self.id1:
+            x = x.index_select(1, self.m1.src.clamp(min=0)) * self.keep1.to(F64).view(1, -1)
+        adj = torch.ones([], dtype=F64) * self.adj0[i0:i1].view(-1, 1)
+        adj = adj * self.adj1.view(1, -1)
+        if self.K_g != 1:
+            x = x * (self._K_rows(i0, i1) != 0)
+        safe = torch.where(adj != 0, adj, torch.ones_like(adj))
+        return torch.where(adj != 0, x / safe ** power, torch.zeros_like(x)).to(torch.float32)
+
+    def _K_rows(self, i0, i1) -> torch.Tensor:
+        g = self.K_g
+        match = (self.K_b[i0:i1, None] % g) == (self.K_a[None, :] % g)
+        return match.to(F64) * g
+
+
+class _RowView:
+    """Old rows received for one piece, looked up by old row index."""
+
+    def __init__(self, old: Optional[OldData], d1: int):
+        self.d1 = d1
+        if old is None or not old.intervals:
+            self.row_ids = torch.empty(0, dtype=torch.long)
+            self.data = None
+            return
+        self.row_ids = torch.cat([torch.arange(s // d1, e // d1) for s, e in old.intervals])
+        self.data = old.data.view(old.data.shape[0], -1, d1)
+
+    def get(self, c: int, want: torch.Tensor) -> torch.Tensor:
+        """Rows ``want`` (old row indices) of channel ``c``; rows not received come back as row 0 of
+        what was received (callers only ask for those where the reference multiplies them by 0 or
+        replaces them)."""
+        if self.data is None:
+            return torch.zeros(want.numel(), self.d1, dtype=torch.float32)
+        pos = torch.searchsorted(self.row_ids, want).clamp(max=self.row_ids.numel() - 1)
+        if self.row_ids.numel() == want.numel() and bool((self.row_ids == want).all()):
+            return self.data[c]
+        return self.data[c].index_select(0, pos)
+
+
+def noise_rows(plan: GrowthPlan, name: str, spec: ParamSpec, i0: int, i1: int,
+               full_std: Optional[float] = None) -> torch.Tensor:
+    """Rows ``[i0, i1)`` of the reference's random part ``N`` (``ops.apply._noise``), float64, drawing
+    only what those rows need from the same keyed generators."""
+    axes = _axes(spec)
+    b, a = plan.spaces[axes[0][0]], plan.spaces[axes[1][0]]
+    rows = i1 - i0
+    N = torch.zeros(rows, a.new, dtype=F64)
+    a_new = a.src < 0
+    if plan.noise == "zero_sum" and plan.noise_std > 0 and not a.is_identity:
+        if plan.noise_relative and full_std is None:
+            raise ValueError(f"{name}: relative noise needs the std of the whole old weight")
+        std = plan.noise_std * (full_std if plan.noise_relative else 1.0)
+        g = keyed_generator(plan.seed, name, "fan_in_split")
+        R = randn_slice(g, b.new * a.new, i0 * a.new, i1 * a.new).view(rows, a.new) * std
+        keep = ~a_new
+        group_sum = torch.zeros(rows, a.old, dtype=F64)
+        group_sum.index_add_(1, a.src[keep], R[:, keep])
+        cnt = a.counts.to(F64).clamp(min=1)
+        N[:, keep] = R[:, keep] - (group_sum / cnt)[:, a.src[keep]]
+    if a_new.any() and a.residue in ("zero", "mean") and plan.random_std > 0:
+        k = int(a_new.sum())
+        g = keyed_generator(plan.seed, name, "residue_columns")
+        N[:, a_new] = randn_slice(g, b.new * k, i0 * k, i1 * k).view(rows, k) * plan.random_std
+    b_new = b.src < 0
+    if b_new.any() and b.residue == "random":
+        blk = b_new[i0:i1]
+        if blk.any():
+            k0 = int(b_new[:i0].sum())
+            k1 = k0 + int(blk.sum())
+            g = keyed_generator(plan.seed, name, "new_units")
+            r = randn_slice(g, int(b_new.sum()) * a.new, k0 * a.new, k1 * a.new).view(k1 - k0, a.new)
+            r = r * plan.random_std
+            if a_new.any() and a.residue == "random":
+                r[:, a_new] = 0.0
+            N[blk] = r
+    return N
+
+
+# ---- the schedule: rounds of pieces ------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    """Rank ``rank`` needs old ``intervals`` (``channels`` of them) of growth ``param`` to compute new
+    flat ``[start, stop)`` (``kind == "piece"``) or a whole-parameter reduction (``kind == "full"``)."""
+
+    param: int
+    rank: int
+    kind: str
+    start: int
+    stop: int
+    intervals: List[Interval]
+    channels: int
+
+
+@dataclass
+class Round:
+    """One bucket: every request is served by one all-to-all."""
+
+    requests: List[Request] = field(default_factory=list)
+    load: List[int] = field(default_factory=list)   # new elements (+ reduction inputs) per rank
+
+    def reductions(self) -> List[Request]:
+        return [r for r in self.requests if r.kind == "full"]
+
+
+def make_schedule(growths: Sequence[ParamGrowth], new_bounds: Sequence[Sequence[int]], world: int,
+                  bucket_elems: int) -> List[Round]:
+    """Deterministic rounds (identical on every rank: a function of global metadata only).
+
+    Each rank's range of each new parameter is cut into row-aligned pieces of at most ``bucket_elems``
+    elements; the k-th pieces of a parameter on all ranks share a round, and consecutive small pieces
+    are packed into one round while no rank's load exceeds ``bucket_elems``. A parameter that needs a
+    whole-parameter reduction gets a ``full`` request for its designated rank (``index % world``) in its
+    first round.
+    """
+    rounds: List[Round] = []
+    cur = Round(load=[0] * world)
+
+    def flush():
+        nonlocal cur
+        if cur.requests:
+            rounds.append(cur)
+        cur = Round(load=[0] * world)
+
+    for p, g in enumerate(growths):
+        row = g.D1 if g.mode == "rows" else max(g.new_numel, 1)
+        per_rank = []
+        for r in range(world):
+            s, e = rank_range(new_bounds[p], r)
+            per_rank.append(chunk_range(s, e, row, bucket_elems) if g.mode != "full" else ([(s, e)] if e > s else []))
+        n_pieces = max(len(x) for x in per_rank)
+        for k in range(n_pieces):
+            reqs, load = [], [0] * world
+            if k == 0 and g.reductions:
+                d = p % world
+                reqs.append(Request(p, d, "full", 0, 0, [(0, g.old_numel)], 1))
+                load[d] += g.old_numel
+            for r in range(world):
+                if k < len(per_rank[r]):
+                    s, e = per_rank[r][k]
+                    reqs.append(Request(p, r, "piece", s, e, g.needs(s, e), g.channels))
+                    load[r] += e - s
+            if cur.requests and any(cur.load[r] + load[r] > bucket_elems for r in range(world)):
+                flush()
+            cur.requests.extend(reqs)
+            cur.load = [a + b for a, b in zip(cur.load, load)]
+    flush()
+    return rounds
+
+
+def owner_pieces(ivs: Sequence[Interval], bounds: Sequence[int], world: int) -> List[List[Interval]]:
+    """``ivs`` split by owning rank: entry ``r`` holds the parts inside ``[bounds[r], bounds[r + 1])``."""
+    return [clip_intervals(ivs, bounds[r], bounds[r + 1]) for r in range(world)]
+
+
+def assemble(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate ``[channels, n_r]`` parts from owners in rank order (= old flat order)."""
+    parts = [p for p in parts if p.shape[1]]
+    if not parts:
+        return torch.empty(0)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def grow_rows_reference(growth: ParamGrowth, start: int, stop: int, old_full: List[torch.Tensor]
+                        ) -> List[Optional[torch.Tensor]]:
+    """Single-process driver (tests): compute new flat ``[start, stop)`` from full old tensors
+    (``[value, exp_avg, exp_avg_sq]``) through exactly the path the distributed executor takes."""
+    ivs = growth.needs(start, stop)
+    ch = growth.channels
+    flat = [t.reshape(-1) for t in old_full[:ch]]
+    data = torch.stack([torch.cat([f[s:e] for s, e in ivs]) if ivs else f[:0] for f in flat])
+    red = growth.reduce(flat[0]) if growth.reductions else None
+    return growth.compute(start, stop, OldData(ivs, data), red)
+
+
+__all__ = ["Interval", "OldData", "ParamGrowth", "Reductions", "Request", "Round", "assemble", "chunk_range",
+           "chunked_randn_is_exact", "clip_intervals", "intervals_numel", "make_schedule", "noise_rows",
+           "owner_pieces", "randn_slice", "rank_range", "runs_to_intervals"]
