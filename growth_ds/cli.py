@@ -28,6 +28,10 @@ def cmd_grow(args) -> int:
     from growth_ds.ops import grow, make_plan
     from growth_ds.shapes import ModelShape
 
+    from growth_ds.interop.megatron import cmd_grow_dist, is_dist_checkpoint
+
+    if is_dist_checkpoint(getattr(args, "from")):  # a megatron-core dist checkpoint: TP-aware growth
+        return cmd_grow_dist(args)
     out = Path(args.out)
     if out.exists() and not args.force:  # before any work: nothing already saved is touched
         raise FileExistsError(f"--out {out} exists; pass --force to replace it")
@@ -206,7 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--png", help="plot of fits, data points and boundaries")
     pl.set_defaults(func=cmd_plan)
 
+    from growth_ds.interop.megatron import add_megatron_commands
     from growth_ds.train.data import add_data_commands
+
+    add_megatron_commands(sub)
 
     add_data_commands(sub)
 
@@ -227,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ligo-lr", type=float, default=1e-3)
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--seq-len", type=int, default=128)
+    g.add_argument("--tp", type=int, help="TP size for a megatron dist checkpoint (default: world size)")
     g.set_defaults(func=cmd_grow)
 
     v = sub.add_parser("verify", help="max logit difference between a small and a grown checkpoint")

@@ -29,6 +29,17 @@ Growth (:func:`grow_gpt_model`) builds the grown ``GPTModel`` from a new ``Trans
 fills every rank's shards from that rank's old shards with :class:`ShardGrower` under the TP-aware
 plan (:func:`growth_ds.distributed.tensor_parallel.make_tp_plan`): no weight is gathered; only
 HyperCloning's relative noise all-reduces two scalars per sharded weight.
+
+Typical use (every TP rank runs the same lines; on a CPU-only machine ``ensure_model_parallel``
+applies :mod:`growth_ds.interop.megatron_cpu`)::
+
+    ensure_model_parallel(tp=2)                       # or your own initialize_model_parallel + apply_cpu_patches
+    model = build_gpt_model(small_shape)               # or your GPTModel (local spec)
+    opt = torch.optim.AdamW(model.parameters())
+    ...train...
+    grown = grow_gpt_model(model, opt, make_plan(small_shape, large_shape, width="lemon", depth="identity"))
+    model, opt = grown.model, grown.optimizer          # continue training; the LR policy is grown.plan.lr
+    save_dist_checkpoint(model, opt, "ckpt/grown")     # reloads at any TP size
 """
 from __future__ import annotations
 

@@ -181,9 +181,15 @@ def refresh_low_precision(engine) -> None:
     if hasattr(opt, "update_lp_params"):  # ZeRO-1/2 and the bf16 optimizer
         opt.update_lp_params()
     elif hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
         for sg in range(len(opt.fp16_partitioned_groups_flat)):
             opt.fp16_partitioned_groups_flat[sg].data.copy_(opt.fp32_partitioned_groups_flat[sg].data)
             opt._unflatten_partitioned_parameters(sg)
+        # gathered copies (persistent small params, or left by a forward) are stale: drop them, regather
+        stale = [p for p in engine.module.parameters() if p.ds_status == ZeroParamStatus.AVAILABLE]
+        if stale:
+            stale[0].partition(stale)
         if getattr(opt, "persistent_parameters", None):
             opt.persistent_parameters[0].all_gather(opt.persistent_parameters)
 

@@ -1,0 +1,350 @@
+"""ZeRO-sharded growth: every rank grows its own DeepSpeed partitions of the weights and Adam state.
+
+    new = build the grown engine (ZeRO-3: under zero.Init) ; dse.materialise_optimizer_state(new, batch)
+    grow_engine(old, new, plan)          # fp32 masters, exp_avg, exp_avg_sq, step, low-precision weights
+
+No rank ever gathers a parameter. DeepSpeed fixes where every element lives (:class:`ZeroLayout`):
+ZeRO-1/2 split the flat fp32 buffer of each param group into equal contiguous partitions, ZeRO-3 splits
+every parameter into ``ceil(numel / ws)`` elements per rank. For each new parameter each rank knows,
+from global metadata alone, which new elements it owns, which old elements those are made of
+(:class:`growth_ds.distributed.zero_index.ParamGrowth`) and who owns them, so the exchange needs no
+request round: old owners pack exactly the elements every rank needs, and one
+``all_to_all_single`` per bucket (a *round*, :func:`~growth_ds.distributed.zero_index.make_schedule`)
+moves them. Each rank then replays the reference arithmetic (``growth_ds.ops.apply``) on its rows and
+writes its own slices. The result is bit-identical to ``growth_ds.ops.grow`` on the full state, at any
+world size (tests/test_zero_growth.py).
+
+Memory per rank, besides the two engines' own partitions: one bucket (``bucket_elems`` new elements,
+their old sources in 1 or 3 channels, float64 work space for the rows being computed), plus, only for
+parameters that need a whole-parameter reduction (GPT-2 mean rows of a non-integer ``d_model`` growth,
+HyperCloning's relative noise), that one old parameter on one designated rank. Never the model.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from growth_ds.models.schema import param_shape, parameter_schema
+from growth_ds.ops.apply import grow_moment, grow_value, source_name
+from growth_ds.ops.plan import GrowthPlan
+from growth_ds.train import deepspeed_engine as dse
+from growth_ds.distributed.zero_index import (OldData, ParamGrowth, Reductions, assemble, clip_intervals,
+                                              intervals_numel, make_schedule)
+
+dist = dse.dist
+KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+DEFAULT_BUCKET_ELEMS = 1 << 20
+KILL_ENV = "GROWTH_DS_KILL_IN_GROWTH"  # "RANK:ROUND": SIGKILL that rank at that round (fault-tolerance tests)
+
+
+# ---- where DeepSpeed keeps each element --------------------------------------------------------
+
+
+@dataclass
+class Slot:
+    """One parameter of one engine: rank ``r`` holds flat ``[bounds[r], bounds[r + 1])``; ``views`` are
+    this rank's 1-D fp32 master, ``exp_avg`` and ``exp_avg_sq`` slices (writable views into DeepSpeed's
+    partitions)."""
+
+    name: str
+    shape: tuple
+    numel: int
+    bounds: List[int]
+    views: List[torch.Tensor]
+
+
+class ZeroLayout:
+    """The ZeRO partition layout of an engine (stage 1, 2 or 3), read from DeepSpeed's optimizer."""
+
+    def __init__(self, engine, need_state: bool = True):
+        zo = engine.optimizer
+        self.engine = engine
+        self.base = dse.base_optimizer(engine)
+        names = {p: n for n, p in engine.module.named_parameters()}
+        if hasattr(zo, "fp32_partitioned_groups_flat"):
+            self.stage = 3
+        elif hasattr(zo, "single_partition_of_fp32_groups") and hasattr(zo, "bit16_groups_flat"):
+            self.stage = 2 if getattr(zo, "partition_gradients", False) else 1
+        else:
+            raise NotImplementedError(f"{type(zo).__name__}: ZeRO-sharded growth needs a ZeRO stage 1, 2 or 3 "
+                                      f"optimizer; use gather_grow for stage 0")
+        self.group = zo.dp_process_group
+        self.rank = dist.get_rank(group=self.group)
+        self.world = dist.get_world_size(group=self.group)
+        self.slots: Dict[str, Slot] = {}
+        self.partitions: List[torch.Tensor] = []
+        self._zero_state: Dict[int, torch.Tensor] = {}
+        if self.stage == 3:
+            for sg, params in enumerate(zo.fp16_groups):
+                part = zo.fp32_partitioned_groups_flat[sg]
+                state = self._state(part, need_state)
+                self.partitions.append(part)
+                for p in params:
+                    _, off, pn = zo.grad_position[zo.get_param_id(p)]
+                    n = int(p.ds_numel)
+                    bounds = [min(r * pn, n) for r in range(self.world)] + [n]
+                    k = bounds[self.rank + 1] - bounds[self.rank]
+                    views = [part.detach().narrow(0, off, k)] + [state[key].narrow(0, off, k) for key in KEYS[1:]]
+                    self._add(names[p], tuple(p.ds_shape), n, bounds, views)
+        else:
+            for g, params in enumerate(zo.round_robin_bit16_groups):
+                flat, part = zo.bit16_groups_flat[g], zo.single_partition_of_fp32_groups[g]
+                ps = zo.partition_size[g]
+                state = self._state(part, need_state)
+                self.partitions.append(part)
+                for p in params:
+                    off = (p.data_ptr() - flat.data_ptr()) // p.element_size()
+                    n = p.numel()
+                    bounds = [min(max(r * ps - off, 0), n) for r in range(self.world)] + [n]
+                    lo, hi = bounds[self.rank], bounds[self.rank + 1]
+                    loc = off + lo - self.rank * ps if hi > lo else 0
+                    views = [part.detach().narrow(0, loc, hi - lo)] + \
+                        [state[key].narrow(0, loc, hi - lo) for key in KEYS[1:]]
+                    self._add(names[p], tuple(p.shape), n, bounds, views)
+
+    def _state(self, part: torch.Tensor, need: bool) -> Dict[str, torch.Tensor]:
+        st = self.base.state.get(part, {})
+        if "exp_avg" in st and "exp_avg_sq" in st:
+            return st
+        if need:
+            raise ValueError("the grown engine has no Adam state yet: call "
+                             "growth_ds.train.deepspeed_engine.materialise_optimizer_state(engine, batch) first")
+        zeros = self._zero_state.setdefault(part.numel(), torch.zeros(part.numel(), dtype=torch.float32))
+        return {"exp_avg": zeros, "exp_avg_sq": zeros}  # never stepped: zero moments
+
+    def _add(self, name, shape, numel, bounds, views):
+        self.slots[name] = Slot(name, shape, numel, bounds, views)
+
+    def local_numel(self) -> int:
+        return sum(s.bounds[self.rank + 1] - s.bounds[self.rank] for s in self.slots.values())
+
+    def check(self, shape, label: str) -> None:
+        """``ValueError`` naming the first parameter whose name or shape does not fit ``shape``."""
+        schema = parameter_schema(shape)
+        for name, spec in schema.items():
+            if name not in self.slots:
+                raise ValueError(f"{label} engine has no parameter {name!r} (expected for {shape.describe()})")
+            want = param_shape(shape, spec)
+            if tuple(self.slots[name].shape) != want:
+                raise ValueError(f"{label} engine parameter {name}: shape {tuple(self.slots[name].shape)} does not "
+                                 f"match {want} of {shape.describe()}")
+        extra = [n for n in self.slots if n not in schema]
+        if extra:
+            raise ValueError(f"{label} engine has parameters the growth plan does not know: {extra[:4]}")
+
+
+# ---- the executor ------------------------------------------------------------------------------
+
+
+@dataclass
+class GrowthStats:
+    """What one rank did: rounds (all-to-alls), bytes moved, new elements written, seconds."""
+
+    rounds: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    new_elements: int = 0
+    old_elements: int = 0
+    seconds: float = 0.0
+    seconds_exchange: float = 0.0
+    seconds_compute: float = 0.0
+    step: int = 0
+    extra: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def new_state_bytes(self) -> int:
+        """Bytes of new state this rank wrote: fp32 master + exp_avg + exp_avg_sq."""
+        return self.new_elements * 4 * 3
+
+
+def _kill_round() -> Optional[tuple]:
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return None
+    r, k = spec.split(":")
+    return int(r), int(k)
+
+
+def _exchange(requests, growths: Sequence[ParamGrowth], old: ZeroLayout, stats: GrowthStats) -> Dict[int, torch.Tensor]:
+    """One all-to-all: every rank sends the old elements it owns that each request needs.
+
+    Returns ``{request index: [channels, n] float32}`` for this rank's requests, columns in old flat order.
+    """
+    me, world = old.rank, old.world
+    outgoing: List[List[tuple]] = [[] for _ in range(world)]
+    for i, req in enumerate(requests):
+        slot = old.slots[growths[req.param].source]
+        lo, hi = slot.bounds[me], slot.bounds[me + 1]
+        pieces = clip_intervals(req.intervals, lo, hi)
+        if pieces:
+            outgoing[req.rank].append((req, slot, lo, pieces))
+    send_counts = [sum(intervals_numel(p) * req.channels for req, _, _, p in outgoing[q]) for q in range(world)]
+    send = torch.empty(sum(send_counts), dtype=torch.float32)
+    off = 0
+    for q in range(world):
+        for req, slot, lo, pieces in outgoing[q]:
+            n = intervals_numel(pieces)
+            seg = send[off:off + n * req.channels].view(req.channels, n)
+            for c in range(req.channels):
+                pos = 0
+                for s, e in pieces:
+                    seg[c, pos:pos + e - s].copy_(slot.views[c][s - lo:e - lo])
+                    pos += e - s
+            off += n * req.channels
+    mine = [(i, req) for i, req in enumerate(requests) if req.rank == me]
+    counts = {}  # (request index, owner) -> elements
+    recv_counts = [0] * world
+    for i, req in mine:
+        bounds = old.slots[growths[req.param].source].bounds
+        for p in range(world):
+            n = intervals_numel(clip_intervals(req.intervals, bounds[p], bounds[p + 1]))
+            counts[i, p] = n
+            recv_counts[p] += n * req.channels
+    if world == 1:
+        recv = send
+    else:
+        recv = torch.empty(sum(recv_counts), dtype=torch.float32)
+        dist.all_to_all_single(recv, send, recv_counts, send_counts, group=old.group)
+    stats.bytes_sent += 4 * (sum(send_counts) - send_counts[me])
+    stats.bytes_received += 4 * (sum(recv_counts) - recv_counts[me])
+    cursor = [sum(recv_counts[:p]) for p in range(world)]
+    out = {}
+    for i, req in mine:
+        parts = []
+        for p in range(world):
+            n = counts[i, p]
+            if n:
+                parts.append(recv[cursor[p]:cursor[p] + n * req.channels].view(req.channels, n))
+                cursor[p] += n * req.channels
+        out[i] = assemble(parts) if parts else torch.empty(req.channels, 0)
+        stats.old_elements += out[i].shape[1]
+    return out
+
+
+def _share_reductions(requests, growths, data, old: ZeroLayout, cache: Dict[int, Reductions]) -> None:
+    """Designated ranks reduce whole old parameters; results reach every rank through one all_gather."""
+    full = [(i, r) for i, r in enumerate(requests) if r.kind == "full"]
+    if not full:
+        return
+    sizes = []
+    for _, req in full:
+        g = growths[req.param]
+        sizes.append((g.d1 if "col_mean" in g.reductions else 0) + (1 if "std" in g.reductions else 0))
+    vec = torch.zeros(sum(sizes), dtype=torch.float64)
+    off = 0
+    for (i, req), n in zip(full, sizes):
+        if req.rank == old.rank:
+            red = growths[req.param].reduce(data.pop(i)[0])
+            parts = ([red.col_mean] if red.col_mean is not None else []) + \
+                ([torch.tensor([red.std], dtype=torch.float64)] if red.std is not None else [])
+            vec[off:off + n] = torch.cat(parts)
+        off += n
+    if old.world > 1:
+        gathered = [torch.empty_like(vec) for _ in range(old.world)]
+        dist.all_gather(gathered, vec, group=old.group)
+    else:
+        gathered = [vec]
+    off = 0
+    for (_, req), n in zip(full, sizes):
+        g, v = growths[req.param], gathered[req.rank][off:off + n]
+        red = Reductions()
+        if "col_mean" in g.reductions:
+            red.col_mean = v[:g.d1].clone()
+        if "std" in g.reductions:
+            red.std = float(v[-1])
+        cache[req.param] = red
+        off += n
+
+
+def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: int = DEFAULT_BUCKET_ELEMS,
+                refresh: bool = True) -> GrowthStats:
+    """Grow ``old_engine``'s whole training state into ``new_engine``, rank by rank, no gather.
+
+    Contract (same as the gather path in ``StagedTrainer.grow``): ``new_engine`` is a DeepSpeed engine of
+    ``plan.grown_shape`` with the same ZeRO stage family and data-parallel group, built (ZeRO-3: under
+    ``zero.Init``) and with its Adam state materialised. Every rank must call this (it is a collective).
+    Fills, on every rank, its slices of the fp32 masters, ``exp_avg``, ``exp_avg_sq``; sets the Adam step
+    (0 under the reset rule), DeepSpeed's step counters, and refreshes the low-precision weights.
+    ``old_engine`` is only read. Returns this rank's :class:`GrowthStats`.
+    """
+    t0 = time.perf_counter()
+    old, new = ZeroLayout(old_engine, need_state=False), ZeroLayout(new_engine, need_state=True)
+    if (old.world, old.rank) != (new.world, new.rank):
+        raise ValueError(f"old and new engines differ in data-parallel layout: rank {old.rank}/{old.world} vs "
+                         f"{new.rank}/{new.world}")
+    old.check(plan.small, "the old")
+    new.check(plan.grown_shape, "the new")
+    schema = parameter_schema(plan.grown_shape)
+    growths = [ParamGrowth(plan, name, spec) for name, spec in schema.items()]
+    new_bounds = [new.slots[g.name].bounds for g in growths]
+    rounds = make_schedule(growths, new_bounds, new.world, bucket_elems)
+    stats = GrowthStats(rounds=len(rounds))
+    kill = _kill_round()
+    reductions: Dict[int, Reductions] = {}
+    me = new.rank
+    for k, rnd in enumerate(rounds):
+        if kill is not None and kill == (me, k):
+            os.kill(os.getpid(), signal.SIGKILL)
+        t1 = time.perf_counter()
+        data = _exchange(rnd.requests, growths, old, stats)
+        _share_reductions(rnd.requests, growths, data, old, reductions)
+        t2 = time.perf_counter()
+        for i, req in enumerate(rnd.requests):
+            if req.rank != me or req.kind != "piece":
+                continue
+            g = growths[req.param]
+            out = g.compute(req.start, req.stop, OldData(req.intervals, data.pop(i)), reductions.get(req.param))
+            slot = new.slots[g.name]
+            lo = slot.bounds[me]
+            for c in range(3):
+                view = slot.views[c][req.start - lo:req.stop - lo]
+                if out[c] is None:
+                    view.zero_()
+                else:
+                    view.copy_(out[c])
+            stats.new_elements += req.stop - req.start
+        stats.seconds_exchange += t2 - t1
+        stats.seconds_compute += time.perf_counter() - t2
+        del data
+    stats.step = 0 if plan.moments == "reset" else dse.get_step(old_engine)
+    dse.set_step(new_engine, stats.step)
+    for attr in ("global_steps", "global_samples", "skipped_steps"):
+        if hasattr(old_engine, attr):
+            setattr(new_engine, attr, getattr(old_engine, attr))
+    if refresh:
+        dse.refresh_low_precision(new_engine)
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def gather_grow(old_engine, new_engine, plan: GrowthPlan) -> None:
+    """The gather path (test oracle and stage-0 fallback): one full old parameter at a time is gathered
+    on every rank, grown with the reference, and every rank stores its own slices."""
+    dse.link_optimizer_state(old_engine)
+    old_p, new_p = dse.named_params(old_engine), dse.named_params(new_engine)
+    for name, spec in parameter_schema(plan.grown_shape).items():
+        src = old_p[source_name(plan, name)]
+        dse.set_full(new_engine, new_p[name], grow_value(plan, name, spec, dse.get_full(old_engine, src)))
+        for key, power in (("exp_avg", 1), ("exp_avg_sq", 2)):
+            dse.set_full(new_engine, new_p[name],
+                         grow_moment(plan, name, spec, dse.get_full(old_engine, src, key), power), key)
+    dse.set_step(new_engine, 0 if plan.moments == "reset" else dse.get_step(old_engine))
+    dse.refresh_low_precision(new_engine)
+
+
+def grow_any(old_engine, new_engine, plan: GrowthPlan, **kw) -> Optional[GrowthStats]:
+    """:func:`grow_engine` under ZeRO 1-3, :func:`gather_grow` otherwise (stage 0)."""
+    zo = old_engine.optimizer
+    if hasattr(zo, "fp32_partitioned_groups_flat") or hasattr(zo, "single_partition_of_fp32_groups"):
+        return grow_engine(old_engine, new_engine, plan, **kw)
+    gather_grow(old_engine, new_engine, plan)
+    return None
+
+
+__all__ = ["DEFAULT_BUCKET_ELEMS", "GrowthStats", "KILL_ENV", "Slot", "ZeroLayout", "gather_grow", "grow_any",
+           "grow_engine"]
