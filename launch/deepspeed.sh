@@ -145,5 +145,12 @@ if [[ -n ${DRY_RUN:-} ]]; then
     echo
     exit 0
 fi
-echo "growth-ds deepspeed: ${HOSTFILE:+hostfile $HOSTFILE, }launcher ${HOSTFILE:+$DS_LAUNCHER}${HOSTFILE:-local}, port $MASTER_PORT" >&2
+if [[ -z ${HOSTFILE:-} ]]; then
+    mode="this node"
+elif [[ $NO_SSH == 1 ]]; then
+    mode="hostfile $HOSTFILE, node rank ${NODE_RANK:-${SLURM_NODEID:-0}} (no ssh)"
+else
+    mode="hostfile $HOSTFILE, launcher $DS_LAUNCHER"
+fi
+echo "growth-ds deepspeed: $mode, master port $MASTER_PORT" >&2
 exec "${cmd[@]}"

@@ -36,7 +36,7 @@ from growth_ds.train.metrics import read_metrics
 pytestmark = pytest.mark.slow
 SBATCH = REPO / "launch" / "slurm.sbatch"
 PACKAGES = ["slurm-wlm", "munge"]  # slurm-wlm = slurmctld + slurmd + slurm-client
-GROW_AT, TOTAL, SAVE_EVERY = 80, 200, 10
+GROW_AT, TOTAL, SAVE_EVERY = 50, 120, 10
 JOB_TIMEOUT = 240
 
 
@@ -333,6 +333,8 @@ def test_sbatch_staged_run_cancel_resubmit_requeue(slurm, tmp_path):
     cancelled_at = latest_step(run_dir)
     assert SAVE_EVERY <= step <= cancelled_at < GROW_AT, (step, cancelled_at)
     assert not [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "growth"]
+    meta = json.loads((run_dir / "checkpoints" / f"step{cancelled_at:08d}" / "growth_meta.json").read_text())
+    assert meta["world_size"] == 2  # DeepSpeed's srun backend started 2 ranks of one job
     assert "launcher deepspeed" in log.read_text()
 
     # 3. resubmitted unchanged but for the launcher; requeued in the second stage; finishes

@@ -53,12 +53,27 @@ def config(stage, precision="fp32", persist0=True):
                          stage3_persist_threshold=0 if persist0 else None)
 
 
+def param_groups(model, weight_decay):
+    """dse.param_groups, but reading a ZeRO-3 partitioned parameter's rank from ``ds_shape`` (under
+    zero.Init every ``p.dim()`` is 1, which would put every weight in the no-decay group)."""
+    rank = lambda p: len(getattr(p, "ds_shape", p.shape))  # noqa: E731
+    return [{"params": [p for p in model.parameters() if rank(p) >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in model.parameters() if rank(p) < 2], "weight_decay": 0.0}]
+
+
 def make_engine(shape, stage, precision="fp32", fresh=True, persist0=True):
+    import deepspeed
+
     from growth_ds.models import build_model
 
     cfg = config(stage, precision, persist0)
     model = build_model(shape, seed=SEED) if fresh else dse.construct_model(shape, stage, cfg)
-    return dse.build_engine(model, TRAIN, cfg)
+    opt = torch.optim.AdamW(param_groups(model, TRAIN["weight_decay"]), lr=TRAIN["lr"], betas=tuple(TRAIN["betas"]),
+                            eps=TRAIN["eps"])
+    if stage == 3:
+        dse._register_external_params(model)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    return engine
 
 
 def batch_for(shape, seed=0, B=2):
@@ -115,6 +130,34 @@ def gather_state(engine, shape):
         out["exp_avg_sq"][name] = dse.get_full(engine, p, "exp_avg_sq")
     out["step"] = dse.get_step(engine)
     return out
+
+
+def gather_exact(engine):
+    """Every rank's own partitions concatenated (all_gather, no arithmetic: signed zeros survive, unlike
+    DeepSpeed's all-reduce based safe_get_full_* helpers). ``{field: {name: full tensor}}`` + step."""
+    from growth_ds.distributed.zero import ZeroLayout
+
+    lay = ZeroLayout(engine)
+    out = {"params": {}, "exp_avg": {}, "exp_avg_sq": {}}
+    for name, slot in lay.slots.items():
+        n = max(slot.bounds[r + 1] - slot.bounds[r] for r in range(lay.world))
+        mine = torch.zeros(3, n)
+        k = slot.bounds[lay.rank + 1] - slot.bounds[lay.rank]
+        for c in range(3):
+            mine[c, :k] = slot.views[c]
+        parts = [torch.empty_like(mine) for _ in range(lay.world)]
+        dist.all_gather(parts, mine, group=lay.group)
+        full = torch.cat([parts[r][:, :slot.bounds[r + 1] - slot.bounds[r]] for r in range(lay.world)], dim=1)
+        for c, field in enumerate(("params", "exp_avg", "exp_avg_sq")):
+            out[field][name] = full[c].reshape(slot.shape).clone()
+    out["step"] = dse.get_step(engine)
+    return out
+
+
+def value_diff(got, ref):
+    """Elements that differ in value (-0 == +0) between a gathered state and a TrainingState."""
+    return sum(int((got[f][n] != getattr(ref, f)[n]).sum()) for f in ("params", "exp_avg", "exp_avg_sq")
+               for n in getattr(ref, f))
 
 
 def bit_diff(a, b):
@@ -226,57 +269,67 @@ def case_list(full=True):
     return cases if full else [c for c in cases if c[0] in SUBSET]
 
 
+BF16_CASES = {"gpt2/lemon+identity", "llama/staged+interleave"}
 SUBSET = {"gpt2/lemon+identity", "gpt2/zero+stack", "gpt2/hypercloning", "llama/staged+interleave",
           "llama/hypercloning+identity", "llama/zero+identity", "llama/lemon"}
 
 
 def task_cases(out_dir, opts):
     from growth_ds.distributed.zero import grow_engine
-    from growth_ds.distributed.zero_memory import TensorAccountant
     from growth_ds.models import lm_loss
-    from growth_ds.models.schema import param_shape, parameter_schema
+    from growth_ds.models.schema import parameter_schema
     from growth_ds.ops import grow, make_plan
 
     ws = dist.get_world_size()
     stages = [int(s) for s in opts.get("stages", "1,2,3").split(",")]
-    full = opts.get("subset", "0") != "1"
-    bucket = int(opts.get("bucket", "256"))
-    precisions = opts.get("bf16_stages", "")
+    full_stages = [int(s) for s in opts.get("full_stages", "1,2,3").split(",") if s]
+    bf16_stages = [int(s) for s in opts.get("bf16_stages", "").split(",") if s]
+    bucket = int(opts.get("bucket", "1024"))
+    only = opts.get("only")
+    runs = [(st, "fp32", case_list(st in full_stages)) for st in stages]
+    runs += [(st, "bf16", [c for c in case_list() if c[0] in BF16_CASES]) for st in bf16_stages]
     results = []
-    for stage in stages:
+    for stage, precision, cases in runs:
         olds, news = {}, {}
-        for label, small, large, width, depth, moments in case_list(full):
+        for label, small, large, width, depth, moments in cases:
+            if only and label not in only.split("|"):
+                continue
             t0 = time.time()
-            rec = {"case": label, "stage": stage, "ws": ws, "precision": "fp32"}
+            rec = {"case": label, "stage": stage, "ws": ws, "precision": precision}
             try:
                 plan = make_plan(small, large, width=width, depth=depth, seed=5, moments=moments)
                 shape = plan.grown_shape
                 key = (label.split("/")[0], small)
                 if key not in olds:
                     state = random_state(small, seed=len(olds) + 1)
-                    e = make_engine(small, stage, fresh=True)
+                    e = make_engine(small, stage, precision, fresh=True)
                     dse.materialise_optimizer_state(e, batch_for(small))
                     write_state(e, state)
                     olds[key] = (e, state)
                 old, state = olds[key]
                 if shape not in news:
-                    e = make_engine(shape, stage, fresh=False)
+                    e = make_engine(shape, stage, precision, fresh=False)
                     dse.materialise_optimizer_state(e, batch_for(shape))
                     news[shape] = e
                 new = news[shape]
                 ref = grow(state, plan)
-                with TensorAccountant() as acct:
-                    stats = grow_engine(old, new, plan, bucket_elems=bucket)
-                acct.finish()
-                numels = [int(torch.tensor(param_shape(shape, s)).prod()) for s in parameter_schema(shape).values()]
-                got = gather_state(new, shape)
+                tt = time.time()
+                rec["t_setup"] = tt - t0
+                stats = grow_engine(old, new, plan, bucket_elems=bucket)
+                rec["t_grow"] = time.time() - tt
+                tt = time.time()
+                got = gather_exact(new)
                 rec.update(compare(got, ref))
+                rec["ds_gather_value_diff"] = value_diff(gather_state(new, shape), ref)
                 rec["lp_mismatch"] = lp_mismatch(new)
                 rec["digest"] = digest(got, list(parameter_schema(shape)))
-                rec["peak_bytes"] = acct.peak
-                rec["max_param_bytes"] = 4 * max(numels)
                 rec["rounds"] = stats.rounds
                 rec["bytes_sent"] = stats.bytes_sent
+                rec["t_check"] = time.time() - tt
+                tt = time.time()
+                rec["ok"] = True
+                if precision != "fp32":
+                    raise StopIteration  # bf16 forward differs from the fp32 reference: no step comparison
                 # the next optimizer step equals the unsharded reference's
                 x, y = batch_for(shape, seed=99)
                 dse.set_lr(new, 1e-3)
@@ -287,22 +340,25 @@ def task_cases(out_dir, opts):
                 ref_params, ref_loss = reference_step(ref, shape, x, y, 1e-3)
                 rec["loss_diff"] = abs(float(loss) - ref_loss)
                 rec["step_max_diff"] = max(float((after["params"][n] - ref_params[n]).abs().max()) for n in ref_params)
-                rec["step_after"] = after["step"]
-                rec["ok"] = True
+                rec["step_after"], rec["ref_step"] = after["step"], ref.step
+                rec["t_step"] = time.time() - tt
+            except StopIteration:
+                pass
             except Exception:
                 rec["ok"] = False
                 rec["error"] = traceback.format_exc()[-3000:]
                 log(rec["error"])
             rec["seconds"] = time.time() - t0
             # peak over ranks
-            t = torch.tensor([rec.get("peak_bytes", 0), rec.get("bytes_sent", 0)], dtype=torch.float64)
+            t = torch.tensor([rec.get("bytes_sent", 0)], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            rec["peak_bytes_max_rank"], rec["bytes_sent_max_rank"] = int(t[0]), int(t[1])
+            rec["bytes_sent_max_rank"] = int(t[0])
             results.append(rec)
-            log(f"[ws{ws} z{stage}] {label}: ok={rec['ok']} params={rec.get('params')} m={rec.get('exp_avg')} "
+            log(f"[ws{ws} z{stage} {precision}] {label}: ok={rec['ok']} params={rec.get('params')} m={rec.get('exp_avg')} "
                 f"v={rec.get('exp_avg_sq')} step={rec.get('step')} {rec.get('bad_names', [])[:6]} lp={rec.get('lp_mismatch')} "
-                f"peak={rec.get('peak_bytes_max_rank')}/{rec.get('max_param_bytes')} next-step diff="
-                f"{rec.get('step_max_diff')} ({rec['seconds']:.2f}s)")
+                f"rounds={rec.get('rounds')} next-step diff="
+                f"{rec.get('step_max_diff')} ({rec['seconds']:.2f}s: setup {rec.get('t_setup', 0):.2f} grow "
+                f"{rec.get('t_grow', 0):.2f} check {rec.get('t_check', 0):.2f} step {rec.get('t_step', 0):.2f})")
         for e in list(news.values()) + [o[0] for o in olds.values()]:
             dse.release_engine(e)
         del olds, news
@@ -312,7 +368,333 @@ def task_cases(out_dir, opts):
             json.dump(results, f, indent=1)
 
 
-TASKS = {"cases": task_cases}
+def memory_cases():
+    import dataclasses
+
+    from growth_ds.shapes import ModelShape
+
+    R = dataclasses.replace
+    g = ModelShape(flavour="gpt2", n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, head_dim=16, d_ffn=256,
+                   vocab_size=512, max_seq_len=16)
+    ll = ModelShape(flavour="llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ffn=256,
+                    vocab_size=512, max_seq_len=16, tied_embeddings=False)
+    return [  # the two cases that hold a whole old parameter on one rank (mean rows, relative noise)
+        ("gpt2/lemon+identity", g, R(g, d_model=96, n_heads=6, n_kv_heads=6, d_ffn=384, n_layers=3), "lemon",
+         "identity", "adjoint"),
+        ("llama/hypercloning+identity", ll, R(ll, d_model=128, n_heads=8, n_kv_heads=4, d_ffn=512, n_layers=3),
+         "hypercloning", "identity", "adjoint"),
+        ("llama/staged+interleave", ll, R(ll, d_model=128, n_heads=8, n_kv_heads=4, d_ffn=512, n_layers=4),
+         "staged", "interleave", None),
+    ]
+
+
+def memory_bound(plan):
+    """One full parameter: the largest new parameter in fp32, or, where the reference reduces a whole old
+    parameter (GPT-2 mean rows, HyperCloning's relative noise), that old parameter in float64; plus the
+    O(sum of space sizes) index vectors (32 bytes per new coordinate of every space)."""
+    from growth_ds.distributed.zero_index import ParamGrowth
+    from growth_ds.models.schema import parameter_schema
+
+    gs = [ParamGrowth(plan, n, s) for n, s in parameter_schema(plan.grown_shape).items()]
+    one = max([4 * g.new_numel for g in gs] + [8 * g.old_numel for g in gs if g.reductions])
+    meta = 32 * sum(m.new for m in plan.spaces.values())
+    return {"max_param_bytes": 4 * max(g.new_numel for g in gs), "one_param_bytes": one, "metadata_bytes": meta,
+            "bound_bytes": one + meta}
+
+
+def task_memory(out_dir, opts):
+    """Tensor memory allocated during growth (auto bucket) against one full new parameter."""
+    from growth_ds.distributed.zero import ZeroLayout, grow_engine
+    from growth_ds.distributed.zero_memory import TensorAccountant
+    from growth_ds.ops import grow, make_plan
+
+    ws = dist.get_world_size()
+    stages = [int(s) for s in opts.get("stages", "1,2,3").split(",")]
+    results = []
+    for stage in stages:
+        for label, small, large, width, depth, moments in memory_cases():
+            t0 = time.time()
+            rec = {"case": label, "stage": stage, "ws": ws}
+            try:
+                plan = make_plan(small, large, width=width, depth=depth, seed=5, moments=moments)
+                shape = plan.grown_shape
+                state = random_state(small, seed=7)
+                old = make_engine(small, stage, fresh=True)
+                dse.materialise_optimizer_state(old, batch_for(small))
+                write_state(old, state)
+                new = make_engine(shape, stage, fresh=False)
+                dse.materialise_optimizer_state(new, batch_for(shape))
+                ref = grow(state, plan)
+                gc.collect()
+                with TensorAccountant() as acct:
+                    stats = grow_engine(old, new, plan)
+                acct.finish()
+                got = gather_exact(new)
+                rec.update(compare(got, ref))
+                lay_old, lay_new = ZeroLayout(old), ZeroLayout(new)
+                part = torch.tensor([acct.peak, 12 * lay_old.local_numel(), 12 * lay_new.local_numel()],
+                                    dtype=torch.float64)
+                dist.all_reduce(part, op=dist.ReduceOp.MAX)
+                rec["peak_bytes"], rec["old_slice_bytes"], rec["new_slice_bytes"] = (int(v) for v in part)
+                rec.update(memory_bound(plan))
+                rec["rounds"] = stats.rounds
+                rec["ok"] = True
+                for e in (old, new):
+                    dse.release_engine(e)
+            except Exception:
+                rec["ok"] = False
+                rec["error"] = traceback.format_exc()[-3000:]
+                log(rec["error"])
+            rec["seconds"] = time.time() - t0
+            results.append(rec)
+            log(f"[mem ws{ws} z{stage}] {label}: ok={rec['ok']} bits={rec.get('params')},{rec.get('exp_avg')},"
+                f"{rec.get('exp_avg_sq')} peak={rec.get('peak_bytes')} bound={rec.get('bound_bytes')} "
+                f"slices old/new={rec.get('old_slice_bytes')}/{rec.get('new_slice_bytes')} rounds={rec.get('rounds')} "
+                f"({rec['seconds']:.1f}s)")
+    if dist.get_rank() == 0:
+        with open(os.path.join(out_dir, f"memory_ws{ws}.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+
+# ---- no leak: three growths in one job -----------------------------------------------------------
+
+
+def task_leak(out_dir, opts):
+    """ZeRO-3: (1) a chain of three growths, each releasing the old engine: every released engine, module
+    and optimizer must be garbage collected; (2) three grow-and-release cycles of the same size: resident
+    memory after each cycle must stay flat."""
+    import dataclasses
+
+    from growth_ds.distributed.zero import grow_engine
+    from growth_ds.distributed.zero_memory import malloc_trim, rss
+    from growth_ds.ops import make_plan
+    from growth_ds.shapes import ModelShape
+
+    R = dataclasses.replace
+    s0 = ModelShape(flavour="llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, d_ffn=64,
+                    vocab_size=256, max_seq_len=16, tied_embeddings=False)
+    chain = [s0, R(s0, d_model=48, n_heads=6, n_kv_heads=3, d_ffn=96), R(s0, d_model=64, n_heads=8, n_kv_heads=4,
+                                                                          d_ffn=128, n_layers=3),
+             R(s0, d_model=96, n_heads=12, n_kv_heads=6, d_ffn=192, n_layers=4)]
+    rec = {}
+    refs = []
+    cur = make_engine(chain[0], 3, fresh=True)
+    dse.materialise_optimizer_state(cur, batch_for(chain[0]))
+    shape = chain[0]
+    for nxt in chain[1:]:
+        plan = make_plan(shape, nxt, width="lemon", depth="identity" if nxt.n_layers > shape.n_layers else None,
+                         seed=3, moments="adjoint")
+        new = make_engine(plan.grown_shape, 3, fresh=False)
+        dse.materialise_optimizer_state(new, batch_for(plan.grown_shape))
+        grow_engine(cur, new, plan)
+        x, y = batch_for(plan.grown_shape, seed=1)
+        from growth_ds.models import lm_loss
+
+        loss = lm_loss(new(x), y)  # the grown engine trains
+        new.backward(loss)
+        new.step()
+        refs += [weakref.ref(cur), weakref.ref(cur.module), weakref.ref(cur.optimizer)]
+        dse.release_engine(cur)
+        del cur
+        cur, shape = new, plan.grown_shape
+    dse.release_engine(cur)
+    del cur, new
+    gc.collect()
+    rec["chain_alive"] = sum(r() is not None for r in refs)
+    rec["chain_refs"] = len(refs)
+    # same-size cycles: resident memory after each must not grow
+    small = ModelShape(flavour="llama", n_layers=2, d_model=96, n_heads=4, n_kv_heads=2, head_dim=24, d_ffn=384,
+                       vocab_size=2048, max_seq_len=16, tied_embeddings=False)
+    large = R(small, d_model=192, n_heads=8, n_kv_heads=4, d_ffn=768, n_layers=3)
+    plan = make_plan(small, large, width="duplicate", depth="identity", seed=1, moments="adjoint")
+    rss_after, cycle_refs = [], []
+    for _ in range(3):
+        a = make_engine(small, 3, fresh=True)
+        dse.materialise_optimizer_state(a, batch_for(small))
+        b = make_engine(plan.grown_shape, 3, fresh=False)
+        dse.materialise_optimizer_state(b, batch_for(plan.grown_shape))
+        grow_engine(a, b, plan)
+        cycle_refs += [weakref.ref(a), weakref.ref(b)]
+        dse.release_engine(a)
+        dse.release_engine(b)
+        del a, b
+        gc.collect()
+        malloc_trim()
+        rss_after.append(rss())
+    rec["cycle_alive"] = sum(r() is not None for r in cycle_refs)
+    rec["rss_after_cycles"] = rss_after
+    rec["large_params"] = large.n_params
+    t = torch.tensor([max(rss_after[1:]) - rss_after[0], rss_after[2] - rss_after[1], rec["chain_alive"],
+                      rec["cycle_alive"]], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    rec["rss_growth_max_rank"], rec["rss_growth_last_max_rank"] = float(t[0]), float(t[1])
+    rec["chain_alive_max_rank"], rec["cycle_alive_max_rank"] = int(t[2]), int(t[3])
+    log(f"[leak] {rec}")
+    if dist.get_rank() == 0:
+        with open(os.path.join(out_dir, "leak.json"), "w") as f:
+            json.dump(rec, f, indent=1)
+
+
+# ---- universal checkpoints -------------------------------------------------------------------------
+
+
+def universal_case():
+    import dataclasses
+
+    from helpers import small_shape
+
+    g2 = small_shape("gpt2")
+    large = dataclasses.replace(g2, d_model=48, n_heads=6, n_kv_heads=6, d_ffn=80, n_layers=3)
+    return g2, large, dict(width="lemon", depth="identity", seed=5, moments="adjoint")
+
+
+def train_steps(engine, shape, steps, first=0):
+    from growth_ds.models import lm_loss
+
+    losses = []
+    for k in range(first, first + steps):
+        x, y = batch_for(shape, seed=1000 * k + dist.get_rank())
+        dse.set_lr(engine, 1e-3)
+        loss = lm_loss(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss))
+    return losses
+
+
+def save_like_trainer(engine, ckpt_dir, tag, shape, step):
+    """engine.save_checkpoint as StagedTrainer.save does: tag dir + growth_meta.json, then latest.json."""
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
+                           client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}})
+    dist.barrier()
+    if dist.get_rank() == 0:
+        meta = {"tag": tag, "shape": shape.to_dict(), "world_size": dist.get_world_size(),
+                "progress": {"step": step, "stage": 0, "schedule_step": step}}
+        (ckpt_dir / tag / "growth_meta.json").write_text(json.dumps(meta))
+        tmp = ckpt_dir / ".latest.json.tmp"
+        tmp.write_text(json.dumps({"tag": tag, "step": step}))
+        os.replace(tmp, ckpt_dir / "latest.json")
+    dist.barrier()
+
+
+def task_save(out_dir, opts):
+    from pathlib import Path
+
+    small, _, _ = universal_case()
+    stage = int(opts.get("save_stage", "2"))
+    e = make_engine(small, stage, fresh=True)
+    train_steps(e, small, 3)
+    ck = Path(out_dir) / "src_ckpt"
+    save_like_trainer(e, ck, "step00000003", small, 3)
+    got = gather_exact(e)
+    if dist.get_rank() == 0:
+        torch.save({"shape": small.to_dict(), **got}, os.path.join(out_dir, "src_state.pt"))
+    dse.release_engine(e)
+
+
+def task_load(out_dir, opts):
+    """Load the grown universal checkpoint at this world size and ZeRO stage; refuse a mismatched one."""
+    import dataclasses
+
+    from growth_ds.distributed.zero_universal import load_universal_checkpoint
+    from growth_ds.ops import grow, make_plan
+    from growth_ds.ops.state import TrainingState
+    from growth_ds.shapes import ModelShape
+
+    ws = dist.get_world_size()
+    stage = int(opts.get("load_stage", "3"))
+    small, large, kw = universal_case()
+    plan = make_plan(small, large, **kw)
+    src = torch.load(os.path.join(out_dir, "src_state.pt"), weights_only=False)
+    state = TrainingState(ModelShape.from_dict(src["shape"]), src["params"], src["exp_avg"], src["exp_avg_sq"],
+                          src["step"])
+    ref = grow(state, plan)
+    rec = {"ws": ws, "stage": stage}
+    uc = os.path.join(out_dir, "grown_uc")
+
+    def engine_for(shape):
+        cfg = config(stage)
+        cfg["checkpoint"] = {"load_universal": True}
+        import deepspeed
+
+        model = dse.construct_model(shape, stage, cfg)
+        opt = torch.optim.AdamW(param_groups(model, TRAIN["weight_decay"]), lr=TRAIN["lr"],
+                                betas=tuple(TRAIN["betas"]), eps=TRAIN["eps"])
+        if stage == 3:
+            dse._register_external_params(model)
+        return deepspeed.initialize(model=model, optimizer=opt, config=cfg)[0]
+
+    try:
+        e = engine_for(plan.grown_shape)
+        load_universal_checkpoint(e, uc)
+        got = gather_exact(e)
+        rec.update(compare(got, ref))
+        rec["lp_mismatch"] = lp_mismatch(e)
+        rec["weight_decay"] = [g["weight_decay"] for g in dse.base_optimizer(e).param_groups]
+        rec["loss_after"] = train_steps(e, plan.grown_shape, 1)[0]
+        dse.release_engine(e)
+        bad = dataclasses.replace(plan.grown_shape, d_ffn=plan.grown_shape.d_ffn + 16)
+        e = engine_for(bad)
+        try:
+            load_universal_checkpoint(e, uc)
+            rec["refused"] = None
+        except ValueError as err:
+            rec["refused"] = str(err)
+        dse.release_engine(e)
+        rec["ok"] = True
+    except Exception:
+        rec["ok"] = False
+        rec["error"] = traceback.format_exc()[-3000:]
+        log(rec["error"])
+    log(f"[load ws{ws} z{stage}] {rec}")
+    if dist.get_rank() == 0:
+        with open(os.path.join(out_dir, f"load_ws{ws}_z{stage}.json"), "w") as f:
+            json.dump(rec, f, indent=1)
+
+
+# ---- fault tolerance -------------------------------------------------------------------------------
+
+
+def task_job(out_dir, opts):
+    """Train, checkpoint before growth, grow (a rank may be SIGKILLed here), train, record the final state.
+    Relaunched after a crash, the job resumes from the pre-growth checkpoint and grows again."""
+    from pathlib import Path
+
+    from growth_ds.distributed.zero import grow_engine
+    from growth_ds.ops import make_plan
+
+    stage = int(opts.get("job_stage", "3"))
+    run = Path(out_dir) / opts["run"]
+    ck = run / "ckpt"
+    small, large, kw = universal_case()
+    plan = make_plan(small, large, **kw)
+    resumed = (ck / "latest.json").exists()
+    old = make_engine(small, stage, fresh=True)
+    if resumed:
+        tag = json.loads((ck / "latest.json").read_text())["tag"]
+        old.load_checkpoint(str(ck), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+        losses = json.loads((ck / tag / "losses.json").read_text())
+    else:
+        losses = train_steps(old, small, 3)
+        save_like_trainer(old, ck, "step00000003", small, 3)
+        if dist.get_rank() == 0:
+            (ck / "step00000003" / "losses.json").write_text(json.dumps(losses))
+    new = make_engine(plan.grown_shape, stage, fresh=False)
+    dse.materialise_optimizer_state(new, batch_for(plan.grown_shape))
+    grow_engine(old, new, plan, bucket_elems=1024)
+    dse.release_engine(old)
+    losses += train_steps(new, plan.grown_shape, 3, first=3)
+    got = gather_exact(new)
+    if dist.get_rank() == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "final.json").write_text(json.dumps({
+            "resumed": resumed, "losses": losses, "digest": digest(got, sorted(got["params"])),
+            "step": got["step"]}))
+    dse.release_engine(new)
+
+
+TASKS = {"cases": task_cases, "memory": task_memory, "leak": task_leak, "save": task_save, "load": task_load,
+         "job": task_job}
 
 
 def main():

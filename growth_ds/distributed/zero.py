@@ -33,8 +33,8 @@ from growth_ds.models.schema import param_shape, parameter_schema
 from growth_ds.ops.apply import grow_moment, grow_value, source_name
 from growth_ds.ops.plan import GrowthPlan
 from growth_ds.train import deepspeed_engine as dse
-from growth_ds.distributed.zero_index import (OldData, ParamGrowth, Reductions, assemble, clip_intervals,
-                                              intervals_numel, make_schedule)
+from growth_ds.distributed.zero_index import (OldData, ParamGrowth, PlanCache, Reductions, assemble,
+                                              chunk_range, clip_intervals, intervals_numel, make_schedule)
 
 dist = dse.dist
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
@@ -183,8 +183,9 @@ def _exchange(requests, growths: Sequence[ParamGrowth], old: ZeroLayout, stats: 
         pieces = clip_intervals(req.intervals, lo, hi)
         if pieces:
             outgoing[req.rank].append((req, slot, lo, pieces))
+    dtype = torch.float32
     send_counts = [sum(intervals_numel(p) * req.channels for req, _, _, p in outgoing[q]) for q in range(world)]
-    send = torch.empty(sum(send_counts), dtype=torch.float32)
+    send = torch.empty(sum(send_counts), dtype=dtype)
     off = 0
     for q in range(world):
         for req, slot, lo, pieces in outgoing[q]:
@@ -208,10 +209,11 @@ def _exchange(requests, growths: Sequence[ParamGrowth], old: ZeroLayout, stats: 
     if world == 1:
         recv = send
     else:
-        recv = torch.empty(sum(recv_counts), dtype=torch.float32)
+        recv = torch.empty(sum(recv_counts), dtype=dtype)
         dist.all_to_all_single(recv, send, recv_counts, send_counts, group=old.group)
-    stats.bytes_sent += 4 * (sum(send_counts) - send_counts[me])
-    stats.bytes_received += 4 * (sum(recv_counts) - recv_counts[me])
+    size = send.element_size()
+    stats.bytes_sent += size * (sum(send_counts) - send_counts[me])
+    stats.bytes_received += size * (sum(recv_counts) - recv_counts[me])
     cursor = [sum(recv_counts[:p]) for p in range(world)]
     out = {}
     for i, req in mine:
@@ -221,9 +223,34 @@ def _exchange(requests, growths: Sequence[ParamGrowth], old: ZeroLayout, stats: 
             if n:
                 parts.append(recv[cursor[p]:cursor[p] + n * req.channels].view(req.channels, n))
                 cursor[p] += n * req.channels
-        out[i] = assemble(parts) if parts else torch.empty(req.channels, 0)
+        out[i] = assemble(parts) if parts else torch.empty(req.channels, 0, dtype=dtype)
         stats.old_elements += out[i].shape[1]
     return out
+
+
+def _fetch_whole(req, growths, old: ZeroLayout, stats: GrowthStats) -> Optional[torch.Tensor]:
+    """A reduction round: the designated rank ``req.rank`` receives the whole old value of one parameter
+    in float64, straight into one buffer (point to point, owners convert their own slice). Returns
+    ``[1, numel]`` float64 on the designated rank, None elsewhere."""
+    slot = old.slots[growths[req.param].source]
+    me, d = old.rank, req.rank
+    lo, hi = slot.bounds[me], slot.bounds[me + 1]
+    if me != d:
+        if hi > lo:
+            dist.send(slot.views[0].to(torch.float64), dst=dist.get_global_rank(old.group, d), group=old.group)
+            stats.bytes_sent += 8 * (hi - lo)
+        return None
+    full = torch.empty(1, slot.numel, dtype=torch.float64)
+    full[0, lo:hi] = slot.views[0]
+    works = []
+    for p in range(old.world):
+        a, b = slot.bounds[p], slot.bounds[p + 1]
+        if p != me and b > a:
+            works.append(dist.irecv(full[0, a:b], src=dist.get_global_rank(old.group, p), group=old.group))
+            stats.bytes_received += 8 * (b - a)
+    for w in works:
+        w.wait()
+    return full
 
 
 def _share_reductions(requests, growths, data, old: ZeroLayout, cache: Dict[int, Reductions]) -> None:
@@ -261,7 +288,13 @@ def _share_reductions(requests, growths, data, old: ZeroLayout, cache: Dict[int,
         off += n
 
 
-def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: int = DEFAULT_BUCKET_ELEMS,
+def auto_bucket(max_param_numel: int) -> int:
+    """Default bucket: 1/32 of the largest new parameter (so a round's transient stays well under one
+    fp32 parameter), at least 1024 and at most ``DEFAULT_BUCKET_ELEMS`` new elements per rank."""
+    return int(min(DEFAULT_BUCKET_ELEMS, max(1024, max_param_numel // 32)))
+
+
+def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optional[int] = None,
                 refresh: bool = True) -> GrowthStats:
     """Grow ``old_engine``'s whole training state into ``new_engine``, rank by rank, no gather.
 
@@ -270,7 +303,8 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: int =
     ``zero.Init``) and with its Adam state materialised. Every rank must call this (it is a collective).
     Fills, on every rank, its slices of the fp32 masters, ``exp_avg``, ``exp_avg_sq``; sets the Adam step
     (0 under the reset rule), DeepSpeed's step counters, and refreshes the low-precision weights.
-    ``old_engine`` is only read. Returns this rank's :class:`GrowthStats`.
+    ``old_engine`` is only read. ``bucket_elems``: new elements per rank per all-to-all (default
+    :func:`auto_bucket`). Returns this rank's :class:`GrowthStats`.
     """
     t0 = time.perf_counter()
     old, new = ZeroLayout(old_engine, need_state=False), ZeroLayout(new_engine, need_state=True)
@@ -280,9 +314,13 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: int =
     old.check(plan.small, "the old")
     new.check(plan.grown_shape, "the new")
     schema = parameter_schema(plan.grown_shape)
-    growths = [ParamGrowth(plan, name, spec) for name, spec in schema.items()]
+    cache = PlanCache(plan)
+    growths = [ParamGrowth(plan, name, spec, cache) for name, spec in schema.items()]
     new_bounds = [new.slots[g.name].bounds for g in growths]
+    if bucket_elems is None:
+        bucket_elems = auto_bucket(max(g.new_numel for g in growths))
     rounds = make_schedule(growths, new_bounds, new.world, bucket_elems)
+    compute_elems = max(1024, bucket_elems // 8)
     stats = GrowthStats(rounds=len(rounds))
     kill = _kill_round()
     reductions: Dict[int, Reductions] = {}
@@ -291,22 +329,34 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: int =
         if kill is not None and kill == (me, k):
             os.kill(os.getpid(), signal.SIGKILL)
         t1 = time.perf_counter()
-        data = _exchange(rnd.requests, growths, old, stats)
+        if rnd.requests[0].kind == "full":  # a reduction round holds exactly one request
+            data = {0: _fetch_whole(rnd.requests[0], growths, old, stats)}
+            if data[0] is None:
+                data.clear()
+        else:
+            data = _exchange(rnd.requests, growths, old, stats)
         _share_reductions(rnd.requests, growths, data, old, reductions)
         t2 = time.perf_counter()
         for i, req in enumerate(rnd.requests):
             if req.rank != me or req.kind != "piece":
                 continue
             g = growths[req.param]
-            out = g.compute(req.start, req.stop, OldData(req.intervals, data.pop(i)), reductions.get(req.param))
+            olddata = OldData(req.intervals, data.pop(i))
             slot = new.slots[g.name]
             lo = slot.bounds[me]
-            for c in range(3):
-                view = slot.views[c][req.start - lo:req.stop - lo]
-                if out[c] is None:
-                    view.zero_()
-                else:
-                    view.copy_(out[c])
+            # float64 work space is bounded by computing a piece a few rows at a time
+            subs = chunk_range(req.start, req.stop, g.D1, compute_elems) if g.mode == "rows" else \
+                [(req.start, req.stop)]
+            for s, e in subs:
+                out = g.compute(s, e, olddata, reductions.get(req.param))
+                for c in range(3):
+                    view = slot.views[c][s - lo:e - lo]
+                    if out[c] is None:
+                        view.zero_()
+                    else:
+                        view.copy_(out[c])
+                del out
+            del olddata
             stats.new_elements += req.stop - req.start
         stats.seconds_exchange += t2 - t1
         stats.seconds_compute += time.perf_counter() - t2
@@ -346,5 +396,5 @@ def grow_any(old_engine, new_engine, plan: GrowthPlan, **kw) -> Optional[GrowthS
     return None
 
 
-__all__ = ["DEFAULT_BUCKET_ELEMS", "GrowthStats", "KILL_ENV", "Slot", "ZeroLayout", "gather_grow", "grow_any",
+__all__ = ["DEFAULT_BUCKET_ELEMS", "auto_bucket", "GrowthStats", "KILL_ENV", "Slot", "ZeroLayout", "gather_grow", "grow_any",
            "grow_engine"]

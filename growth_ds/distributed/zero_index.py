@@ -98,15 +98,18 @@ def chunk_range(start: int, stop: int, row: int, max_elems: int) -> List[Interva
 
 # ---- exact random slices -----------------------------------------------------------------------
 
-_RANDN_CHUNK = 1 << 16
+_RANDN_CHUNK = 1 << 11   # elements drawn per call while skipping or drawing (16 KiB of float64)
 _chunked_randn_ok: Optional[bool] = None
 
 
 def _draw_uniforms(gen: torch.Generator, n: int) -> None:
     """Advance ``gen`` by ``n`` double uniforms (what ``randn`` consumes per element)."""
+    if n <= 0:
+        return
+    buf = torch.empty(min(n, _RANDN_CHUNK), dtype=F64)
     while n > 0:
-        k = min(n, 1 << 20)
-        torch.rand(k, generator=gen, dtype=F64)
+        k = min(n, _RANDN_CHUNK)
+        torch.rand(k, generator=gen, dtype=F64, out=buf[:k])
         n -= k
 
 
@@ -154,7 +157,7 @@ def chunked_randn_is_exact() -> bool:
 
 def randn_slice(gen: torch.Generator, numel: int, start: int, stop: int) -> torch.Tensor:
     """``torch.randn(numel, generator=gen, dtype=float64)[start:stop]``, bit for bit, holding only
-    ``O(stop - start + 64K)`` elements. Falls back to the full draw for ``numel < 16`` (a different torch
+    ``O(stop - start + 2K)`` elements. Falls back to the full draw for ``numel < 16`` (a different torch
     sampler) or if the self-check fails on this torch build."""
     if stop <= start:
         return torch.empty(0, dtype=F64)
@@ -187,6 +190,50 @@ class Reductions:
     std: Optional[float] = None               # float(w.double().std())
 
 
+class SpaceSide:
+    """One space map used on one side (out: ``S``, in: ``T``), shared by every parameter that maps an axis
+    that way. Holds O(D) bytes; the float64 vectors an axis needs in full (axis 1) are built lazily once."""
+
+    def __init__(self, m, side: str):
+        self.map, self.side = m, side
+        self.identity = m.is_identity
+        self.keep = m.src >= 0
+        self.all_keep = bool(self.keep.all())
+        self.coef = (m.out_coef if side == "out" else m.in_coef).to(F64)
+        self.mean = (not self.identity) and side == "out" and m.residue == "mean" and not self.all_keep
+        self._cnt: Optional[torch.Tensor] = None
+        self._full: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+
+    def adj(self, i0: int, i1: int) -> torch.Tensor:
+        """``SpaceMap.adjoint(side == "out")[i0:i1]``, computed on the slice (same arithmetic)."""
+        if self._cnt is None:
+            self._cnt = self.map.counts.to(F64)
+        src, keep = self.map.src[i0:i1], self.keep[i0:i1]
+        adj = torch.zeros(i1 - i0, dtype=F64)
+        adj[keep] = self._cnt[src[keep]] * self.coef[i0:i1][keep]
+        return adj
+
+    def full(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(clamped src, keep as float64, adjoint) over all new coordinates (the columns of a 2-D weight)."""
+        if self._full is None:
+            self._full = (self.map.src.clamp(min=0), self.keep.to(F64), self.adj(0, self.map.new))
+        return self._full
+
+
+class PlanCache:
+    """Shared, per-plan derived data (one per executor run), so per-parameter state is O(1)."""
+
+    def __init__(self, plan: GrowthPlan):
+        self.plan = plan
+        self._sides: Dict[Tuple[str, str], SpaceSide] = {}
+
+    def side(self, space: str, side: str) -> SpaceSide:
+        key = (space, side)
+        if key not in self._sides:
+            self._sides[key] = SpaceSide(self.plan.spaces[space], side)
+        return self._sides[key]
+
+
 class ParamGrowth:
     """How new parameter ``name`` is made from its source, any block of new rows at a time.
 
@@ -195,7 +242,7 @@ class ParamGrowth:
     ``channels``: 1 when the moments are zero (reset rule, identity blocks), else 3.
     """
 
-    def __init__(self, plan: GrowthPlan, name: str, spec: ParamSpec):
+    def __init__(self, plan: GrowthPlan, name: str, spec: ParamSpec, cache: Optional[PlanCache] = None):
         self.plan, self.name, self.spec = plan, name, spec
         self.source = source_name(plan, name)
         self.new_shape = tuple(plan.spaces[s].new for s in spec.axes)
@@ -214,17 +261,9 @@ class ParamGrowth:
         self.reductions: Tuple[str, ...] = ()
         if self.mode != "rows":
             return
+        cache = cache or PlanCache(plan)
         (s0, side0), (s1, side1) = _axes(spec)
-        self.m0, self.m1 = plan.spaces[s0], plan.spaces[s1]
-        self.side0, self.side1 = side0, side1
-        self.id0, self.id1 = self.m0.is_identity, self.m1.is_identity
-        self.keep0, self.keep1 = self.m0.src >= 0, self.m1.src >= 0
-        self.coef0 = (self.m0.out_coef if side0 == "out" else self.m0.in_coef).to(F64)
-        self.coef1 = (self.m1.out_coef if side1 == "out" else self.m1.in_coef).to(F64)
-        self.mean0 = (not self.id0) and side0 == "out" and self.m0.residue == "mean" and not bool(self.keep0.all())
-        self.mean1 = (not self.id1) and side1 == "out" and self.m1.residue == "mean" and not bool(self.keep1.all())
-        self.adj0 = self.m0.adjoint(side0 == "out")
-        self.adj1 = self.m1.adjoint(side1 == "out")
+        self.a0, self.a1 = cache.side(s0, side0), cache.side(s1, side1)
         self.d0, self.d1 = self.old_shape
         self.D0, self.D1 = self.new_shape
         self.noisy = spec.role in ("weight", "head")
@@ -235,10 +274,10 @@ class ParamGrowth:
             self.K_g = math.gcd(max(b.n_copies, 1), max(a.n_copies, 1))
             self.K_b, self.K_a = b.copy, a.copy
         red = []
-        if self.mean0 and not self.value_zero:
+        if self.a0.mean and not self.value_zero:
             red.append("col_mean")
         if (self.noisy and not self.value_zero and plan.noise == "zero_sum" and plan.noise_std > 0
-                and plan.noise_relative and not self.id1):
+                and plan.noise_relative and not self.a1.identity):
             red.append("std")
         self.reductions = tuple(red)
 
@@ -254,12 +293,11 @@ class ParamGrowth:
         if self.mode == "full":
             return [(0, self.old_numel)]
         i0, i1 = self.rows_of(start, stop)
-        if self.id0:
+        if self.a0.identity:
             return [(i0 * self.d1, i1 * self.d1)]
-        src = self.m0.src[i0:i1]
-        keep = src >= 0
-        rows = src[keep]
-        if not bool(keep.all()) and not self.mean0 and not self.value_zero:
+        keep = self.a0.keep[i0:i1]
+        rows = self.a0.map.src[i0:i1][keep]
+        if not bool(keep.all()) and not self.a0.mean and not self.value_zero:
             # new rows (src = -1) are old row 0 times 0 in the reference (src.clamp(0)); the sign of that
             # zero survives where no noise is added (embeddings), so fetch row 0 as well
             rows = torch.cat([rows, torch.zeros(1, dtype=torch.long)])
@@ -280,20 +318,34 @@ class ParamGrowth:
     def compute(self, start: int, stop: int, old: Optional[OldData], red: Optional[Reductions] = None
                 ) -> List[Optional[torch.Tensor]]:
         """New flat ``[start, stop)`` of value, ``exp_avg``, ``exp_avg_sq`` (float32; ``None`` = zeros)."""
-        n = stop - start
         if self.mode == "none":
             return [None, None, None]
         if self.mode == "full":
             return self._compute_full(start, stop, old)
         i0, i1 = self.rows_of(start, stop)
-        lo, hi = start - i0 * self.D1, start - i0 * self.D1 + n
+        lo = start - i0 * self.D1
+        hi = lo + stop - start
         rows = _RowView(old, self.d1)
+        pos = rows.positions(torch.arange(i0, i1) if self.a0.identity else self.a0.map.src[i0:i1].clamp(min=0))
+        K = self._K_rows(i0, i1) if self.K_g != 1 else None
         out: List[Optional[torch.Tensor]] = [None, None, None]
         if not self.value_zero:
-            out[0] = self._value_rows(i0, i1, rows, red).reshape(-1)[lo:hi]
+            out[0] = self._value_rows(i0, i1, rows, pos, K, red).reshape(-1)[lo:hi]
         if not self.moment_zero:
+            src1, keep1, adj1 = self.a1.full()
+            adj = torch.ones([], dtype=F64) * self.a0.adj(i0, i1).view(-1, 1)
+            adj = adj * adj1.view(1, -1)
+            nz = adj != 0
+            safe = torch.where(nz, adj, torch.ones_like(adj))
+            Kmask = (K != 0) if K is not None else None
             for c, power in ((1, 1), (2, 2)):
-                out[c] = self._moment_rows(i0, i1, rows, c, power).reshape(-1)[lo:hi]
+                x = self._axis0(rows, pos, c, i0, i1, moment=True)
+                if not self.a1.identity:
+                    x = x.index_select(1, src1) * keep1.view(1, -1)
+                if Kmask is not None:
+                    x = x * Kmask
+                x = torch.where(nz, x / safe ** power, torch.zeros_like(x))
+                out[c] = x.to(torch.float32).reshape(-1)[lo:hi]
         return out
 
     def _compute_full(self, start, stop, old: OldData) -> List[Optional[torch.Tensor]]:
@@ -308,43 +360,30 @@ class ParamGrowth:
                                      power).reshape(-1)[start:stop]
         return out
 
-    def _axis0(self, rows: "_RowView", c: int, i0: int, i1: int, moment: bool) -> torch.Tensor:
+    def _axis0(self, rows: "_RowView", pos, c: int, i0: int, i1: int, moment: bool) -> torch.Tensor:
         """Axis-0 map of rows ``[i0, i1)`` (before the mean replacement), float64 ``[i1 - i0, d1]``."""
-        if self.id0:
-            return rows.get(c, torch.arange(i0, i1)).to(F64)
-        src = self.m0.src[i0:i1]
-        x = rows.get(c, src.clamp(min=0)).to(F64)
-        coef = self.keep0[i0:i1].to(F64) if moment else self.coef0[i0:i1]
+        x = rows.get(c, pos).to(F64)
+        if self.a0.identity:
+            return x
+        coef = self.a0.keep[i0:i1].to(F64) if moment else self.a0.coef[i0:i1]
         return x * coef.view(-1, 1)
 
-    def _value_rows(self, i0, i1, rows: "_RowView", red: Optional[Reductions]) -> torch.Tensor:
-        x = self._axis0(rows, 0, i0, i1, moment=False)
-        if self.mean0:
-            keep = self.keep0[i0:i1]
+    def _value_rows(self, i0, i1, rows: "_RowView", pos, K, red: Optional[Reductions]) -> torch.Tensor:
+        x = self._axis0(rows, pos, 0, i0, i1, moment=False)
+        if self.a0.mean:
+            keep = self.a0.keep[i0:i1]
             if not bool(keep.all()):
-                mean = red.col_mean.view(1, -1)
-                x = torch.where(keep.view(-1, 1), x, mean.expand_as(x))
-        if not self.id1:
-            y = x.index_select(1, self.m1.src.clamp(min=0)) * self.coef1.view(1, -1)
-            if self.mean1:
-                y = torch.where(self.keep1.view(1, -1), y, x.mean(dim=1, keepdim=True).expand_as(y))
+                x = torch.where(keep.view(-1, 1), x, red.col_mean.view(1, -1).expand_as(x))
+        if not self.a1.identity:
+            y = x.index_select(1, self.a1.full()[0]) * self.a1.coef.view(1, -1)
+            if self.a1.mean:
+                y = torch.where(self.a1.keep.view(1, -1), y, x.mean(dim=1, keepdim=True).expand_as(y))
             x = y
-        if self.K_g != 1:
-            x = x * self._K_rows(i0, i1)
+        if K is not None:
+            x = x * K
         if self.noisy:
             x = x + noise_rows(self.plan, self.name, self.spec, i0, i1, red.std if red is not None else None)
         return x.to(torch.float32)
-
-    def _moment_rows(self, i0, i1, rows: "_RowView", c: int, power: int) -> torch.Tensor:
-        x = self._axis0(rows, c, i0, i1, moment=True)
-        if not self.id1:
-            x = x.index_select(1, self.m1.src.clamp(min=0)) * self.keep1.to(F64).view(1, -1)
-        adj = torch.ones([], dtype=F64) * self.adj0[i0:i1].view(-1, 1)
-        adj = adj * self.adj1.view(1, -1)
-        if self.K_g != 1:
-            x = x * (self._K_rows(i0, i1) != 0)
-        safe = torch.where(adj != 0, adj, torch.ones_like(adj))
-        return torch.where(adj != 0, x / safe ** power, torch.zeros_like(x)).to(torch.float32)
 
     def _K_rows(self, i0, i1) -> torch.Tensor:
         g = self.K_g
@@ -357,23 +396,28 @@ class _RowView:
 
     def __init__(self, old: Optional[OldData], d1: int):
         self.d1 = d1
+        self.data = None
         if old is None or not old.intervals:
             self.row_ids = torch.empty(0, dtype=torch.long)
-            self.data = None
             return
         self.row_ids = torch.cat([torch.arange(s // d1, e // d1) for s, e in old.intervals])
         self.data = old.data.view(old.data.shape[0], -1, d1)
 
-    def get(self, c: int, want: torch.Tensor) -> torch.Tensor:
-        """Rows ``want`` (old row indices) of channel ``c``; rows not received come back as row 0 of
-        what was received (callers only ask for those where the reference multiplies them by 0 or
-        replaces them)."""
+    def positions(self, want: torch.Tensor):
+        """Positions of old rows ``want`` in what was received (``None``: exactly the received rows, in
+        order). Rows not received map to some received row: callers only ask for rows that the
+        reference multiplies by 0 or replaces."""
+        n = self.row_ids.numel()
+        if n == want.numel() and bool((self.row_ids == want).all()):
+            return None
+        if n == 0:
+            return torch.zeros(want.numel(), dtype=torch.long)
+        return torch.searchsorted(self.row_ids, want).clamp(max=n - 1)
+
+    def get(self, c: int, pos) -> torch.Tensor:
         if self.data is None:
-            return torch.zeros(want.numel(), self.d1, dtype=torch.float32)
-        pos = torch.searchsorted(self.row_ids, want).clamp(max=self.row_ids.numel() - 1)
-        if self.row_ids.numel() == want.numel() and bool((self.row_ids == want).all()):
-            return self.data[c]
-        return self.data[c].index_select(0, pos)
+            return torch.zeros(1 if pos is None else pos.numel(), self.d1, dtype=torch.float32)
+        return self.data[c] if pos is None else self.data[c].index_select(0, pos)
 
 
 def noise_rows(plan: GrowthPlan, name: str, spec: ParamSpec, i0: int, i1: int,
@@ -450,8 +494,8 @@ def make_schedule(growths: Sequence[ParamGrowth], new_bounds: Sequence[Sequence[
     Each rank's range of each new parameter is cut into row-aligned pieces of at most ``bucket_elems``
     elements; the k-th pieces of a parameter on all ranks share a round, and consecutive small pieces
     are packed into one round while no rank's load exceeds ``bucket_elems``. A parameter that needs a
-    whole-parameter reduction gets a ``full`` request for its designated rank (``index % world``) in its
-    first round.
+    whole-parameter reduction first gets a round of its own with one ``full`` request for its designated
+    rank (``index % world``).
     """
     rounds: List[Round] = []
     cur = Round(load=[0] * world)
@@ -469,12 +513,14 @@ def make_schedule(growths: Sequence[ParamGrowth], new_bounds: Sequence[Sequence[
             s, e = rank_range(new_bounds[p], r)
             per_rank.append(chunk_range(s, e, row, bucket_elems) if g.mode != "full" else ([(s, e)] if e > s else []))
         n_pieces = max(len(x) for x in per_rank)
+        if g.reductions:  # a round of its own: the whole old parameter is the only thing held then
+            flush()
+            d = p % world
+            cur.requests.append(Request(p, d, "full", 0, 0, [(0, g.old_numel)], 1))
+            cur.load[d] += g.old_numel
+            flush()
         for k in range(n_pieces):
             reqs, load = [], [0] * world
-            if k == 0 and g.reductions:
-                d = p % world
-                reqs.append(Request(p, d, "full", 0, 0, [(0, g.old_numel)], 1))
-                load[d] += g.old_numel
             for r in range(world):
                 if k < len(per_rank[r]):
                     s, e = per_rank[r][k]
@@ -513,6 +559,6 @@ def grow_rows_reference(growth: ParamGrowth, start: int, stop: int, old_full: Li
     return growth.compute(start, stop, OldData(ivs, data), red)
 
 
-__all__ = ["Interval", "OldData", "ParamGrowth", "Reductions", "Request", "Round", "assemble", "chunk_range",
+__all__ = ["Interval", "OldData", "ParamGrowth", "PlanCache", "Reductions", "Request", "Round", "assemble", "chunk_range",
            "chunked_randn_is_exact", "clip_intervals", "intervals_numel", "make_schedule", "noise_rows",
            "owner_pieces", "randn_slice", "rank_range", "runs_to_intervals"]

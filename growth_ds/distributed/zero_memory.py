@@ -20,7 +20,6 @@ from typing import Dict, Tuple
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 
 class TensorAccountant(TorchDispatchMode):
@@ -38,31 +37,52 @@ class TensorAccountant(TorchDispatchMode):
         for k in dead:
             self.current -= self.live.pop(k)[1]
 
+    @staticmethod
+    def _tensors(obj, out):
+        if isinstance(obj, torch.Tensor):
+            out.append(obj)
+        elif isinstance(obj, (list, tuple)):
+            for x in obj:
+                TensorAccountant._tensors(x, out)
+        elif isinstance(obj, dict):
+            for x in obj.values():
+                TensorAccountant._tensors(x, out)
+        return out
+
+    @staticmethod
+    def _storage(t):
+        if t.device.type != "cpu":
+            return None
+        try:
+            return t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return None
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        inputs = set()
-        for t in tree_flatten((args, kwargs))[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                try:
-                    inputs.add(t.untyped_storage().data_ptr())
-                except (RuntimeError, NotImplementedError):
-                    pass
         out = func(*args, **kwargs)
-        self._sweep()
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
-                continue
-            try:
-                st = t.untyped_storage()
-            except (RuntimeError, NotImplementedError):
+        new = []
+        for t in self._tensors(out, []):
+            st = self._storage(t)
+            if st is None:
                 continue
             ptr, n = st.data_ptr(), st.nbytes()
-            if n == 0 or ptr in inputs or ptr in self.live:
-                continue
-            self.live[ptr] = (StorageWeakRef(st), n)
-            self.current += n
-            self.allocated += n
-        self.peak = max(self.peak, self.current)
+            if n and ptr not in self.live:
+                new.append((ptr, n, st))
+        if new:
+            inputs = {st.data_ptr() for st in (self._storage(t) for t in self._tensors((args, kwargs), []))
+                      if st is not None}
+            for ptr, n, st in new:
+                if ptr in inputs:
+                    continue
+                if ptr in self.live:  # address reused after a free we have not swept yet
+                    self._sweep()
+                self.live[ptr] = (StorageWeakRef(st), n)
+                self.current += n
+                self.allocated += n
+            if self.current > self.peak:  # only a new high needs an exact figure: drop what died
+                self._sweep()
+                self.peak = max(self.peak, self.current)
         return out
 
     def finish(self) -> None:

@@ -67,8 +67,9 @@ class LigoOperator(nn.Module):
         self.S_heads, self.T_heads = stack(sp["heads"].S()), stack(sp["heads"].T())
         self.S_k, self.S_v = stack(sp["kv"].S()), stack(sp["kv"].S())
         self.S_ffn, self.T_ffn = stack(sp["ffn"].S()), stack(sp["ffn"].T())
-        self.G_norm, self.Gb_norm, self.G_final, self.Gb_final = (f32(_norm_map(plan, fin, g)[0])
-                                                                  for fin, g in ((0, 1), (0, 0), (1, 1), (1, 0)))
+        self.G_norm, self.G_final = f32(_norm_map(plan, False, True)[0]), f32(_norm_map(plan, True, True)[0])
+        if self.shape.flavour == "gpt2":  # LayerNorm shifts
+            self.Gb_norm, self.Gb_final = f32(_norm_map(plan, False, False)[0]), f32(_norm_map(plan, True, False)[0])
         for name, (fin, g) in {"norm_off": (0, 1), "final_off": (1, 1)}.items():
             self.register_buffer(name, _norm_map(plan, fin, g)[1].to(torch.float32))
         self.depth = nn.ParameterDict()
@@ -142,9 +143,9 @@ class LigoOperator(nn.Module):
                     if name in self.constants:
                         w = w + self.constants[name]
                     out[name] = w
-        for suffix, G in (("weight", self.G_final), ("bias", self.Gb_final)):
-            if f"norm.{suffix}" in schema:
-                out[f"norm.{suffix}"] = G @ self.small[f"norm.{suffix}"] + (self.final_off if suffix == "weight" else 0)
+        out["norm.weight"] = self.G_final @ self.small["norm.weight"] + self.final_off
+        if "norm.bias" in schema:
+            out["norm.bias"] = self.Gb_final @ self.small["norm.bias"]
         if "lm_head.weight" in schema:
             w = self.small["lm_head.weight"] @ self.T_model
             if "lm_head.weight" in self.couplings:
@@ -191,8 +192,10 @@ def train_ligo(op: LigoOperator, batches: Iterable, steps: int = 100, lr: float 
         loss = lm_loss(op(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if all_reduce is not None:
-            for p in params:
+        for p in params:
+            if p.grad is None:  # e.g. a depth row that only feeds zeroed outputs
+                p.grad = torch.zeros_like(p)
+            if all_reduce is not None:
                 all_reduce(p.grad)
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()

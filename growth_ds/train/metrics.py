@@ -28,10 +28,13 @@ class MetricsLog:
         self.path = Path(path)
         self.enabled = enabled
 
-    def truncate_after(self, step: int) -> None:
+    def truncate_after(self, step: int, stage: int) -> None:
+        """Drop what was logged after a checkpoint at (``step``, ``stage``): a checkpoint written just
+        before growth is in the old stage, so that growth's record goes too."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        keep = [r for r in read_metrics(self.path)
+                if r.get("step", 0) < step or (r.get("step", 0) == step and r.get("stage", 0) <= stage)]
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "w") as f:
             for r in keep:

@@ -301,7 +301,7 @@ class StagedTrainer:
             raise ValueError(f"--resume: no complete checkpoint in {self.ckpt_dir}")
         if meta is not None:
             engine, shape = self._resume(meta)
-            log.truncate_after(self.progress.step)
+            log.truncate_after(self.progress.step, self.progress.stage)
         else:
             if self.rank == 0 and (self.run_dir / "metrics.jsonl").exists():
                 (self.run_dir / "metrics.jsonl").unlink()
