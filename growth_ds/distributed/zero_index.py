@@ -280,6 +280,88 @@ class ParamGrowth:
                 and plan.noise_relative and not self.a1.identity):
             red.append("std")
         self.reductions = tuple(red)
+        self.fast_value, self.fast_moment = self._fast_paths(plan)
+
+    def _fast_paths(self, plan: GrowthPlan) -> Tuple[bool, bool]:
+        """Whether values / moments can be computed in float32 with one multiply per element and still equal
+        the float64 reference bit for bit: true when every factor is zero or a power of two (then the float64
+        product is exact and both paths round the same real number once) and nothing else (mean rows,
+        noise) enters. Net2Net/bert2BERT duplication, staged training, depth copies: typically yes."""
+        a, b = self.a1.map, self.a0.map
+        noise = self.noisy and (
+            (plan.noise == "zero_sum" and plan.noise_std > 0 and not self.a1.identity)
+            or (bool((a.src < 0).any()) and a.residue in ("zero", "mean") and plan.random_std > 0)
+            or (bool((b.src < 0).any()) and b.residue == "random"))
+        k_ok = self.K_g == 1 or _pow2(torch.tensor([float(self.K_g)], dtype=F64))
+        value = (not self.value_zero and not self.a0.mean and not self.a1.mean and not noise and k_ok
+                 and _pow2(self.a0.coef) and _pow2(self.a1.coef))
+        moment = (not self.moment_zero and k_ok and _pow2(self.a0.adj(0, self.D0))
+                  and _pow2(self.a1.adj(0, self.D1)))
+        return value, moment
+
+    def compute_into(self, start: int, stop: int, old: Optional[OldData], red: Optional[Reductions],
+                     views: Sequence[torch.Tensor]) -> None:
+        """Write new flat ``[start, stop)`` of value, ``exp_avg``, ``exp_avg_sq`` into ``views`` (float32,
+        length ``stop - start`` each). Same results as :meth:`compute`; takes the float32 fast path where
+        it is exact, writing row-aligned blocks in place."""
+        if self.mode == "rows" and (self.fast_value or self.fast_moment):
+            i0, i1 = self.rows_of(start, stop)
+            aligned = start == i0 * self.D1 and stop == i1 * self.D1
+            rows = _RowView(old, self.d1)
+            pos = rows.positions(torch.arange(i0, i1) if self.a0.identity else self.a0.map.src[i0:i1].clamp(min=0))
+            K = self._K_rows(i0, i1) if self.K_g != 1 else None
+            lo = start - i0 * self.D1
+            slow = self.compute(start, stop, old, red) if not (self.fast_value and self.fast_moment) else None
+            for c in range(3):
+                if c == 0 and self.value_zero or c > 0 and self.moment_zero:
+                    views[c].zero_()
+                    continue
+                fast = self.fast_value if c == 0 else self.fast_moment
+                if not fast:
+                    views[c].copy_(slow[c])
+                    continue
+                dst = views[c].view(i1 - i0, self.D1) if aligned else None
+                res = self._fast_rows(i0, i1, rows, pos, K, c, dst)
+                if dst is None:
+                    views[c].copy_(res.reshape(-1)[lo:lo + stop - start])
+            return
+        out = self.compute(start, stop, old, red)
+        for c in range(3):
+            if out[c] is None:
+                views[c].zero_()
+            else:
+                views[c].copy_(out[c])
+
+    def _fast_rows(self, i0, i1, rows: "_RowView", pos, K, c: int, dst: Optional[torch.Tensor]) -> torch.Tensor:
+        x = rows.get(c, pos)
+        if not self.a1.identity:
+            x = x.index_select(1, self.a1.full()[0])
+        if c == 0:
+            c0, c1 = self.a0.coef[i0:i1], self.a1.coef
+            if self.a0.identity or bool((c0 == 1).all()):
+                mult = c1.view(1, -1) if K is None else c1.view(1, -1) * K
+            elif bool((c1 == 1).all()) and K is None:
+                mult = c0.view(-1, 1)
+            else:
+                mult = c0.view(-1, 1) * c1.view(1, -1)
+                if K is not None:
+                    mult = mult * K
+            mult = mult.to(torch.float32)
+            y = torch.mul(x, mult, out=dst) if dst is not None else x * mult
+            if self.noisy:  # the reference adds its (here all-zero) noise matrix: -0 becomes +0
+                y.add_(0.0)
+            return y
+        adj = torch.ones([], dtype=F64) * self.a0.adj(i0, i1).view(-1, 1)
+        adj = adj * self.a1.full()[2].view(1, -1)
+        nz = adj != 0
+        power = 1 if c == 1 else 2
+        # reference: x * keep0 * keep1 * (K != 0) / adj**power, and +0 where adj == 0
+        mult = torch.where(nz, 1.0 / torch.where(nz, adj, torch.ones_like(adj)) ** power, torch.zeros_like(adj))
+        if K is not None:
+            mult = mult * (K != 0)
+        y = x * mult.to(torch.float32)
+        return torch.where(nz, y, torch.zeros((), dtype=torch.float32), out=dst) if dst is not None else \
+            torch.where(nz, y, torch.zeros((), dtype=torch.float32))
 
     # -- which old elements --------------------------------------------------------------------
     def rows_of(self, start: int, stop: int) -> Tuple[int, int]:
@@ -389,6 +471,15 @@ class ParamGrowth:
         g = self.K_g
         match = (self.K_b[i0:i1, None] % g) == (self.K_a[None, :] % g)
         return match.to(F64) * g
+
+
+def _pow2(t: torch.Tensor) -> bool:
+    """Every element is 0 or a positive power of two."""
+    nz = t[t != 0]
+    if nz.numel() == 0:
+        return True
+    mant, _ = torch.frexp(nz.to(F64))
+    return bool((nz > 0).all()) and bool((mant == 0.5).all())
 
 
 class _RowView:
@@ -547,15 +638,19 @@ def assemble(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def grow_rows_reference(growth: ParamGrowth, start: int, stop: int, old_full: List[torch.Tensor]
-                        ) -> List[Optional[torch.Tensor]]:
+def grow_rows_reference(growth: ParamGrowth, start: int, stop: int, old_full: List[torch.Tensor],
+                        into: Optional[Sequence[torch.Tensor]] = None) -> List[Optional[torch.Tensor]]:
     """Single-process driver (tests): compute new flat ``[start, stop)`` from full old tensors
-    (``[value, exp_avg, exp_avg_sq]``) through exactly the path the distributed executor takes."""
+    (``[value, exp_avg, exp_avg_sq]``) through exactly the path the distributed executor takes
+    (:meth:`ParamGrowth.compute`, or :meth:`ParamGrowth.compute_into` writing ``into``)."""
     ivs = growth.needs(start, stop)
     ch = growth.channels
     flat = [t.reshape(-1) for t in old_full[:ch]]
     data = torch.stack([torch.cat([f[s:e] for s, e in ivs]) if ivs else f[:0] for f in flat])
     red = growth.reduce(flat[0]) if growth.reductions else None
+    if into is not None:
+        growth.compute_into(start, stop, OldData(ivs, data), red, into)
+        return list(into)
     return growth.compute(start, stop, OldData(ivs, data), red)
 
 

@@ -152,12 +152,7 @@ def _grow_tensor(g: ParamGrowth, old: Sequence[torch.Tensor], old_has_moments: b
     for s, e in pieces:
         ivs = g.needs(s, e)
         data = torch.stack([torch.cat([f[a:b] for a, b in ivs]) if ivs else f[:0] for f in old_flat])
-        res = g.compute(s, e, OldData(ivs, data), red)
-        for c in range(3):
-            if res[c] is None:
-                flat[c][s:e].zero_()
-            else:
-                flat[c][s:e].copy_(res[c])
+        g.compute_into(s, e, OldData(ivs, data), red, [f[s:e] for f in flat])
     if not old_has_moments:
         out[1].zero_(), out[2].zero_()
     return out

@@ -58,8 +58,11 @@ def ds_config(train: dict, ds: dict, stage3_persist_threshold: Optional[int] = N
 
 def param_groups(model, weight_decay: float):
     """Decay 2-D weights, not norms and biases (the grouping survives growth: it depends on rank only)."""
-    decay = [p for _, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for _, p in model.named_parameters() if p.dim() < 2]
+    def ndim(p):  # under zero.Init a parameter's data is empty: its real shape is ds_shape
+        return len(p.ds_shape) if hasattr(p, "ds_shape") else p.dim()
+
+    decay = [p for _, p in model.named_parameters() if ndim(p) >= 2]
+    no_decay = [p for _, p in model.named_parameters() if ndim(p) < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
