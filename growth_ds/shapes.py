@@ -15,9 +15,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 FLAVOURS = ("gpt2", "llama")
+#: the fields that fix a model's architecture (``norm_eps`` may be rescaled by growth, ``rope_theta`` is a setting)
+ARCH_FIELDS = ("flavour", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ffn", "vocab_size",
+               "max_seq_len", "tied_embeddings")
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,13 @@ class ModelShape:
         if not isinstance(data, Mapping):
             raise ValueError(f"{path}: expected a mapping of ModelShape fields")
         return cls.from_dict(data)
+
+    def arch_mismatch(self, other: "ModelShape") -> Optional[str]:
+        """``"field: a vs b"`` for the first architecture field that differs, else None."""
+        for f in ARCH_FIELDS:
+            if getattr(self, f) != getattr(other, f):
+                return f"{f}: {getattr(self, f)!r} vs {getattr(other, f)!r}"
+        return None
 
     def describe(self) -> str:
         return (f"{self.flavour} L={self.n_layers} d={self.d_model} heads={self.n_heads}/{self.n_kv_heads}"

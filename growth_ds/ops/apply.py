@@ -190,13 +190,9 @@ def grow_moment(plan: GrowthPlan, name: str, spec: ParamSpec, m: torch.Tensor, p
 
 def check_state(state: TrainingState, plan: GrowthPlan) -> None:
     """Raise ``ValueError`` if ``state`` is not a state of ``plan.small`` (nothing is modified)."""
-    shape = state.shape
-    fields = ("flavour", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ffn", "vocab_size",
-              "max_seq_len", "tied_embeddings")
-    for f in fields:
-        if getattr(shape, f) != getattr(plan.small, f):
-            raise ValueError(f"{f}: the state has {getattr(shape, f)!r} but the plan grows from "
-                             f"{getattr(plan.small, f)!r}")
+    problem = state.shape.arch_mismatch(plan.small)
+    if problem:
+        raise ValueError(f"{problem} (the state's shape vs the shape the plan grows from)")
     state.validate()
 
 

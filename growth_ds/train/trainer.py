@@ -26,8 +26,6 @@ from growth_ds.train.config import RunConfig, _lr_policy, make_trigger
 from growth_ds.train.metrics import MetricsLog, flops_per_token
 
 dist = dse.dist
-SHAPE_FIELDS = ("flavour", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ffn", "vocab_size",
-                "max_seq_len", "tied_embeddings")
 
 
 @dataclass
@@ -49,13 +47,6 @@ def _write_json_atomic(path: Path, obj) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _same_arch(a: ModelShape, b: ModelShape) -> Optional[str]:
-    for f in SHAPE_FIELDS:
-        if getattr(a, f) != getattr(b, f):
-            return f"{f}: checkpoint has {getattr(a, f)!r}, config has {getattr(b, f)!r}"
-    return None
 
 
 class StagedTrainer:
@@ -239,9 +230,9 @@ class StagedTrainer:
         prog = Progress(**meta["progress"])
         if prog.stage >= len(self.cfg.stages):
             raise ValueError(f"stages: the checkpoint is in stage {prog.stage}, the config has {len(self.cfg.stages)}")
-        problem = _same_arch(shape, self.cfg.stages[prog.stage].shape)
+        problem = shape.arch_mismatch(self.cfg.stages[prog.stage].shape)
         if problem:
-            raise ValueError(f"stages[{prog.stage}].shape.{problem}")
+            raise ValueError(f"stages[{prog.stage}].shape.{problem} (checkpoint vs config)")
         if meta["world_size"] != self.world:
             raise ValueError(f"world size: the checkpoint was written by {meta['world_size']} ranks, this job has "
                              f"{self.world}; grow or reshard it through a universal checkpoint")
