@@ -61,7 +61,7 @@ def main():
     rows = []
     for width in ("ligo", "duplicate", "lemon", "zero", "hypercloning", "staged"):
         t0 = time.time()
-        grown_data = Batches(train_tokens, 64, 16, seed=args.seed + 1)
+        grown_data = Batches(train_tokens, 64, 16, seed=args.seed)  # continues where the small run stopped
         grown_data.load_state_dict({**data.state_dict()})
         extra = ""
         if width == "ligo":

@@ -152,7 +152,7 @@ def cmd_plan(args) -> int:
         Path(args.out).with_suffix(".law.json").write_text(law.to_json())
         print(f"wrote {args.out} and the law to {Path(args.out).with_suffix('.law.json')}")
     if args.png:
-        points = load_metrics(args.logs) if args.logs else []
+        points = load_metrics(args.logs) if args.logs else None
         plot_fit(points, law, plan, args.png)
         print(f"plot: {args.png}")
     return 0

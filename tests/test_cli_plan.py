@@ -1,0 +1,20 @@
+"""`growth-ds plan`: a known law and candidate shapes give the stage table, JSON and plot."""
+import json
+
+from growth_ds.cli import main
+from growth_ds.schedule import ChinchillaFit, StagePlan
+
+
+def test_plan_from_a_law(tmp_path, capsys):
+    law = ChinchillaFit(E=1.69, A=406.4, alpha=0.34, B=410.7, beta=0.28)  # Hoffmann et al.'s fit
+    (tmp_path / "law.json").write_text(law.to_json())
+    shapes = ["configs/shapes/gpt2-124m.yaml", "configs/shapes/gpt2-350m.yaml", "configs/shapes/gpt2-774m.yaml"]
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--law", str(tmp_path / "law.json"), "--shapes", *shapes, "--budget", "1e20",
+                 "--out", str(out), "--png", str(tmp_path / "plan.png")]) == 0
+    printed = capsys.readouterr().out
+    plan = StagePlan.from_json(out.read_text())
+    assert plan.stages and "saving" in printed.lower()
+    assert json.loads((tmp_path / "plan.law.json").read_text())
+    assert (tmp_path / "plan.png").stat().st_size > 1000
+    assert main(["plan", "--shapes", *shapes, "--budget", "1e20"]) == 2  # neither --law nor --logs
