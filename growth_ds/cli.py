@@ -1,4 +1,4 @@
-"""``growth-ds`` command line: demo | train | check | report | plan | data | grow | verify."""
+"""``growth-ds`` command line: demo | train | check | report | plan | data | grow | grow-megatron | convert | verify."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +28,10 @@ def cmd_grow(args) -> int:
     from growth_ds.ops import grow, make_plan
     from growth_ds.shapes import ModelShape
 
+    if getattr(args, "from_hf", None):
+        from growth_ds.interop.hf import cmd_grow_from_hf
+
+        return cmd_grow_from_hf(args)
     from growth_ds.interop.megatron import cmd_grow_dist, is_dist_checkpoint
 
     if is_dist_checkpoint(getattr(args, "from")):  # a megatron-core dist checkpoint: TP-aware growth
@@ -167,6 +171,10 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from growth_ds.interop.hf import add_hf_commands, add_hf_grow_arguments
+    from growth_ds.interop.megatron import add_megatron_commands
+    from growth_ds.train.data import add_data_commands
+
     p = argparse.ArgumentParser(prog="growth-ds", description="Grow trained GPT models and their training state.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -210,15 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--png", help="plot of fits, data points and boundaries")
     pl.set_defaults(func=cmd_plan)
 
-    from growth_ds.interop.megatron import add_megatron_commands
-    from growth_ds.train.data import add_data_commands
-
     add_megatron_commands(sub)
+    add_hf_commands(sub)  # growth-ds convert SRC OUT [--to hf|growth-ds]
 
     add_data_commands(sub)
 
     g = sub.add_parser("grow", help="grow a saved checkpoint (model + optimizer + step) into a larger shape")
-    g.add_argument("--from", required=True, metavar="CKPT", help="checkpoint file (growth-ds or plain torch)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from", metavar="CKPT", help="checkpoint file (growth-ds or plain torch), or a megatron "
+                     "dist checkpoint directory")
+    src.add_argument("--from-hf", metavar="DIR", help="Hugging Face GPT2LMHeadModel/LlamaForCausalLM directory; "
+                     "--out is then a grown Hugging Face directory (save_pretrained, safetensors)")
     g.add_argument("--to", required=True, metavar="SHAPE_YAML", help="target ModelShape YAML")
     g.add_argument("--method", required=True, help="WIDTH, DEPTH or WIDTH+DEPTH, e.g. lemon+identity; or ligo")
     g.add_argument("--out", required=True, help="output checkpoint file (atomic write)")
@@ -235,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--seq-len", type=int, default=128)
     g.add_argument("--tp", type=int, help="TP size for a megatron dist checkpoint (default: world size)")
+    add_hf_grow_arguments(g)  # --dtype, --max-seq-len
     g.set_defaults(func=cmd_grow)
 
     v = sub.add_parser("verify", help="max logit difference between a small and a grown checkpoint")
@@ -249,7 +260,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
+    except (ValueError, FileExistsError, FileNotFoundError, ImportError) as e:
         print(f"growth-ds {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -161,5 +161,8 @@ def validate_growth(small: ModelShape, large: ModelShape) -> None:
     if small.head_dim != large.head_dim:
         why = "RoPE fixes head_dim" if small.flavour == "llama" else "growth adds heads, not head_dim"
         raise ValueError(f"head_dim: cannot change {small.head_dim} -> {large.head_dim} ({why})")
+    if small.flavour == "llama" and small.rope_theta != large.rope_theta:
+        raise ValueError(f"rope_theta: cannot change {small.rope_theta} -> {large.rope_theta} (positions would "
+                         f"rotate differently); set the target's rope_theta to the source's")
     if large.n_heads % large.n_kv_heads:
         raise ValueError(f"n_heads: {large.n_heads} query heads do not divide into {large.n_kv_heads} kv groups")

@@ -178,7 +178,6 @@ def test_torchrun_script_killed_then_rerun_resumes_exactly(ds_run, tmp_path):
 def test_run_published_to_hugging_face_reproduces_its_val_loss(ds_run):
     """`growth-ds convert RUN_DIR OUT` (ZeRO-2 shards -> fp32 -> save_pretrained); transformers' loss on
     the run's validation batches equals the trainer's last logged val loss."""
-    import numpy as np  # noqa: F401  (the token stores are numpy memmaps)
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -56,6 +56,21 @@ def test_randn_slice_equals_the_full_draw(numel, start, stop):
     assert torch.equal(full[start:stop], part)
 
 
+@pytest.mark.parametrize("numel", [15, 16, 333, 4099, 50000])
+def test_randn_stream_serves_overlapping_monotone_requests_exactly(numel):
+    from growth_ds.distributed.zero_index import RandnStream
+
+    full = torch.randn(numel, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    stream = RandnStream(torch.Generator().manual_seed(1), numel)
+    rng = random.Random(numel)
+    start = 0
+    while start < numel:
+        stop = min(numel, start + rng.randrange(1, max(2, numel // 5)))
+        assert torch.equal(stream.take(start, stop), full[start:stop]), (start, stop)
+        start = max(start, stop - rng.randrange(0, 40)) if stop < numel else numel  # overlap like split rows
+        start += rng.randrange(0, 3 * 16)  # and gaps
+
+
 def _state(shape, seed=0):
     from zero_worker import random_state
 

@@ -389,10 +389,11 @@ def memory_cases():
     from growth_ds.shapes import ModelShape
 
     R = dataclasses.replace
+    # a realistic proportion: the embedding is the largest parameter (so the bound is one embedding)
     g = ModelShape(flavour="gpt2", n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, head_dim=16, d_ffn=256,
-                   vocab_size=512, max_seq_len=16)
+                   vocab_size=4096, max_seq_len=16)
     ll = ModelShape(flavour="llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ffn=256,
-                    vocab_size=512, max_seq_len=16, tied_embeddings=False)
+                    vocab_size=4096, max_seq_len=16, tied_embeddings=False)
     return [  # the two cases that hold a whole old parameter on one rank (mean rows, relative noise)
         ("gpt2/lemon+identity", g, R(g, d_model=96, n_heads=6, n_kv_heads=6, d_ffn=384, n_layers=3), "lemon",
          "identity", "adjoint"),
@@ -424,8 +425,9 @@ def task_memory(out_dir, opts):
     from growth_ds.ops import grow, make_plan
 
     ws = dist.get_world_size()
-    runs = [(3, c) for c in memory_cases()]
-    runs += [(int(st), memory_cases()[0]) for st in opts.get("mem_stages", "").split(",") if st]
+    cases = memory_cases()
+    runs = [(3, cases[i]) for i in (range(len(cases)) if opts.get("mem_cases") != "1" else [1])]
+    runs += [(int(st), cases[0]) for st in opts.get("mem_stages", "").split(",") if st]
     results = []
     for stage, case in runs:
         for label, small, large, width, depth, moments in [case]:

@@ -34,7 +34,8 @@ from growth_ds.ops.apply import grow_moment, grow_value, source_name
 from growth_ds.ops.plan import GrowthPlan
 from growth_ds.train import deepspeed_engine as dse
 from growth_ds.distributed.zero_index import (OldData, ParamGrowth, PlanCache, Reductions, assemble,
-                                              chunk_range, clip_intervals, intervals_numel, make_schedule)
+                                              chunk_range, clip_intervals, interval_index, intervals_numel,
+                                              make_schedule)
 
 dist = dse.dist
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
@@ -191,11 +192,17 @@ def _exchange(requests, growths: Sequence[ParamGrowth], old: ZeroLayout, stats: 
         for req, slot, lo, pieces in outgoing[q]:
             n = intervals_numel(pieces)
             seg = send[off:off + n * req.channels].view(req.channels, n)
-            for c in range(req.channels):
-                pos = 0
-                for s, e in pieces:
-                    seg[c, pos:pos + e - s].copy_(slot.views[c][s - lo:e - lo])
-                    pos += e - s
+            if len(pieces) <= 2:
+                for c in range(req.channels):
+                    pos = 0
+                    for s, e in pieces:
+                        seg[c, pos:pos + e - s].copy_(slot.views[c][s - lo:e - lo])
+                        pos += e - s
+            else:  # many short runs (permuted heads, GQA groups): one gather per channel
+                idx = interval_index(pieces, lo)
+                for c in range(req.channels):
+                    torch.index_select(slot.views[c], 0, idx, out=seg[c])
+                del idx
             off += n * req.channels
     mine = [(i, req) for i, req in enumerate(requests) if req.rank == me]
     counts = {}  # (request index, owner) -> elements
@@ -325,6 +332,7 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
     kill = _kill_round()
     reductions: Dict[int, Reductions] = {}
     me = new.rank
+    current: Optional[ParamGrowth] = None
     for k, rnd in enumerate(rounds):
         if kill is not None and kill == (me, k):
             os.kill(os.getpid(), signal.SIGKILL)
@@ -341,6 +349,9 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
             if req.rank != me or req.kind != "piece":
                 continue
             g = growths[req.param]
+            if current is not None and current is not g:  # a rank's pieces of a parameter are consecutive
+                current.release()
+            current = g
             olddata = OldData(req.intervals, data.pop(i))
             slot = new.slots[g.name]
             lo = slot.bounds[me]
@@ -354,6 +365,8 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
         stats.seconds_exchange += t2 - t1
         stats.seconds_compute += time.perf_counter() - t2
         del data
+    if current is not None:
+        current.release()
     stats.step = 0 if plan.moments == "reset" else dse.get_step(old_engine)
     dse.set_step(new_engine, stats.step)
     for attr in ("global_steps", "global_samples", "skipped_steps"):

@@ -64,6 +64,16 @@ def runs_to_intervals(idx: torch.Tensor, width: int = 1) -> List[Interval]:
     return [(s * width, e * width) for s, e in zip(starts, stops)]
 
 
+def interval_index(ivs: Sequence[Interval], base: int = 0) -> torch.Tensor:
+    """``cat(arange(s - base, e - base) for s, e in ivs)`` in a few vectorised ops."""
+    if not ivs:
+        return torch.empty(0, dtype=torch.long)
+    t = torch.tensor(ivs, dtype=torch.long)
+    lens = t[:, 1] - t[:, 0]
+    offs = torch.cumsum(lens, 0) - lens
+    return torch.arange(int(lens.sum())) + torch.repeat_interleave(t[:, 0] - base - offs, lens)
+
+
 def clip_intervals(ivs: Sequence[Interval], lo: int, hi: int) -> List[Interval]:
     """The parts of ``ivs`` inside ``[lo, hi)``."""
     out = []
@@ -166,6 +176,62 @@ def randn_slice(gen: torch.Generator, numel: int, start: int, stop: int) -> torc
     return _randn_slice_chunked(gen, numel, start, stop)
 
 
+class RandnStream:
+    """Slices of ``torch.randn(numel, generator=gen, dtype=float64)`` requested with non-decreasing starts
+    (a request may overlap the previous one, e.g. a row split between two pieces): every uniform is drawn
+    once, so a rank's pieces of one parameter cost one pass over the stream up to its last element, and
+    memory stays O(request)."""
+
+    def __init__(self, gen: torch.Generator, numel: int):
+        self.gen, self.numel = gen, numel
+        self.full = None
+        if numel < 16 or not chunked_randn_is_exact():
+            self.full = torch.randn(numel, generator=gen, dtype=F64)
+        self.tail_start = numel - 16 if numel % 16 else numel
+        self.pos = 0                              # uniforms consumed
+        self.w0 = 0                               # window: body values [w0, w0 + len(win))
+        self.win = torch.empty(0, dtype=F64)
+        self.tail: Optional[torch.Tensor] = None
+        self.last_start = 0
+
+    def take(self, start: int, stop: int) -> torch.Tensor:
+        if stop <= start:
+            return torch.empty(0, dtype=F64)
+        if self.full is not None:
+            return self.full[start:stop].clone()
+        if start < self.last_start:
+            raise ValueError(f"RandnStream: requests must not go backwards ({start} < {self.last_start})")
+        self.last_start = start
+        body_stop = min(stop, self.tail_start)
+        w1 = self.w0 + self.win.numel()
+        if body_stop > w1:
+            a = start // 16 * 16
+            if a > self.pos:  # a gap: skip it and restart the window
+                _draw_uniforms(self.gen, a - self.pos)
+                self.pos, self.w0, self.win = a, a, torch.empty(0, dtype=F64)
+            b = -(-body_stop // 16) * 16
+            blocks = [self.win]
+            while self.pos < b:
+                k = min(_RANDN_CHUNK, b - self.pos)
+                blocks.append(torch.randn(k, generator=self.gen, dtype=F64))
+                self.pos += k
+            self.win = torch.cat(blocks)
+        if stop > self.tail_start and self.tail is None:
+            _draw_uniforms(self.gen, self.numel - self.pos)
+            self.pos = self.numel
+            self.tail = torch.randn(16, generator=self.gen, dtype=F64)
+        out = torch.empty(stop - start, dtype=F64)
+        if start < body_stop:
+            out[:body_stop - start] = self.win[start - self.w0:body_stop - self.w0]
+        if stop > self.tail_start:
+            s2 = max(start, self.tail_start)
+            out[s2 - start:] = self.tail[s2 - self.tail_start:stop - self.tail_start]
+        if start > self.w0:  # later requests never start before this one
+            self.win = self.win[start - self.w0:].clone()
+            self.w0 = start
+        return out
+
+
 # ---- one parameter -----------------------------------------------------------------------------
 
 
@@ -259,6 +325,7 @@ class ParamGrowth:
         else:
             self.mode = "rows"
         self.reductions: Tuple[str, ...] = ()
+        self._streams: dict = {}
         if self.mode != "rows":
             return
         cache = cache or PlanCache(plan)
@@ -363,6 +430,10 @@ class ParamGrowth:
         return torch.where(nz, y, torch.zeros((), dtype=torch.float32), out=dst) if dst is not None else \
             torch.where(nz, y, torch.zeros((), dtype=torch.float32))
 
+    def release(self) -> None:
+        """Drop the random streams kept between pieces (call once this rank's pieces are done)."""
+        self._streams = {}
+
     # -- which old elements --------------------------------------------------------------------
     def rows_of(self, start: int, stop: int) -> Tuple[int, int]:
         """New rows ``[i0, i1)`` covering new flat range ``[start, stop)``."""
@@ -464,7 +535,8 @@ class ParamGrowth:
         if K is not None:
             x = x * K
         if self.noisy:
-            x = x + noise_rows(self.plan, self.name, self.spec, i0, i1, red.std if red is not None else None)
+            x = x + noise_rows(self.plan, self.name, self.spec, i0, i1, red.std if red is not None else None,
+                               self._streams)
         return x.to(torch.float32)
 
     def _K_rows(self, i0, i1) -> torch.Tensor:
@@ -491,7 +563,7 @@ class _RowView:
         if old is None or not old.intervals:
             self.row_ids = torch.empty(0, dtype=torch.long)
             return
-        self.row_ids = torch.cat([torch.arange(s // d1, e // d1) for s, e in old.intervals])
+        self.row_ids = interval_index([(s // d1, e // d1) for s, e in old.intervals])
         self.data = old.data.view(old.data.shape[0], -1, d1)
 
     def positions(self, want: torch.Tensor):
@@ -512,9 +584,19 @@ class _RowView:
 
 
 def noise_rows(plan: GrowthPlan, name: str, spec: ParamSpec, i0: int, i1: int,
-               full_std: Optional[float] = None) -> torch.Tensor:
+               full_std: Optional[float] = None, streams: Optional[dict] = None) -> torch.Tensor:
     """Rows ``[i0, i1)`` of the reference's random part ``N`` (``ops.apply._noise``), float64, drawing
-    only what those rows need from the same keyed generators."""
+    only what those rows need from the same keyed generators. ``streams`` (a dict kept by the caller across
+    calls with non-decreasing ``i0``) makes consecutive calls continue each generator instead of redrawing
+    from its start."""
+
+    def draw(tag, numel, start, stop):
+        if streams is None:
+            return randn_slice(keyed_generator(plan.seed, name, tag), numel, start, stop)
+        if tag not in streams:
+            streams[tag] = RandnStream(keyed_generator(plan.seed, name, tag), numel)
+        return streams[tag].take(start, stop)
+
     axes = _axes(spec)
     b, a = plan.spaces[axes[0][0]], plan.spaces[axes[1][0]]
     rows = i1 - i0
@@ -524,8 +606,7 @@ def noise_rows(plan: GrowthPlan, name: str, spec: ParamSpec, i0: int, i1: int,
         if plan.noise_relative and full_std is None:
             raise ValueError(f"{name}: relative noise needs the std of the whole old weight")
         std = plan.noise_std * (full_std if plan.noise_relative else 1.0)
-        g = keyed_generator(plan.seed, name, "fan_in_split")
-        R = randn_slice(g, b.new * a.new, i0 * a.new, i1 * a.new).view(rows, a.new) * std
+        R = draw("fan_in_split", b.new * a.new, i0 * a.new, i1 * a.new).view(rows, a.new) * std
         keep = ~a_new
         group_sum = torch.zeros(rows, a.old, dtype=F64)
         group_sum.index_add_(1, a.src[keep], R[:, keep])
@@ -533,16 +614,14 @@ def noise_rows(plan: GrowthPlan, name: str, spec: ParamSpec, i0: int, i1: int,
         N[:, keep] = R[:, keep] - (group_sum / cnt)[:, a.src[keep]]
     if a_new.any() and a.residue in ("zero", "mean") and plan.random_std > 0:
         k = int(a_new.sum())
-        g = keyed_generator(plan.seed, name, "residue_columns")
-        N[:, a_new] = randn_slice(g, b.new * k, i0 * k, i1 * k).view(rows, k) * plan.random_std
+        N[:, a_new] = draw("residue_columns", b.new * k, i0 * k, i1 * k).view(rows, k) * plan.random_std
     b_new = b.src < 0
     if b_new.any() and b.residue == "random":
         blk = b_new[i0:i1]
         if blk.any():
             k0 = int(b_new[:i0].sum())
             k1 = k0 + int(blk.sum())
-            g = keyed_generator(plan.seed, name, "new_units")
-            r = randn_slice(g, int(b_new.sum()) * a.new, k0 * a.new, k1 * a.new).view(k1 - k0, a.new)
+            r = draw("new_units", int(b_new.sum()) * a.new, k0 * a.new, k1 * a.new).view(k1 - k0, a.new)
             r = r * plan.random_std
             if a_new.any() and a.residue == "random":
                 r[:, a_new] = 0.0
@@ -654,6 +733,6 @@ def grow_rows_reference(growth: ParamGrowth, start: int, stop: int, old_full: Li
     return growth.compute(start, stop, OldData(ivs, data), red)
 
 
-__all__ = ["Interval", "OldData", "ParamGrowth", "PlanCache", "Reductions", "Request", "Round", "assemble", "chunk_range",
+__all__ = ["Interval", "interval_index", "OldData", "ParamGrowth", "PlanCache", "RandnStream", "Reductions", "Request", "Round", "assemble", "chunk_range",
            "chunked_randn_is_exact", "clip_intervals", "intervals_numel", "make_schedule", "noise_rows",
            "owner_pieces", "randn_slice", "rank_range", "runs_to_intervals"]

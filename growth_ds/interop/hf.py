@@ -195,7 +195,7 @@ def params_from_hf(sd: Tensors, shape: ModelShape, dtype=torch.float32) -> Tenso
         used.add(key)
         return sd[key]
 
-    d, hq, hk = shape.d_model, shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
+    hq, hk = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
     if gpt2:
         out["tok_emb.weight"] = take("wte.weight")
         out["pos_emb.weight"] = take("wpe.weight")[: shape.max_seq_len]

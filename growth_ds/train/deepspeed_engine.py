@@ -28,6 +28,12 @@ def init_distributed() -> None:
     """Initialise torch.distributed (gloo on CPU) from launcher env; a single process works without one."""
     if dist.is_initialized():
         return
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ:
+        # a bare `srun growth-ds train`: one task per rank
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+        if "MASTER_ADDR" not in os.environ:
+            raise ValueError("srun without a launcher: set MASTER_ADDR/MASTER_PORT (launch/slurm.sbatch does)")
     if "RANK" not in os.environ:  # plain `python -m growth_ds.cli train`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -152,9 +158,10 @@ def materialise_optimizer_state(engine, batch) -> None:
     """
     set_lr(engine, 0.0)
     x, y = batch
-    loss = engine(x).float().sum() * 0.0
-    engine.backward(loss)
-    engine.step()
+    for _ in range(engine.gradient_accumulation_steps()):  # the optimizer steps only at the boundary
+        loss = engine(x).float().sum() * 0.0
+        engine.backward(loss)
+        engine.step()
     link_optimizer_state(engine)
 
 
