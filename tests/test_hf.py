@@ -274,7 +274,8 @@ def test_cli_grow_from_hf_and_convert_both_ways(tmp_path, capsys):
     state = load_state(ckpt)
     assert state.shape == shape and max_diff(ref_logits(state, x), want) < 1e-5
     assert _convert([str(tmp_path / "small"), str(ckpt)]) == 2  # exists: refused, untouched
-    assert "exists" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "exists" in captured.out + captured.err
     large = hf._target_shape(to, shape)
     grown_state = grow(state, make_plan(shape, large, width="lemon", depth="identity"))
     from growth_ds.checkpoint import save_state
