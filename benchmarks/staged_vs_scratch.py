@@ -35,6 +35,9 @@ def main():
         print(f"seed {seed}: target {r['target_val_loss']:.4f}  scratch {r['flops_scratch']:.3e}  staged "
               f"{r['flops_staged'] if r['flops_staged'] is None else format(r['flops_staged'], '.3e')}  saving "
               f"{'n/a' if r['saving_percent'] is None else format(r['saving_percent'], '.1f') + '%'}", flush=True)
+    gaps = [r["final_val_loss"]["staged"] - r["target_val_loss"] for _, r in rows]
+    print(f"val loss gap at equal FLOPs (staged - scratch): mean {statistics.mean(gaps):+.4f}"
+          + (f", std {statistics.stdev(gaps):.4f}" if len(gaps) > 1 else ""))
     savings = [r["saving_percent"] for _, r in rows if r["saving_percent"] is not None]
     print(f"\n{'seed':>4} {'scratch final':>13} {'staged final':>12} {'FLOPs scratch':>13} {'FLOPs staged':>12} "
           f"{'saving':>7}")

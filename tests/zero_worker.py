@@ -244,7 +244,7 @@ def reference_step(ref_state, shape, x, y, lr):
 # ---- cases ----------------------------------------------------------------------------------------
 
 
-def case_list(full=True):
+def case_list(which="full"):
     import dataclasses
 
     from helpers import small_shape
@@ -279,13 +279,20 @@ def case_list(full=True):
         ("llama/hypercloning+identity", ll, R(li, n_layers=3), "hypercloning", "identity", "adjoint"),
         ("llama/staged+interleave", ll, R(li, n_layers=4), "staged", "interleave", None),
         ("llama/zero+identity", ll, R(ln, n_layers=3), "zero", "identity", None),
+        ("llama/duplicate+stack", ll, R(li, n_layers=4), "duplicate", "stack", "adjoint"),
     ]
-    return cases if full else [c for c in cases if c[0] in SUBSET]
+    if which == "full":
+        return cases
+    keep = SUBSET if which == "subset" else MINI
+    return [c for c in cases if c[0] in keep]
 
 
 BF16_CASES = {"gpt2/lemon+identity", "llama/staged+interleave"}
-SUBSET = {"gpt2/lemon+identity", "gpt2/zero+stack", "gpt2/hypercloning", "llama/staged+interleave",
-          "llama/hypercloning+identity", "llama/zero+identity", "llama/lemon"}
+# every width and depth method on both flavours
+SUBSET = {"gpt2/duplicate+interleave", "gpt2/lemon+identity", "gpt2/zero+stack", "gpt2/hypercloning", "gpt2/staged",
+          "llama/lemon", "llama/hypercloning+identity", "llama/staged+interleave", "llama/zero+identity",
+          "llama/duplicate+stack"}
+MINI = {"gpt2/lemon+identity", "llama/staged+interleave", "llama/hypercloning+identity"}
 
 
 def task_cases(out_dir, opts):
@@ -295,12 +302,12 @@ def task_cases(out_dir, opts):
     from growth_ds.ops import grow, make_plan
 
     ws = dist.get_world_size()
-    stages = [int(s) for s in opts.get("stages", "1,2,3").split(",")]
-    full_stages = [int(s) for s in opts.get("full_stages", "1,2,3").split(",") if s]
+    # sel=STAGE:WHICH,...  with WHICH one of full | subset | mini
+    sel = [x.split(":") for x in opts.get("sel", "3:full,1:subset,2:subset").split(",") if x]
     bf16_stages = [int(s) for s in opts.get("bf16_stages", "").split(",") if s]
     buckets = {1: 768, 2: 4096, 3: 1536}  # different buckets per stage: the result must not depend on them
     only = opts.get("only")
-    runs = [(st, "fp32", case_list(st in full_stages)) for st in stages]
+    runs = [(int(st), "fp32", case_list(which)) for st, which in sel]
     runs += [(st, "bf16", [c for c in case_list() if c[0] in BF16_CASES]) for st in bf16_stages]
     results = []
     for stage, precision, cases in runs:

@@ -327,7 +327,7 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
     if bucket_elems is None:
         bucket_elems = auto_bucket(max(g.new_numel for g in growths))
     rounds = make_schedule(growths, new_bounds, new.world, bucket_elems)
-    compute_elems = max(1024, bucket_elems // 8)
+    compute_elems = max(4096, bucket_elems // 2)
     stats = GrowthStats(rounds=len(rounds))
     kill = _kill_round()
     reductions: Dict[int, Reductions] = {}
