@@ -249,6 +249,9 @@ def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config: {path} does not exist")
-    with open(path) as f:
-        raw = yaml.safe_load(f)
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ValueError(f"config: {path} is not valid YAML: {e}") from e
     return parse_config(raw, path)
