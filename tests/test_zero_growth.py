@@ -264,7 +264,8 @@ def test_growth_allocates_at_most_one_full_parameter(runs):
             assert r["ok"], r.get("error")
             assert (r["params"], r["exp_avg"], r["exp_avg_sq"]) == (0, 0, 0), r
             assert r["peak_bytes"] <= r["bound_bytes"], r
-            assert r["peak_bytes"] < 0.25 * (r["old_slice_bytes"] + r["new_slice_bytes"]), r
+            slices = r["old_slice_bytes"] + r["new_slice_bytes"]
+            assert slices + r["peak_bytes"] <= 1.5 * slices, r  # the target: <= 1.5x (old + new slice)
             n += 1
     assert n >= 5
 
