@@ -212,7 +212,7 @@ def runs(tmp_path_factory):
     assert not (out / "done_killjob_ws2").exists()
     small, large, kw = universal_case()
     grow_universal_checkpoint(out / "src_ckpt", large, out / "grown_uc", **kw, log=lambda *a: None)
-    # world size 4: every method under ZeRO-3, three cases under 1 and 2; memory; load the grown checkpoint
+    # world size 4: every method under ZeRO-3, two cases under 1 and 2; memory; load the grown checkpoint
     # under ZeRO-3; dense maps
     _ok(launch(out, "cases,memory,load,dense", 4, ["sel=3:subset,1:mini,2:mini", "mem_cases=1", "load_stage=3"]))
     # world size 1: every method under ZeRO-1; load the grown checkpoint under ZeRO-1
@@ -291,7 +291,7 @@ def test_next_step_equals_the_unsharded_reference(runs):
 def test_growth_allocates_at_most_one_full_parameter(runs):
     """Tensor memory allocated during grow_engine (every aten op's new storages, tracked live) stays under one
     full parameter: the largest new one in fp32, or the old parameter that GPT-2's mean rows / HyperCloning's
-    relative noise reduce (held once, in float64, on one rank), plus O(sum of space sizes) index vectors. It is
+    relative noise reduce (held once, in float64, on one rank), plus O(sum of space sizes) index vectors; and
     within the issue's target of 1.5x the rank's old + new slices."""
     n = 0
     for ws in (2, 4):

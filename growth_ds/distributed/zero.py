@@ -178,12 +178,12 @@ def _kill_round() -> Optional[tuple]:
 
 class _Exchange:
     """One all-to-all of a round: every rank sends the old elements it owns that each request needs.
-    Started asynchronously (:meth:`start`), so the next round's transfer overlaps this round's compute;
-    :meth:`finish` returns ``{request index: [channels, n] float32}`` for this rank's requests, columns
-    in old flat order."""
+    Started asynchronously (the constructor), so the next round's transfer can overlap this round's
+    compute; :meth:`finish` returns ``{request index: [channels, n] float32}`` for this rank's requests,
+    columns in old flat order."""
 
     def __init__(self, requests, growths: Sequence[ParamGrowth], old: ZeroLayout, stats: GrowthStats):
-        self.requests, self.old, self.stats = requests, old, stats
+        self.old, self.stats = old, stats
         me, world = old.rank, old.world
         outgoing: List[List[tuple]] = [[] for _ in range(world)]
         for i, req in enumerate(requests):
@@ -234,12 +234,11 @@ class _Exchange:
         if self.work is not None:
             self.work.wait()
         self.send = None
-        world = self.old.world
-        cursor = [sum(self.recv_counts[:p]) for p in range(world)]
+        cursor = [sum(self.recv_counts[:p]) for p in range(self.old.world)]
         out = {}
         for i, req in self.mine:
             parts = []
-            for p in range(world):
+            for p in range(self.old.world):
                 n = self.counts[i, p]
                 if n:
                     parts.append(self.recv[cursor[p]:cursor[p] + n * req.channels].view(req.channels, n))

@@ -258,7 +258,7 @@ class Reductions:
 
 class SpaceSide:
     """One space map used on one side (out: ``S``, in: ``T``), shared by every parameter that maps an axis
-    that way. Holds O(D) bytes; the float64 vectors an axis needs in full (axis 1) are built lazily once."""
+    that way. Holds O(D) bytes; the float64 vectors an axis needs in full are built lazily once."""
 
     def __init__(self, m, side: str):
         self.map, self.side = m, side
@@ -401,7 +401,8 @@ class ParamGrowth:
             i0, i1 = self.rows_of(start, stop)
             aligned = start == i0 * self.D1 and stop == i1 * self.D1
             rows = _RowView(old, self.d1)
-            pos = rows.positions(torch.arange(i0, i1) if self.a0.identity else self.a0.map.src[i0:i1].clamp(min=0))
+            want = torch.arange(i0, i1) if self.a0.identity else self.a0.map.src[i0:i1].clamp(min=0)
+            pos = rows.positions(want)
             K = self._K_rows(i0, i1) if self.K_g != 1 else None
             lo = start - i0 * self.D1
             slow = self.compute(start, stop, old, red) if not (self.fast_value and self.fast_moment) else None
@@ -470,17 +471,10 @@ class ParamGrowth:
             out.mul_(mult.to(torch.float32))
             if fix_zeros and K is not None:
                 out.masked_fill_(K == 0, 0.0)
-        if c == 0:
-            if fix_zeros:
-                if zero_x is not None:
-                    out.masked_fill_(zero_x if self.a1.identity else zero_x.index_select(1, self.a1.full()[0]), 0.0)
-                z0, z1 = m0 == 0, m1 == 0
-                if bool(z0.any()):
-                    out[z0] = 0.0
-                if bool(z1.any()):
-                    out[:, z1] = 0.0
-        else:  # the reference writes +0 where the adjoint is 0 (new rows / columns)
-            z0, z1 = m0 == 0, m1 == 0
+        z0, z1 = m0 == 0, m1 == 0
+        if c == 0 and fix_zeros and zero_x is not None:
+            out.masked_fill_(zero_x if self.a1.identity else zero_x.index_select(1, self.a1.full()[0]), 0.0)
+        if c > 0 or fix_zeros:  # +0 where the factor is 0 (moments: the reference writes zeros there)
             if bool(z0.any()):
                 out[z0] = 0.0
             if bool(z1.any()):
