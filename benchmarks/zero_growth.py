@@ -34,10 +34,10 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
 SIZES = {  # grown model ~ N parameters: (small, grown) llama shapes, width x2 and deeper
-    "10M": (dict(d_model=128, n_heads=4, n_kv_heads=2, head_dim=32, d_ffn=512, n_layers=4, vocab_size=8192),
-            dict(d_model=256, n_heads=8, n_kv_heads=4, d_ffn=1024, n_layers=6)),
-    "50M": (dict(d_model=256, n_heads=4, n_kv_heads=2, head_dim=64, d_ffn=1024, n_layers=6, vocab_size=16384),
-            dict(d_model=512, n_heads=8, n_kv_heads=4, d_ffn=2048, n_layers=8)),
+    "10M": (dict(d_model=128, n_heads=4, n_kv_heads=2, head_dim=32, d_ffn=512, n_layers=6, vocab_size=8192),
+            dict(d_model=256, n_heads=8, n_kv_heads=4, d_ffn=1024, n_layers=8)),
+    "50M": (dict(d_model=256, n_heads=4, n_kv_heads=2, head_dim=64, d_ffn=1024, n_layers=8, vocab_size=16384),
+            dict(d_model=512, n_heads=8, n_kv_heads=4, d_ffn=2048, n_layers=11)),
     "200M": (dict(d_model=512, n_heads=8, n_kv_heads=4, head_dim=64, d_ffn=2048, n_layers=8, vocab_size=32000),
              dict(d_model=1024, n_heads=16, n_kv_heads=8, d_ffn=4096, n_layers=11)),
 }
@@ -71,7 +71,7 @@ def worker(args):
     import torch
 
     from growth_ds.distributed.zero import ZeroLayout, gather_grow, grow_engine
-    from growth_ds.distributed.zero_memory import TensorAccountant, malloc_trim, rss, rss_peak_window
+    from growth_ds.distributed.zero_memory import TensorAccountant, malloc_trim, rss_peak_window
     from growth_ds.models import build_model
     from growth_ds.cli import _parse_methods
     from growth_ds.ops import make_plan
@@ -120,7 +120,8 @@ def worker(args):
         for path in ("executor", "gather"):
             if path == "gather" and args.skip_gather:
                 continue
-            fn = (lambda: grow_engine(old, new, plan)) if path == "executor" else (lambda: gather_grow(old, new, plan))
+            fn = (lambda: grow_engine(old, new, plan, prefetch=args.prefetch)) if path == "executor" else \
+                (lambda: gather_grow(old, new, plan))
             gc.collect()
             malloc_trim()
             dist.barrier()
@@ -187,7 +188,8 @@ def report(per_rank):
     if "gather" in r0:
         ex, ga = (max(r[p]["seconds"] for r in per_rank) for p in ("executor", "gather"))
         tex, tga = (max(r[p]["tracked_peak"] for r in per_rank) for p in ("executor", "gather"))
-        print(f"   executor vs gather: {ga / ex:.2f}x faster, {tga / max(tex, 1):.1f}x less memory allocated", flush=True)
+        print(f"   executor vs gather: {ga / ex:.2f}x faster, {tga / max(tex, 1):.1f}x less memory allocated",
+              flush=True)
 
 
 def main():
@@ -197,6 +199,7 @@ def main():
     ap.add_argument("--stage", type=int, default=3)
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--skip-gather", action="store_true")
+    ap.add_argument("--prefetch", action="store_true", help="executor: overlap the next all-to-all with compute")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if "RANK" in os.environ:

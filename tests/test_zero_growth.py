@@ -124,6 +124,35 @@ def test_piecewise_growth_equals_reference_bit_for_bit(flavour, width, depth, ch
                 assert intervals_numel(g.needs(a, b)) <= (i1 - i0 + 1) * g.d1
 
 
+@pytest.mark.parametrize("width", ["duplicate", "staged"])
+def test_float32_fast_path_keeps_signed_zeros_and_underflow_exact(width):
+    """The float32 fast path against the float64 reference on adversarial values: -0.0, +0.0 and negative
+    subnormals whose scaled value rounds to zero (the reference keeps -0 there, but +0 for exact zeros)."""
+    small = small_shape("llama")
+    plan = make_plan(small, dataclasses.replace(small, d_model=64, n_heads=8, n_kv_heads=4, d_ffn=96), width=width,
+                     seed=1, moments="adjoint")
+    state = _state(small)
+    g = torch.Generator().manual_seed(0)
+    special = torch.tensor([-0.0, 0.0, -1e-45, 1e-45, -3e-45, -1.2e-38, 5e-39])
+    for field in (state.params, state.exp_avg, state.exp_avg_sq):
+        for t in field.values():
+            flat = t.view(-1)
+            idx = torch.randint(0, flat.numel(), (min(64, flat.numel()),), generator=g)
+            flat[idx] = special[torch.randint(0, len(special), (idx.numel(),), generator=g)]
+    ref = grow(state, plan)
+    cache = PlanCache(plan)
+    fast = 0
+    for name, spec in parameter_schema(plan.grown_shape).items():
+        gr = ParamGrowth(plan, name, spec, cache)
+        fast += gr.mode == "rows" and gr.fast_value and gr.fast_moment
+        old = [state.params[name], state.exp_avg[name], state.exp_avg_sq[name]]
+        into = [torch.empty(gr.new_numel) for _ in range(3)]
+        grow_rows_reference(gr, 0, gr.new_numel, old, into=into)
+        for c, field in enumerate(("params", "exp_avg", "exp_avg_sq")):
+            assert torch.equal(_bits(into[c]), _bits(getattr(ref, field)[name].reshape(-1))), (name, field)
+    assert fast >= 5
+
+
 def test_schedule_serves_every_new_element_exactly_once():
     small = small_shape("llama")
     plan = make_plan(small, dataclasses.replace(small, d_model=48, n_heads=6, n_kv_heads=3, d_ffn=80, n_layers=3),
@@ -175,18 +204,19 @@ def runs(tmp_path_factory):
     # world size 2: memory; ZeRO 1/2/3 x every case (+ bf16); a ZeRO-2 checkpoint for offline growth; three
     # growths in one job; the uninterrupted job; then the same job with rank 1 SIGKILLed mid-growth
     res = launch(out, "memory,cases,save,leak,job,killjob", 2,
-                 ["run=ref", "sel=3:full,1:subset,2:subset", "bf16_stages=2,3", "mem_stages=1"])
+                 ["run=ref", "sel=3:full,1:subset,2:mini", "bf16_stages=3", "mem_cases=1", "mem_stages=1",
+                  "cross=2>3,3>1"])
     (out / "killed_rc.txt").write_text(str(res.returncode))
     for task in ("memory", "cases", "save", "leak", "job"):
         assert (out / f"done_{task}_ws2").exists(), res.stdout[-3000:] + res.stderr[-6000:]
     assert not (out / "done_killjob_ws2").exists()
     small, large, kw = universal_case()
     grow_universal_checkpoint(out / "src_ckpt", large, out / "grown_uc", **kw, log=lambda *a: None)
-    # world size 4: every method under ZeRO-3, three cases under 1 and 2; memory; load the grown checkpoint
+    # world size 4: every method under ZeRO-3, two cases under 1 and 2; memory; load the grown checkpoint
     # under ZeRO-3; dense maps
     _ok(launch(out, "cases,memory,load,dense", 4, ["sel=3:subset,1:mini,2:mini", "mem_cases=1", "load_stage=3"]))
-    # world size 1: the same cases; load the grown checkpoint under ZeRO-1
-    _ok(launch(out, "cases,load", 1, ["sel=3:subset,1:mini,2:mini", "load_stage=1"]))
+    # world size 1: every method under ZeRO-1; load the grown checkpoint under ZeRO-1
+    _ok(launch(out, "cases,load", 1, ["sel=1:subset", "load_stage=1"]))
     # the relaunched killed job resumes from its pre-growth checkpoint and grows again; dense maps
     _ok(launch(out, "job,dense", 2, ["run=killed", "dense_stages=1,3"]))
     return out
@@ -205,15 +235,17 @@ def test_grown_partitions_equal_the_reference_bit_for_bit(runs, ws):
     from zero_worker import case_list
 
     recs = _cases(runs, ws)
-    assert {r["stage"] for r in recs} == {1, 2, 3}
-    z3 = {r["case"] for r in recs if r["stage"] == 3}
-    assert z3 == {c[0] for c in case_list("full" if ws == 2 else "subset")}
-    for flavour in ("gpt2", "llama"):  # every width and depth method on both flavours, under ZeRO-3
-        combos = [c for c in case_list() if c[0] in z3 and c[0].startswith(flavour)]
+    assert {r["stage"] for r in recs} == ({1} if ws == 1 else {1, 2, 3})
+    main = {r["case"] for r in recs if r["stage"] == (1 if ws == 1 else 3) and r["old_stage"] == r["stage"]}
+    assert main == {c[0] for c in case_list("full" if ws == 2 else "subset")}
+    for flavour in ("gpt2", "llama"):  # every width and depth method on both flavours
+        combos = [c for c in case_list() if c[0] in main and c[0].startswith(flavour)]
         assert {c[3] for c in combos} >= {"duplicate", "lemon", "zero", "hypercloning", "staged"}
         assert {c[4] for c in combos} >= {"stack", "interleave", "identity"}
     if ws == 2:
-        assert {r["stage"] for r in recs if r["precision"] == "bf16"} == {2, 3}
+        assert {r["stage"] for r in recs if r["precision"] == "bf16"} == {3}
+        # the grown engine may use another ZeRO stage than the old one
+        assert {(r["old_stage"], r["stage"]) for r in recs if r["old_stage"] != r["stage"]} == {(2, 3), (3, 1)}
     for r in recs:
         assert r["ok"], r.get("error")
         where = f"ws{ws} stage {r['stage']} {r['precision']} {r['case']}"
@@ -221,19 +253,22 @@ def test_grown_partitions_equal_the_reference_bit_for_bit(runs, ws):
         assert r.get("ds_gather_value_diff", 0) == 0, where
         assert r["lp_mismatch"] == 0, where
         assert r["rounds"] >= 2, where
+    assert any("ds_gather_value_diff" in r for r in recs)  # DeepSpeed's own gather was consulted too
 
 
 @pytest.mark.slow
 def test_same_result_at_world_size_1_2_and_4(runs):
-    by = {ws: {(r["stage"], r["case"]): r["digest"] for r in _cases(runs, ws) if r["precision"] == "fp32"}
-          for ws in (1, 2, 4)}
-    common = set(by[1]) & set(by[2]) & set(by[4])
-    assert len(common) >= 13
-    for key in common:
-        assert by[1][key] == by[2][key] == by[4][key], key
-    for ws in (2, 4):  # and the same under every ZeRO stage
-        for case in {c for _, c in by[ws]}:
-            assert len({d for (st, c), d in by[ws].items() if c == case}) == 1, (ws, case)
+    """One digest of the whole grown state per case, whatever the world size, ZeRO stage and bucket size."""
+    digests, where = {}, {}
+    for ws in (1, 2, 4):
+        for r in _cases(runs, ws):
+            if r["precision"] == "fp32":
+                digests.setdefault(r["case"], set()).add(r["digest"])
+                where.setdefault(r["case"], set()).add((ws, r["stage"]))
+    everywhere = [c for c, w in where.items() if {ws for ws, _ in w} == {1, 2, 4}]
+    assert len(everywhere) >= 10
+    for case, ds in digests.items():
+        assert len(ds) == 1, (case, sorted(where[case]))
 
 
 @pytest.mark.slow
@@ -249,15 +284,15 @@ def test_next_step_equals_the_unsharded_reference(runs):
             assert r["loss_diff"] < 1e-5, r
             assert r["step_max_diff"] < 1e-5, (ws, r["stage"], r["case"], r["step_max_diff"])
             assert r["step_after"] == r["ref_step"] + 1  # the grown step (0 under the reset rule), stepped once
-    assert n > 70
+    assert n > 50
 
 
 @pytest.mark.slow
 def test_growth_allocates_at_most_one_full_parameter(runs):
     """Tensor memory allocated during grow_engine (every aten op's new storages, tracked live) stays under one
     full parameter: the largest new one in fp32, or the old parameter that GPT-2's mean rows / HyperCloning's
-    relative noise reduce (held once, in float64, on one rank), plus O(sum of space sizes) index vectors. It is
-    a small fraction of the rank's old + new slices."""
+    relative noise reduce (held once, in float64, on one rank), plus O(sum of space sizes) index vectors; and
+    within the issue's target of 1.5x the rank's old + new slices."""
     n = 0
     for ws in (2, 4):
         for r in json.loads((runs / f"memory_ws{ws}.json").read_text()):
@@ -267,7 +302,7 @@ def test_growth_allocates_at_most_one_full_parameter(runs):
             slices = r["old_slice_bytes"] + r["new_slice_bytes"]
             assert slices + r["peak_bytes"] <= 1.5 * slices, r  # the issue's target: <= 1.5x (old + new slice)
             n += 1
-    assert n >= 5
+    assert n >= 3
 
 
 @pytest.mark.slow

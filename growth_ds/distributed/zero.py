@@ -11,13 +11,18 @@ from global metadata alone, which new elements it owns, which old elements those
 request round: old owners pack exactly the elements every rank needs, and one
 ``all_to_all_single`` per bucket (a *round*, :func:`~growth_ds.distributed.zero_index.make_schedule`)
 moves them. Each rank then replays the reference arithmetic (``growth_ds.ops.apply``) on its rows and
-writes its own slices. The result is bit-identical to ``growth_ds.ops.grow`` on the full state, at any
-world size (tests/test_zero_growth.py).
+writes its own slices: in float32, in place, where every factor is a power of two (duplication, staged
+training, depth copies: provably the same bits), else in float64 a few rows at a time. The result is
+bit-identical to ``growth_ds.ops.grow`` on the full state, at any world size, ZeRO stage and bucket size
+(tests/test_zero_growth.py).
 
 Memory per rank, besides the two engines' own partitions: one bucket (``bucket_elems`` new elements,
-their old sources in 1 or 3 channels, float64 work space for the rows being computed), plus, only for
-parameters that need a whole-parameter reduction (GPT-2 mean rows of a non-integer ``d_model`` growth,
-HyperCloning's relative noise), that one old parameter on one designated rank. Never the model.
+their old sources in 1 or 3 channels, work space for the rows being computed), O(sum of space sizes)
+index vectors, plus, only for parameters that need a whole-parameter reduction (GPT-2 mean rows of a
+non-integer ``d_model`` growth, HyperCloning's relative noise), that one old parameter in float64 on one
+designated rank, in a round of its own. Never the model.
+
+Old and new engine may differ in ZeRO stage (1, 2 or 3) and precision; they share the data-parallel group.
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ from growth_ds.distributed.zero_index import (OldData, ParamGrowth, PlanCache, R
 
 dist = dse.dist
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
-DEFAULT_BUCKET_ELEMS = 1 << 20
+DEFAULT_BUCKET_ELEMS = 1 << 22
 KILL_ENV = "GROWTH_DS_KILL_IN_GROWTH"  # "RANK:ROUND": SIGKILL that rank at that round (fault-tolerance tests)
 
 
@@ -171,68 +176,77 @@ def _kill_round() -> Optional[tuple]:
     return int(r), int(k)
 
 
-def _exchange(requests, growths: Sequence[ParamGrowth], old: ZeroLayout, stats: GrowthStats) -> Dict[int, torch.Tensor]:
-    """One all-to-all: every rank sends the old elements it owns that each request needs.
+class _Exchange:
+    """One all-to-all of a round: every rank sends the old elements it owns that each request needs.
+    Started asynchronously (the constructor), so the next round's transfer can overlap this round's
+    compute; :meth:`finish` returns ``{request index: [channels, n] float32}`` for this rank's requests,
+    columns in old flat order."""
 
-    Returns ``{request index: [channels, n] float32}`` for this rank's requests, columns in old flat order.
-    """
-    me, world = old.rank, old.world
-    outgoing: List[List[tuple]] = [[] for _ in range(world)]
-    for i, req in enumerate(requests):
-        slot = old.slots[growths[req.param].source]
-        lo, hi = slot.bounds[me], slot.bounds[me + 1]
-        pieces = clip_intervals(req.intervals, lo, hi)
-        if pieces:
-            outgoing[req.rank].append((req, slot, lo, pieces))
-    dtype = torch.float32
-    send_counts = [sum(intervals_numel(p) * req.channels for req, _, _, p in outgoing[q]) for q in range(world)]
-    send = torch.empty(sum(send_counts), dtype=dtype)
-    off = 0
-    for q in range(world):
-        for req, slot, lo, pieces in outgoing[q]:
-            n = intervals_numel(pieces)
-            seg = send[off:off + n * req.channels].view(req.channels, n)
-            if len(pieces) <= 2:
-                for c in range(req.channels):
-                    pos = 0
-                    for s, e in pieces:
-                        seg[c, pos:pos + e - s].copy_(slot.views[c][s - lo:e - lo])
-                        pos += e - s
-            else:  # many short runs (permuted heads, GQA groups): one gather per channel
-                idx = interval_index(pieces, lo)
-                for c in range(req.channels):
-                    torch.index_select(slot.views[c], 0, idx, out=seg[c])
-                del idx
-            off += n * req.channels
-    mine = [(i, req) for i, req in enumerate(requests) if req.rank == me]
-    counts = {}  # (request index, owner) -> elements
-    recv_counts = [0] * world
-    for i, req in mine:
-        bounds = old.slots[growths[req.param].source].bounds
-        for p in range(world):
-            n = intervals_numel(clip_intervals(req.intervals, bounds[p], bounds[p + 1]))
-            counts[i, p] = n
-            recv_counts[p] += n * req.channels
-    if world == 1:
-        recv = send
-    else:
-        recv = torch.empty(sum(recv_counts), dtype=dtype)
-        dist.all_to_all_single(recv, send, recv_counts, send_counts, group=old.group)
-    size = send.element_size()
-    stats.bytes_sent += size * (sum(send_counts) - send_counts[me])
-    stats.bytes_received += size * (sum(recv_counts) - recv_counts[me])
-    cursor = [sum(recv_counts[:p]) for p in range(world)]
-    out = {}
-    for i, req in mine:
-        parts = []
-        for p in range(world):
-            n = counts[i, p]
-            if n:
-                parts.append(recv[cursor[p]:cursor[p] + n * req.channels].view(req.channels, n))
-                cursor[p] += n * req.channels
-        out[i] = assemble(parts) if parts else torch.empty(req.channels, 0, dtype=dtype)
-        stats.old_elements += out[i].shape[1]
-    return out
+    def __init__(self, requests, growths: Sequence[ParamGrowth], old: ZeroLayout, stats: GrowthStats):
+        self.old, self.stats = old, stats
+        me, world = old.rank, old.world
+        outgoing: List[List[tuple]] = [[] for _ in range(world)]
+        for i, req in enumerate(requests):
+            slot = old.slots[growths[req.param].source]
+            lo, hi = slot.bounds[me], slot.bounds[me + 1]
+            pieces = clip_intervals(req.intervals, lo, hi)
+            if pieces:
+                outgoing[req.rank].append((req, slot, lo, pieces))
+        send_counts = [sum(intervals_numel(p) * req.channels for req, _, _, p in outgoing[q]) for q in range(world)]
+        self.send = send = torch.empty(sum(send_counts), dtype=torch.float32)
+        off = 0
+        for q in range(world):
+            for req, slot, lo, pieces in outgoing[q]:
+                n = intervals_numel(pieces)
+                seg = send[off:off + n * req.channels].view(req.channels, n)
+                if len(pieces) <= 2:
+                    for c in range(req.channels):
+                        pos = 0
+                        for s, e in pieces:
+                            seg[c, pos:pos + e - s].copy_(slot.views[c][s - lo:e - lo])
+                            pos += e - s
+                else:  # many short runs (permuted heads, GQA groups): one gather per channel
+                    idx = interval_index(pieces, lo)
+                    for c in range(req.channels):
+                        torch.index_select(slot.views[c], 0, idx, out=seg[c])
+                    del idx
+                off += n * req.channels
+        self.mine = [(i, req) for i, req in enumerate(requests) if req.rank == me]
+        self.counts = {}  # (request index, owner) -> elements
+        recv_counts = [0] * world
+        for i, req in self.mine:
+            bounds = old.slots[growths[req.param].source].bounds
+            for p in range(world):
+                n = intervals_numel(clip_intervals(req.intervals, bounds[p], bounds[p + 1]))
+                self.counts[i, p] = n
+                recv_counts[p] += n * req.channels
+        self.recv_counts, self.work = recv_counts, None
+        if world == 1:
+            self.recv = send
+        else:
+            self.recv = torch.empty(sum(recv_counts), dtype=torch.float32)
+            self.work = dist.all_to_all_single(self.recv, send, recv_counts, send_counts, group=old.group,
+                                               async_op=True)
+        stats.bytes_sent += 4 * (sum(send_counts) - send_counts[me])
+        stats.bytes_received += 4 * (sum(recv_counts) - recv_counts[me])
+
+    def finish(self) -> Dict[int, torch.Tensor]:
+        if self.work is not None:
+            self.work.wait()
+        self.send = None
+        cursor = [sum(self.recv_counts[:p]) for p in range(self.old.world)]
+        out = {}
+        for i, req in self.mine:
+            parts = []
+            for p in range(self.old.world):
+                n = self.counts[i, p]
+                if n:
+                    parts.append(self.recv[cursor[p]:cursor[p] + n * req.channels].view(req.channels, n))
+                    cursor[p] += n * req.channels
+            out[i] = assemble(parts) if parts else torch.empty(req.channels, 0)
+            self.stats.old_elements += out[i].shape[1]
+        self.recv = None
+        return out
 
 
 def _fetch_whole(req, growths, old: ZeroLayout, stats: GrowthStats) -> Optional[torch.Tensor]:
@@ -295,14 +309,18 @@ def _share_reductions(requests, growths, data, old: ZeroLayout, cache: Dict[int,
         off += n
 
 
-def auto_bucket(max_param_numel: int) -> int:
-    """Default bucket: 1/32 of the largest new parameter (so a round's transient stays well under one
-    fp32 parameter), at least 1024 and at most ``DEFAULT_BUCKET_ELEMS`` new elements per rank."""
-    return int(min(DEFAULT_BUCKET_ELEMS, max(1024, max_param_numel // 32)))
+def auto_bucket(max_param_numel: int, local_new_numel: int, prefetch: bool = False) -> int:
+    """Default bucket (new elements per rank per all-to-all): a tenth of the largest new parameter and an
+    eighth of this rank's new slice (halved when two rounds are in flight), so that the transient (about
+    24 bytes of exchanged old data and 4 bytes of work space per element and round; float64 work is cut
+    into eighths of a bucket) stays under one fp32 parameter and a small fraction of the slices; at least
+    4096 and at most ``DEFAULT_BUCKET_ELEMS`` elements."""
+    b = min(max_param_numel // 10, local_new_numel // 8) // (2 if prefetch else 1)
+    return int(min(DEFAULT_BUCKET_ELEMS, max(4096, b)))
 
 
 def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optional[int] = None,
-                refresh: bool = True) -> GrowthStats:
+                prefetch: bool = False, refresh: bool = True) -> GrowthStats:
     """Grow ``old_engine``'s whole training state into ``new_engine``, rank by rank, no gather.
 
     Contract (same as the gather path in ``StagedTrainer.grow``): ``new_engine`` is a DeepSpeed engine of
@@ -311,7 +329,9 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
     Fills, on every rank, its slices of the fp32 masters, ``exp_avg``, ``exp_avg_sq``; sets the Adam step
     (0 under the reset rule), DeepSpeed's step counters, and refreshes the low-precision weights.
     ``old_engine`` is only read. ``bucket_elems``: new elements per rank per all-to-all (default
-    :func:`auto_bucket`). Returns this rank's :class:`GrowthStats`.
+    :func:`auto_bucket`); ``prefetch``: start the next round's all-to-all before computing this one (two
+    buckets in flight, half the size each; pays off when a core or a network link is free to overlap the
+    transfer, not on a CPU box with one core per rank). Returns this rank's :class:`GrowthStats`.
     """
     t0 = time.perf_counter()
     old, new = ZeroLayout(old_engine, need_state=False), ZeroLayout(new_engine, need_state=True)
@@ -325,14 +345,15 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
     growths = [ParamGrowth(plan, name, spec, cache) for name, spec in schema.items()]
     new_bounds = [new.slots[g.name].bounds for g in growths]
     if bucket_elems is None:
-        bucket_elems = auto_bucket(max(g.new_numel for g in growths))
+        bucket_elems = auto_bucket(max(g.new_numel for g in growths), new.local_numel(), prefetch)
     rounds = make_schedule(growths, new_bounds, new.world, bucket_elems)
-    compute_elems = max(4096, bucket_elems // 2)
+    compute_elems = max(4096, bucket_elems // 8)  # float64 work space of the exact slow path
     stats = GrowthStats(rounds=len(rounds))
     kill = _kill_round()
     reductions: Dict[int, Reductions] = {}
     me = new.rank
     current: Optional[ParamGrowth] = None
+    pending: Optional[_Exchange] = None
     for k, rnd in enumerate(rounds):
         if kill is not None and kill == (me, k):
             os.kill(os.getpid(), signal.SIGKILL)
@@ -342,8 +363,13 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
             if data[0] is None:
                 data.clear()
         else:
-            data = _exchange(rnd.requests, growths, old, stats)
+            ex = pending if pending is not None else _Exchange(rnd.requests, growths, old, stats)
+            pending = None
+            data = ex.finish()
+            del ex
         _share_reductions(rnd.requests, growths, data, old, reductions)
+        if prefetch and k + 1 < len(rounds) and rounds[k + 1].requests[0].kind != "full":
+            pending = _Exchange(rounds[k + 1].requests, growths, old, stats)  # overlaps this round's compute
         t2 = time.perf_counter()
         for i, req in enumerate(rnd.requests):
             if req.rank != me or req.kind != "piece":
@@ -355,9 +381,10 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
             olddata = OldData(req.intervals, data.pop(i))
             slot = new.slots[g.name]
             lo = slot.bounds[me]
-            # float64 work space is bounded by computing a piece a few rows at a time
-            subs = chunk_range(req.start, req.stop, g.D1, compute_elems) if g.mode == "rows" else \
-                [(req.start, req.stop)]
+            # float64 work space is bounded by computing a piece a few rows at a time (the float32 fast path
+            # writes in place)
+            slow = g.mode == "rows" and not (g.fast_value and g.fast_moment)
+            subs = chunk_range(req.start, req.stop, g.D1, compute_elems) if slow else [(req.start, req.stop)]
             for s, e in subs:
                 g.compute_into(s, e, olddata, reductions.get(req.param), [v[s - lo:e - lo] for v in slot.views])
             del olddata
@@ -402,5 +429,5 @@ def grow_any(old_engine, new_engine, plan: GrowthPlan, **kw) -> Optional[GrowthS
     return None
 
 
-__all__ = ["DEFAULT_BUCKET_ELEMS", "auto_bucket", "GrowthStats", "KILL_ENV", "Slot", "ZeroLayout", "gather_grow", "grow_any",
-           "grow_engine"]
+__all__ = ["DEFAULT_BUCKET_ELEMS", "GrowthStats", "KILL_ENV", "Slot", "ZeroLayout", "auto_bucket", "gather_grow",
+           "grow_any", "grow_engine"]

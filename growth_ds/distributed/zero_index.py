@@ -258,7 +258,7 @@ class Reductions:
 
 class SpaceSide:
     """One space map used on one side (out: ``S``, in: ``T``), shared by every parameter that maps an axis
-    that way. Holds O(D) bytes; the float64 vectors an axis needs in full (axis 1) are built lazily once."""
+    that way. Holds O(D) bytes; the float64 vectors an axis needs in full are built lazily once."""
 
     def __init__(self, m, side: str):
         self.map, self.side = m, side
@@ -267,23 +267,49 @@ class SpaceSide:
         self.all_keep = bool(self.keep.all())
         self.coef = (m.out_coef if side == "out" else m.in_coef).to(F64)
         self.mean = (not self.identity) and side == "out" and m.residue == "mean" and not self.all_keep
-        self._cnt: Optional[torch.Tensor] = None
-        self._full: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        self._full: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._inv: dict = {}
 
     def adj(self, i0: int, i1: int) -> torch.Tensor:
-        """``SpaceMap.adjoint(side == "out")[i0:i1]``, computed on the slice (same arithmetic)."""
-        if self._cnt is None:
-            self._cnt = self.map.counts.to(F64)
-        src, keep = self.map.src[i0:i1], self.keep[i0:i1]
-        adj = torch.zeros(i1 - i0, dtype=F64)
-        adj[keep] = self._cnt[src[keep]] * self.coef[i0:i1][keep]
-        return adj
+        """``SpaceMap.adjoint(side == "out")[i0:i1]`` (same arithmetic; 1 on an identity map)."""
+        if self.identity:
+            return torch.ones(i1 - i0, dtype=F64)
+        return self.full()[1][i0:i1]
 
-    def full(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(clamped src, keep as float64, adjoint) over all new coordinates (the columns of a 2-D weight)."""
+    def full(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(clamped src, adjoint) over all new coordinates: 16 bytes per coordinate, built once."""
         if self._full is None:
-            self._full = (self.map.src.clamp(min=0), self.keep.to(F64), self.adj(0, self.map.new))
+            cnt = self.map.counts.to(F64)
+            adj = torch.zeros(self.map.new, dtype=F64)
+            adj[self.keep] = cnt[self.map.src[self.keep]] * self.coef[self.keep]
+            self._full = (self.map.src.clamp(min=0), adj)
         return self._full
+
+    def runs(self, max_runs: int = 64) -> Optional[List[Tuple[int, int, int]]]:
+        """The clamped source index as runs of consecutive old coordinates: ``(new start, old start, length)``
+        covering all new coordinates (duplication: one run per copy); None if there are more than
+        ``max_runs`` (then the columns are gathered by index)."""
+        if "runs" not in self._inv:
+            src = self.full()[0]
+            brk = (torch.nonzero(src[1:] != src[:-1] + 1).flatten() + 1).tolist()
+            starts = [0] + brk
+            stops = brk + [src.numel()]
+            runs = [(a, int(src[a]), b - a) for a, b in zip(starts, stops)]
+            self._inv["runs"] = runs if len(runs) <= max_runs else None
+        return self._inv["runs"]
+
+    def inv_pow(self, power: int) -> Optional[torch.Tensor]:
+        """``1 / adjoint**power`` where the adjoint is non-zero, else 0 (float64; exact when the adjoint is a
+        power of two, which the fast path checks); None on an identity map (all ones)."""
+        if self.identity:
+            return None
+        key = f"inv{power}"
+        if key not in self._inv:
+            adj = self.full()[1]
+            nz = adj != 0
+            self._inv[key] = torch.where(nz, 1.0 / torch.where(nz, adj, torch.ones_like(adj)) ** power,
+                                         torch.zeros_like(adj))
+        return self._inv[key]
 
 
 class PlanCache:
@@ -362,8 +388,8 @@ class ParamGrowth:
         k_ok = self.K_g == 1 or _pow2(torch.tensor([float(self.K_g)], dtype=F64))
         value = (not self.value_zero and not self.a0.mean and not self.a1.mean and not noise and k_ok
                  and _pow2(self.a0.coef) and _pow2(self.a1.coef))
-        moment = (not self.moment_zero and k_ok and _pow2(self.a0.adj(0, self.D0))
-                  and _pow2(self.a1.adj(0, self.D1)))
+        moment = (not self.moment_zero and k_ok and (self.a0.identity or _pow2(self.a0.adj(0, self.D0)))
+                  and (self.a1.identity or _pow2(self.a1.adj(0, self.D1))))
         return value, moment
 
     def compute_into(self, start: int, stop: int, old: Optional[OldData], red: Optional[Reductions],
@@ -375,7 +401,8 @@ class ParamGrowth:
             i0, i1 = self.rows_of(start, stop)
             aligned = start == i0 * self.D1 and stop == i1 * self.D1
             rows = _RowView(old, self.d1)
-            pos = rows.positions(torch.arange(i0, i1) if self.a0.identity else self.a0.map.src[i0:i1].clamp(min=0))
+            want = torch.arange(i0, i1) if self.a0.identity else self.a0.map.src[i0:i1].clamp(min=0)
+            pos = rows.positions(want)
             K = self._K_rows(i0, i1) if self.K_g != 1 else None
             lo = start - i0 * self.D1
             slow = self.compute(start, stop, old, red) if not (self.fast_value and self.fast_moment) else None
@@ -400,35 +427,59 @@ class ParamGrowth:
                 views[c].copy_(out[c])
 
     def _fast_rows(self, i0, i1, rows: "_RowView", pos, K, c: int, dst: Optional[torch.Tensor]) -> torch.Tensor:
-        x = rows.get(c, pos)
-        if not self.a1.identity:
-            x = x.index_select(1, self.a1.full()[0])
+        """One channel of rows ``[i0, i1)`` in float32 with a single rounding per element: the gathered old
+        value times a power-of-two factor. Column runs (duplication tiles the columns) are copied and scaled
+        in one pass each."""
+        x = rows.get(c, pos)  # [r, d1]
         if c == 0:
-            c0, c1 = self.a0.coef[i0:i1], self.a1.coef
-            if self.a0.identity or bool((c0 == 1).all()):
-                mult = c1.view(1, -1) if K is None else c1.view(1, -1) * K
-            elif bool((c1 == 1).all()) and K is None:
-                mult = c0.view(-1, 1)
+            m0, m1 = self.a0.coef[i0:i1], self.a1.coef
+        else:
+            power = 1 if c == 1 else 2
+            m0, m1 = self.a0.inv_pow(power), self.a1.inv_pow(power)
+            m0 = torch.ones(i1 - i0, dtype=F64) if m0 is None else m0[i0:i1]
+            m1 = torch.ones(self.D1, dtype=F64) if m1 is None else m1
+        ones0 = self.a0.identity or bool((m0 == 1).all())
+        ones1 = self.a1.identity or bool((m1 == 1).all())
+        out = dst if dst is not None else torch.empty(i1 - i0, self.D1, dtype=torch.float32)
+        # the reference adds its (all-zero) noise matrix to weights: an exactly-zero product becomes +0, while
+        # a product that only rounds to zero keeps its sign; remember where the old value itself is zero
+        fix_zeros = c == 0 and self.noisy
+        zero_x = (x == 0) if fix_zeros and bool((x == 0).any()) else None
+        runs = [(0, 0, self.D1)] if self.a1.identity else self.a1.runs()
+        if K is None and (ones0 or ones1) and runs is not None:
+            col0 = None if ones0 else m0.to(torch.float32).view(-1, 1)
+            for d, src, n in runs:
+                seg, o = x[:, src:src + n], out[:, d:d + n]
+                if ones0 and ones1:
+                    o.copy_(seg)
+                elif not ones0:
+                    torch.mul(seg, col0, out=o)
+                else:
+                    part = m1[d:d + n]
+                    if bool((part == part[0]).all()):
+                        torch.mul(seg, float(part[0]), out=o)
+                    else:
+                        torch.mul(seg, part.to(torch.float32).view(1, -1), out=o)
+        else:
+            if self.a1.identity:
+                out.copy_(x)
             else:
-                mult = c0.view(-1, 1) * c1.view(1, -1)
-                if K is not None:
-                    mult = mult * K
-            mult = mult.to(torch.float32)
-            y = torch.mul(x, mult, out=dst) if dst is not None else x * mult
-            if self.noisy:  # the reference adds its (here all-zero) noise matrix: -0 becomes +0
-                y.add_(0.0)
-            return y
-        adj = torch.ones([], dtype=F64) * self.a0.adj(i0, i1).view(-1, 1)
-        adj = adj * self.a1.full()[2].view(1, -1)
-        nz = adj != 0
-        power = 1 if c == 1 else 2
-        # reference: x * keep0 * keep1 * (K != 0) / adj**power, and +0 where adj == 0
-        mult = torch.where(nz, 1.0 / torch.where(nz, adj, torch.ones_like(adj)) ** power, torch.zeros_like(adj))
-        if K is not None:
-            mult = mult * (K != 0)
-        y = x * mult.to(torch.float32)
-        return torch.where(nz, y, torch.zeros((), dtype=torch.float32), out=dst) if dst is not None else \
-            torch.where(nz, y, torch.zeros((), dtype=torch.float32))
+                torch.index_select(x, 1, self.a1.full()[0], out=out)
+            mult = m0.view(-1, 1) * m1.view(1, -1)
+            if K is not None:
+                mult = mult * (K if c == 0 else (K != 0))
+            out.mul_(mult.to(torch.float32))
+            if fix_zeros and K is not None:
+                out.masked_fill_(K == 0, 0.0)
+        z0, z1 = m0 == 0, m1 == 0
+        if c == 0 and fix_zeros and zero_x is not None:
+            out.masked_fill_(zero_x if self.a1.identity else zero_x.index_select(1, self.a1.full()[0]), 0.0)
+        if c > 0 or fix_zeros:  # +0 where the factor is 0 (moments: the reference writes zeros there)
+            if bool(z0.any()):
+                out[z0] = 0.0
+            if bool(z1.any()):
+                out[:, z1] = 0.0
+        return out
 
     def release(self) -> None:
         """Drop the random streams kept between pieces (call once this rank's pieces are done)."""
@@ -485,16 +536,15 @@ class ParamGrowth:
         if not self.value_zero:
             out[0] = self._value_rows(i0, i1, rows, pos, K, red).reshape(-1)[lo:hi]
         if not self.moment_zero:
-            src1, keep1, adj1 = self.a1.full()
             adj = torch.ones([], dtype=F64) * self.a0.adj(i0, i1).view(-1, 1)
-            adj = adj * adj1.view(1, -1)
+            adj = adj * self.a1.adj(0, self.D1).view(1, -1)
             nz = adj != 0
             safe = torch.where(nz, adj, torch.ones_like(adj))
             Kmask = (K != 0) if K is not None else None
             for c, power in ((1, 1), (2, 2)):
                 x = self._axis0(rows, pos, c, i0, i1, moment=True)
                 if not self.a1.identity:
-                    x = x.index_select(1, src1) * keep1.view(1, -1)
+                    x = x.index_select(1, self.a1.full()[0]) * self.a1.keep.to(F64).view(1, -1)
                 if Kmask is not None:
                     x = x * Kmask
                 x = torch.where(nz, x / safe ** power, torch.zeros_like(x))
@@ -733,6 +783,7 @@ def grow_rows_reference(growth: ParamGrowth, start: int, stop: int, old_full: Li
     return growth.compute(start, stop, OldData(ivs, data), red)
 
 
-__all__ = ["Interval", "interval_index", "OldData", "ParamGrowth", "PlanCache", "RandnStream", "Reductions", "Request", "Round", "assemble", "chunk_range",
-           "chunked_randn_is_exact", "clip_intervals", "intervals_numel", "make_schedule", "noise_rows",
-           "owner_pieces", "randn_slice", "rank_range", "runs_to_intervals"]
+__all__ = ["Interval", "OldData", "ParamGrowth", "PlanCache", "RandnStream", "Reductions", "Request", "Round",
+           "SpaceSide", "assemble", "chunk_range", "chunked_randn_is_exact", "clip_intervals", "grow_rows_reference",
+           "interval_index", "intervals_numel", "make_schedule", "noise_rows", "owner_pieces", "randn_slice",
+           "rank_range", "runs_to_intervals"]

@@ -14,7 +14,6 @@ block, for whole-process figures (benchmarks).
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Dict, Tuple
 
 import torch

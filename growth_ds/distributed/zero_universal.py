@@ -189,7 +189,8 @@ def _optimizer_state(src_udir: Path, step: int) -> dict:
 
 
 def _model_states(src_tag: Path, shape: ModelShape, info: dict) -> dict:
-    files = [src_tag / n for n in MODEL_STATE_NAMES if (src_tag / n).exists()] or sorted(src_tag.glob("*_model_states.pt"))
+    files = [src_tag / n for n in MODEL_STATE_NAMES if (src_tag / n).exists()] or \
+        sorted(src_tag.glob("*_model_states.pt"))
     if not files:
         raise ValueError(f"{src_tag}: no model-states file")
     ms = _load(files[0])
