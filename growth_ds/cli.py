@@ -36,6 +36,13 @@ def cmd_grow(args) -> int:
 
     if is_dist_checkpoint(getattr(args, "from")):  # a megatron-core dist checkpoint: TP-aware growth
         return cmd_grow_dist(args)
+    if Path(getattr(args, "from")).is_dir():  # a DeepSpeed ZeRO / universal checkpoint directory
+        if args.method == "ligo":
+            raise ValueError("--method ligo: offline growth of a DeepSpeed checkpoint takes fixed methods; "
+                             "use method: ligo in the trainer's stage config")
+        from growth_ds.distributed.zero_universal import cli_grow
+
+        return cli_grow(args)
     out = Path(args.out)
     if out.exists() and not args.force:  # before any work: nothing already saved is touched
         raise FileExistsError(f"--out {out} exists; pass --force to replace it")
@@ -121,7 +128,8 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config)
     resume = "always" if args.resume else ("never" if args.no_resume else "auto")
-    result = train(cfg, scratch=args.scratch, resume=resume, run_dir=args.run_dir, progress_bar=not args.no_progress)
+    result = train(cfg, scratch=args.scratch, resume=resume, run_dir=args.run_dir, progress_bar=not args.no_progress,
+                   init_from=args.init_from)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         print(f"finished: step {result['step']}, stage {result['stage']}, val loss {result['val_loss']:.4f}, "
               f"{result['flops']:.3e} FLOPs")
@@ -191,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--scratch", action="store_true", help="train only the final shape from scratch (baseline)")
     t.add_argument("--resume", action="store_true", help="require resuming from the latest checkpoint")
     t.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    t.add_argument("--init-from", metavar="CKPT_DIR", help="start from this checkpoint when the run has none of its "
+                   "own: e.g. one grown offline by `growth-ds grow --from CKPT_DIR` (any world size, ZeRO stage)")
     t.add_argument("--run-dir", default=None, help="default: run.out_dir/staged (or /scratch)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
@@ -245,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--seq-len", type=int, default=128)
     g.add_argument("--tp", type=int, help="TP size for a megatron dist checkpoint (default: world size)")
+    g.add_argument("--tag", help="DeepSpeed checkpoint directory: the tag to grow (default: latest)")
     add_hf_grow_arguments(g)  # --dtype, --max-seq-len
     g.set_defaults(func=cmd_grow)
 

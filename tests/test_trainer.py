@@ -63,20 +63,26 @@ def test_staged_run_under_each_zero_stage(tmp_path, data_dir, zero, precision, f
     assert len(growth) == 1 and growth[0]["step"] == GROW_AT
     tol = 1e-4 if precision == "fp32" else 5e-2  # bf16 weights round the grown values
     assert abs(growth[0]["val_loss_after"] - growth[0]["val_loss_before"]) < tol, growth[0]
+    executor = growth[0]["executor"]  # ZeRO 1-3 grow shard to shard; every rank wrote new elements
+    assert executor["kind"] == ("gather" if zero == 0 else "zero-sharded"), executor
+    if zero:
+        assert executor["rounds"] > 0 and executor["new_elements"] > 0, executor
     assert steps[-1]["flops"] > steps[GROW_AT - 1]["flops"] > 0 and "val_loss" in steps[-1]
 
 
 @pytest.mark.parametrize("zero", [2, 3])
 def test_killed_run_resumes_exactly(tmp_path, data_dir, zero):
-    """Killed before growth (resumes from the pre-growth checkpoint and grows again) and after growth
-    (resumes into the grown shape): the losses equal the uninterrupted run's within 1e-6."""
+    """Rank 1 SIGKILLed in the middle of the sharded growth (the job resumes from the pre-growth checkpoint
+    and grows again), then killed after growth (resumes into the grown shape): the losses equal the
+    uninterrupted run's within 1e-6."""
     ref_cfg = write_config(tmp_path, "ref", zero=zero, data_dir=data_dir)
     run_ok(["train", ref_cfg, "--no-progress"])
     cfg = write_config(tmp_path, "killed", zero=zero, data_dir=data_dir)
-    res = launch(["train", cfg, "--no-progress"], env={"GROWTH_DS_KILL_AT_STEP": "15"})
+    res = launch(["train", cfg, "--no-progress"], env={"GROWTH_DS_KILL_IN_GROWTH": "1:2"})
     assert res.returncode != 0
     run_dir = tmp_path / "killed" / "staged"
     assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["step"] == GROW_AT
+    assert not [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "growth"]  # died in it
     res = launch(["train", cfg, "--no-progress", "--resume"], env={"GROWTH_DS_KILL_AT_STEP": "21"})
     assert res.returncode != 0
     assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["step"] == 16

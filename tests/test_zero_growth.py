@@ -7,7 +7,6 @@ Part two runs ``tests/zero_worker.py`` under torchrun (gloo, CPU) at world sizes
 once per module (fixture ``runs``), plus an offline growth of a ZeRO checkpoint into a universal one and a
 job whose rank is SIGKILLed mid-growth, then checks what they recorded.
 """
-import argparse
 import dataclasses
 import json
 import os
@@ -372,7 +371,7 @@ def test_killed_rank_mid_growth_resumes_to_the_uninterrupted_state(runs):
 
 
 @pytest.mark.slow
-def test_offline_growth_is_atomic_and_the_cli_entry_point_works(runs, tmp_path):
+def test_offline_growth_is_atomic_and_the_cli_entry_point_works(runs, tmp_path, capsys):
     """SIGKILL in the middle of writing leaves no directory at --out; the rerun (through the CLI entry
     point) writes the same checkpoint as the fixture's."""
     from zero_worker import universal_case
@@ -393,13 +392,12 @@ def test_offline_growth_is_atomic_and_the_cli_entry_point_works(runs, tmp_path):
 
     import yaml
 
-    from growth_ds.distributed.zero_universal import cli_grow
+    from growth_ds.cli import main
 
     (tmp_path / "large.yaml").write_text(yaml.safe_dump(large.to_dict()))
-    args = argparse.Namespace(**{"from": str(runs / "src_ckpt"), "to": str(tmp_path / "large.yaml"),
-                                 "method": "lemon+identity", "out": str(out), "shape": None, "seed": kw["seed"],
-                                 "moments": kw["moments"], "lr_policy": None, "force": False})
-    assert cli_grow(args) == 0
+    argv = ["grow", "--from", str(runs / "src_ckpt"), "--to", str(tmp_path / "large.yaml"), "--method",
+            "lemon+identity", "--out", str(out), "--seed", str(kw["seed"]), "--moments", kw["moments"]]
+    assert main(argv) == 0  # `growth-ds grow --from CKPT_DIR`: a DeepSpeed checkpoint directory
     tag = (out / "latest_universal").read_text()
     ref_dir = runs / "grown_uc" / tag / "zero"
     for p in sorted(ref_dir.rglob("*.pt")):
@@ -408,5 +406,6 @@ def test_offline_growth_is_atomic_and_the_cli_entry_point_works(runs, tmp_path):
         a, b = (x["param"] if isinstance(x, dict) and "param" in x else x for x in (a, b))
         if torch.is_tensor(a):
             assert torch.equal(_bits(a), _bits(b)), p
-    with pytest.raises(FileExistsError):
-        cli_grow(args)
+    assert main(argv) == 2  # refuses to replace --out, naming it; nothing written is touched
+    assert f"--out {out} exists" in capsys.readouterr().err
+    assert (out / "latest_universal").read_text() == tag

@@ -18,8 +18,8 @@ import torch
 
 from growth_ds.models import build_model, lm_loss
 from growth_ds.models.schema import parameter_schema
+from growth_ds.distributed.zero import grow_any
 from growth_ds.ops import LRSchedule, make_plan
-from growth_ds.ops.apply import grow_moment, grow_value, source_name
 from growth_ds.shapes import ModelShape
 from growth_ds.train import deepspeed_engine as dse
 from growth_ds.train.config import RunConfig, _lr_policy, make_trigger
@@ -120,12 +120,13 @@ class StagedTrainer:
 
     # ---- growth ---------------------------------------------------------------------------------
     def grow(self, engine, shape: ModelShape, stage_idx: int):
-        """Grow ``engine`` (of ``shape``) into stage ``stage_idx``: one parameter gathered at a time,
-        every rank writing only its own slices of the new engine. Returns (engine, shape)."""
+        """Grow ``engine`` (of ``shape``) into stage ``stage_idx``. Under ZeRO 1-3 every rank computes its own
+        partitions of the grown weights and Adam state from the old partitions (``distributed.zero``, no
+        gather); under ZeRO 0 one parameter at a time is grown on every rank. Returns (engine, shape, plan)."""
         stage = self.cfg.stages[stage_idx]
         g = stage.grow
         ligo = g.get("method") == "ligo"
-        self.ligo_losses = None
+        self.ligo_losses = self.growth_stats = None
         policy = _lr_policy(g) or ("restart" if ligo else None)
         plan = make_plan(shape, stage.shape, width=g.get("width") or ("lemon" if ligo else None),
                          depth=g.get("depth"), seed=g.get("seed", 0), moments=None if ligo else g.get("moments"),
@@ -136,18 +137,19 @@ class StagedTrainer:
             return self._grow_ligo(engine, shape, plan, g)
         new = self._new_engine(new_shape, fresh=False)
         dse.materialise_optimizer_state(new, self.eval_set[0])
-        old_p, new_p = dse.named_params(engine), dse.named_params(new)
-        for name, spec in parameter_schema(new_shape).items():
-            src = old_p[source_name(plan, name)]
-            dse.set_full(new, new_p[name], grow_value(plan, name, spec, dse.get_full(engine, src)))
-            for key, power in (("exp_avg", 1), ("exp_avg_sq", 2)):
-                dse.set_full(new, new_p[name], grow_moment(plan, name, spec, dse.get_full(engine, src, key), power),
-                             key)
-        dse.set_step(new, 0 if plan.moments == "reset" else dse.get_step(engine))
-        dse.refresh_low_precision(new)
+        self.growth_stats = grow_any(engine, new, plan)  # ZeRO 1-3: shard to shard, no gather
         self.schedule, self.progress.schedule_step = plan.lr.apply(self.schedule, self.progress.schedule_step)
         dse.release_engine(engine)
         return new, new_shape, plan
+
+    def _executor_record(self) -> dict:
+        """How the last growth ran: ZeRO-sharded (this rank's rounds, bytes exchanged, seconds) or gathered."""
+        st = self.growth_stats
+        if st is None:
+            return {"kind": "gather"}
+        return {"kind": "zero-sharded", "rounds": st.rounds, "bytes_sent": st.bytes_sent,
+                "bytes_received": st.bytes_received, "new_elements": st.new_elements,
+                "seconds_exchange": round(st.seconds_exchange, 4), "seconds_compute": round(st.seconds_compute, 4)}
 
     def _grow_ligo(self, engine, shape: ModelShape, plan, g: dict):
         """LiGO (Wang et al. 2023): learn the growth operator for ``steps`` on the training stream with the
@@ -225,7 +227,13 @@ class StagedTrainer:
                 shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
         dist.barrier()
 
-    def _resume(self, meta: dict):
+    def _resume(self, meta: dict, ckpt_dir: Optional[Path] = None):
+        """Rebuild the engine and everything else from checkpoint ``meta`` (in ``ckpt_dir``, default this run's).
+
+        Same world size: DeepSpeed's own per-rank files. Another world size, or a universal checkpoint (e.g.
+        one grown offline by ``growth-ds grow --from CKPT_DIR``): through DeepSpeed's universal format, converted
+        first if needed (rank 0, once, next to the checkpoint); every parameter's shape is checked by name."""
+        ckpt_dir = Path(ckpt_dir or self.ckpt_dir)
         shape = ModelShape.from_dict(meta["shape"])
         prog = Progress(**meta["progress"])
         if prog.stage >= len(self.cfg.stages):
@@ -233,19 +241,54 @@ class StagedTrainer:
         problem = shape.arch_mismatch(self.cfg.stages[prog.stage].shape)
         if problem:
             raise ValueError(f"stages[{prog.stage}].shape.{problem} (checkpoint vs config)")
-        if meta["world_size"] != self.world:
-            raise ValueError(f"world size: the checkpoint was written by {meta['world_size']} ranks, this job has "
-                             f"{self.world}; grow or reshard it through a universal checkpoint")
-        engine = self._new_engine(shape, fresh=False)
-        engine.load_checkpoint(str(self.ckpt_dir), tag=meta["tag"], load_optimizer_states=True,
-                               load_lr_scheduler_states=False)
+        from growth_ds.distributed.zero_universal import is_universal, load_universal_checkpoint
+
+        tag_dir = ckpt_dir / meta["tag"]
+        universal = is_universal(tag_dir) or meta["world_size"] != self.world
+        if universal:
+            ckpt_dir, tag = self._universal(ckpt_dir, meta["tag"])
+            config = self._ds_config()
+            config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
+            engine = dse.build_engine(dse.construct_model(shape, self.cfg.deepspeed["zero_stage"], config),
+                                      self.cfg.train, config)
+            load_universal_checkpoint(engine, ckpt_dir, tag)
+        else:
+            engine = self._new_engine(shape, fresh=False)
+            engine.load_checkpoint(str(ckpt_dir), tag=meta["tag"], load_optimizer_states=True,
+                                   load_lr_scheduler_states=False)
         self.schedule = LRSchedule.from_dict(meta["schedule"])
-        self.batches.load_state_dict(meta["batches"])
+        self.batches.load_state_dict(meta["batches"])  # the sample stream continues at any world size
         self.progress = prog
         self.trigger = self._make_trigger()
         if self.trigger is not None and meta.get("trigger"):
             self.trigger.load_state_dict(meta["trigger"])
         return engine, shape
+
+    def _universal(self, ckpt_dir: Path, tag: str):
+        """``(dir, tag)`` of a universal form of checkpoint ``tag``: itself if it is one, else converted once
+        by rank 0 into ``<tag>_universal`` next to it (written aside and renamed: never half there)."""
+        from growth_ds.distributed.zero_universal import is_universal, to_universal
+
+        if is_universal(ckpt_dir / tag):
+            return ckpt_dir, tag
+        utag = f"{tag}_universal"
+        if self.rank == 0 and not is_universal(ckpt_dir / utag):
+            staging = ckpt_dir / f".{utag}.partial-{os.getpid()}"
+            shutil.rmtree(staging, ignore_errors=True)
+            to_universal(ckpt_dir / tag, staging)
+            os.replace(staging, ckpt_dir / utag)
+        dist.barrier()
+        return ckpt_dir, utag
+
+    def init_from(self, src: Path) -> dict:
+        """Meta of the checkpoint a new run starts from (``--init-from``): a growth-ds run's checkpoint
+        directory or a grown universal checkpoint (``growth-ds grow --from CKPT_DIR --out SRC``)."""
+        from growth_ds.distributed.zero_universal import resolve_checkpoint
+
+        tag_dir, meta = resolve_checkpoint(src)
+        if meta is None:
+            raise ValueError(f"--init-from {src}: {tag_dir} has no growth_meta.json (not written by growth-ds)")
+        return dict(meta, tag=tag_dir.name), tag_dir.parent
 
     # ---- the loop -------------------------------------------------------------------------------
     def _boundary(self) -> bool:
@@ -276,8 +319,10 @@ class StagedTrainer:
         log.write({"event": "schedule", "step": p.step, "stage": p.stage, "tokens": p.tokens,
                    **json.loads(json.dumps(decision.to_dict(), default=float))})
 
-    def run(self, resume: str = "auto") -> dict:
-        """Train to ``train.total_steps``. ``resume``: auto (if a checkpoint exists), always, never."""
+    def run(self, resume: str = "auto", init_from: Optional[Path] = None) -> dict:
+        """Train to ``train.total_steps``. ``resume``: auto (if a checkpoint exists), always, never.
+        ``init_from``: a checkpoint directory to start from when this run has none of its own (its progress,
+        schedule and data position carry over; at any world size)."""
         dse.init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         t = self.cfg.train
@@ -288,11 +333,18 @@ class StagedTrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.rank == 0)
         meta = self.latest() if resume != "never" else None
+        own_checkpoint = meta is not None
         if resume == "always" and meta is None:
             raise ValueError(f"--resume: no complete checkpoint in {self.ckpt_dir}")
         if meta is not None:
             engine, shape = self._resume(meta)
             log.truncate_after(self.progress.step, self.progress.stage)
+        elif init_from is not None:
+            init_meta, init_dir = self.init_from(Path(init_from))
+            if self.rank == 0 and (self.run_dir / "metrics.jsonl").exists():
+                (self.run_dir / "metrics.jsonl").unlink()
+            engine, shape = self._resume(init_meta, init_dir)
+            meta = init_meta
         else:
             if self.rank == 0 and (self.run_dir / "metrics.jsonl").exists():
                 (self.run_dir / "metrics.jsonl").unlink()
@@ -309,7 +361,7 @@ class StagedTrainer:
             bar = tqdm(total=self.total_steps, initial=self.progress.step, desc=self.cfg.name, unit="step",
                        dynamic_ncols=True)
         p = self.progress
-        last_saved = p.step if meta is not None else -1
+        last_saved = p.step if own_checkpoint else -1
         t_start = time.time() - p.seconds
         while p.step < self.total_steps:
             if self._boundary():
@@ -329,6 +381,7 @@ class StagedTrainer:
                            "method": self.cfg.stages[p.stage].grow.get("method", "fixed"),
                            "moments": self.cfg.stages[p.stage].grow.get("moments", plan.moments),
                            "ligo_losses": getattr(self, "ligo_losses", None),
+                           "executor": self._executor_record(),
                            "val_loss_before": before, "val_loss_after": after, "seconds": time.time() - t0})
                 if bar is not None:
                     bar.write(f"grew at step {p.step}: {old_shape.describe()} -> {shape.describe()}; "
@@ -367,7 +420,7 @@ class StagedTrainer:
 
 
 def train(cfg: RunConfig, scratch: bool = False, resume: str = "auto", run_dir: Optional[Path] = None,
-          progress_bar: bool = True) -> dict:
+          progress_bar: bool = True, init_from: Optional[Path] = None) -> dict:
     """Run the staged job (or its from-scratch baseline) described by ``cfg``."""
     root = Path(cfg.out_dir)
     if scratch:
@@ -383,5 +436,5 @@ def train(cfg: RunConfig, scratch: bool = False, resume: str = "auto", run_dir: 
         data_cfg["sources"] = [_resolve_source(s, base) for s in srcs] if isinstance(srcs, list) \
             else _resolve_source(srcs, base)
     cfg.data = data_cfg
-    return StagedTrainer(cfg, run_dir, data_dir, progress_bar).run(resume)
+    return StagedTrainer(cfg, run_dir, data_dir, progress_bar).run(resume, init_from)
 
