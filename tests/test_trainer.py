@@ -174,3 +174,48 @@ def test_when_auto_grows_from_the_fitted_slope_or_the_cap(tmp_path, data_dir, th
         assert not decisions[0]["grow"] and "no growth yet" in decisions[0]["detail"]  # too few points at first
     else:
         assert growth[0]["step"] == 16
+
+
+def test_offline_growth_and_another_world_size_resume_through_universal_checkpoints(tmp_path, data_dir):
+    """A job checkpointed before growth (2 ranks, ZeRO-2) is grown offline (`growth-ds grow --from CKPT_DIR`,
+    one process) and continued with `train --init-from`: the steps after it equal the job that grew in place,
+    within 1e-5. The same pre-growth checkpoint restarted at world size 1 (converted to DeepSpeed's universal
+    format on the way) evaluates exactly as it was saved, grows, and trains on."""
+    ref_cfg = write_config(tmp_path, "ref", zero=2, data_dir=data_dir)
+    run_ok(["train", ref_cfg, "--no-progress"])
+    ref = losses(tmp_path / "ref" / "staged")
+    ref_growth = [r for r in read_metrics(tmp_path / "ref" / "staged" / "metrics.jsonl")
+                  if r.get("event") == "growth"][0]
+    cfg = write_config(tmp_path, "a", zero=2, data_dir=data_dir)
+    assert launch(["train", cfg, "--no-progress"], env={"GROWTH_DS_KILL_AT_STEP": "12"}).returncode != 0
+    ckpts = tmp_path / "a" / "staged" / "checkpoints"
+    assert json.loads((ckpts / "latest.json").read_text())["step"] == GROW_AT
+
+    raw = yaml.safe_load(cfg.read_text())
+    (tmp_path / "large.yaml").write_text(yaml.safe_dump(raw["stages"][1]["shape"]))
+    from growth_ds.cli import main
+
+    assert main(["grow", "--from", str(ckpts), "--to", str(tmp_path / "large.yaml"), "--method", "lemon+identity",
+                 "--moments", "adjoint", "--out", str(tmp_path / "grown")]) == 0
+    b_cfg = write_config(tmp_path, "b", zero=2, data_dir=data_dir)
+    run_ok(["train", b_cfg, "--no-progress", "--init-from", tmp_path / "grown"])
+    recs = read_metrics(tmp_path / "b" / "staged" / "metrics.jsonl")
+    resumed = [r for r in recs if r.get("event") == "resume"][0]
+    assert resumed["step"] == GROW_AT and resumed["stage"] == 1
+    assert abs(resumed["val_loss"] - ref_growth["val_loss_after"]) < 1e-5, (resumed, ref_growth)
+    got = losses(tmp_path / "b" / "staged")
+    assert sorted(got) == list(range(GROW_AT + 1, TOTAL + 1))
+    for step in got:
+        assert abs(ref[step] - got[step]) < 1e-5, (step, ref[step], got[step])
+
+    c_cfg = write_config(tmp_path, "c", zero=3, data_dir=data_dir)  # 1 rank, ZeRO-3, from the 2-rank ZeRO-2 files
+    res = launch(["train", c_cfg, "--no-progress", "--init-from", ckpts], nproc=1)
+    assert res.returncode == 0, res.stderr[-4000:]
+    recs = read_metrics(tmp_path / "c" / "staged" / "metrics.jsonl")
+    resumed = [r for r in recs if r.get("event") == "resume"][0]
+    assert (resumed["world_size"], resumed["from_world_size"], resumed["stage"]) == (1, 2, 0)
+    assert abs(resumed["val_loss"] - ref_growth["val_loss_before"]) < 1e-5, (resumed, ref_growth)
+    growth = [r for r in recs if r.get("event") == "growth"]
+    assert len(growth) == 1 and abs(growth[0]["val_loss_after"] - growth[0]["val_loss_before"]) < 1e-4
+    steps = [r for r in recs if r.get("event") == "step"]
+    assert steps[-1]["step"] >= TOTAL and steps[-1]["train_loss"] < steps[0]["train_loss"]

@@ -81,14 +81,30 @@ def is_universal(tag_dir: Path) -> bool:
     return (tag_dir / "zero" / "optimizer_state.pt").exists()
 
 
-def to_universal(tag_dir: Path, out_tag_dir: Path) -> Path:
-    """Convert a ZeRO checkpoint tag to the universal format (``deepspeed.checkpoint.ds_to_universal``)."""
+def to_universal(tag_dir: Path, out_tag_dir: Path, loadable: bool = False) -> Path:
+    """Convert a ZeRO checkpoint tag to the universal format (``deepspeed.checkpoint.ds_to_universal``).
+
+    ``loadable``: also write the model-states file under the names both the ZeRO-1/2 and the ZeRO-3
+    loaders look for (``ds_to_universal`` writes only ``zero/``), so an engine of any stage and world size
+    can ``load_checkpoint`` it with ``load_universal``."""
     from deepspeed.checkpoint import ds_to_universal
 
     out_tag_dir.parent.mkdir(parents=True, exist_ok=True)
     ds_to_universal.main(argparse.Namespace(input_folder=str(tag_dir), output_folder=str(out_tag_dir),
                                             num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
                                             strict=True, inject_missing_state=True))
+    if loadable:
+        files = sorted(tag_dir.glob("*_model_states.pt"))
+        if not files:
+            raise ValueError(f"{tag_dir}: no model-states file")
+        ms = {k: v for k, v in _load(files[0]).items() if k not in ("module", "optimizer")}
+        ms["module"] = {}  # universal loads read the weights from zero/<name>/fp32.pt
+        ms.setdefault("universal_checkpoint_info", {"universal_checkpoint_version": 0.4})
+        for name in MODEL_STATE_NAMES:
+            _save(ms, out_tag_dir / name)
+        names = [d.name for d in (out_tag_dir / "zero").iterdir() if d.is_dir()]
+        step = universal_step(out_tag_dir, names[0]) if names else 0
+        _save(_optimizer_state(out_tag_dir, step), out_tag_dir / "zero" / "optimizer_state.pt")
     return out_tag_dir
 
 

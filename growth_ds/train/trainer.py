@@ -275,7 +275,7 @@ class StagedTrainer:
         if self.rank == 0 and not is_universal(ckpt_dir / utag):
             staging = ckpt_dir / f".{utag}.partial-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
-            to_universal(ckpt_dir / tag, staging)
+            to_universal(ckpt_dir / tag, staging, loadable=True)
             os.replace(staging, ckpt_dir / utag)
         dist.barrier()
         return ckpt_dir, utag
@@ -345,6 +345,11 @@ class StagedTrainer:
                 (self.run_dir / "metrics.jsonl").unlink()
             engine, shape = self._resume(init_meta, init_dir)
             meta = init_meta
+        if meta is not None:  # what was loaded, evaluated: a resume at another world size is checkable
+            log.write({"event": "resume", "step": self.progress.step, "stage": self.progress.stage,
+                       "world_size": self.world, "from_world_size": meta["world_size"],
+                       "from": str(init_from) if not own_checkpoint else meta["tag"],
+                       "val_loss": self.evaluate(engine)})
         else:
             if self.rank == 0 and (self.run_dir / "metrics.jsonl").exists():
                 (self.run_dir / "metrics.jsonl").unlink()
