@@ -136,6 +136,15 @@ def worker(args):
             with TensorAccountant() as acct:  # a second run, for the tensor accounting
                 fn()
             acct.finish()
+            if args.profile and path == "executor" and rank == 0:  # a third, under cProfile (rank 0's view)
+                import cProfile
+                import pstats
+
+                prof = cProfile.Profile()
+                prof.runcall(fn)
+                pstats.Stats(prof).sort_stats("tottime").print_stats(20)
+            elif args.profile and path == "executor":
+                fn()
             dist.barrier()
             rec[path] = {"seconds": secs, "rss_before": win["before"], "rss_peak": win["peak"],
                          "rss_reset": win["reset"], "tracked_peak": acct.peak}
@@ -201,6 +210,7 @@ def main():
     ap.add_argument("--skip-gather", action="store_true")
     ap.add_argument("--prefetch", action="store_true", help="executor: overlap the next all-to-all with compute")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true", help="print rank 0's cProfile of one executor growth")
     args = ap.parse_args()
     if "RANK" in os.environ:
         worker(args)
