@@ -210,6 +210,51 @@ def test_triton_both_associations():
 
 
 @triton_interp
+@pytest.mark.parametrize("dtype,n_split,programs", [(torch.float32, 1, 1), (torch.bfloat16, 2, 3),
+                                                    (torch.float32, 3, 64)])
+def test_slab_kernel_splits_and_persistent_programs(dtype, n_split, programs):
+    """The slab kernel (inner product once per column tile and row split, via a per-program scratch slab)
+    equals the tile kernel and the reference with several column tiles, row splits, and fewer programs
+    than work items (each program reuses its slab), for the mixed-Y forward and a mixed-Z product."""
+    from growth_ds.kernels import kron_triton as kt
+
+    config = kt.KernelConfig(16, 16, 16, 16)  # 72 rows -> 5 row tiles, 56 cols -> 4 column tiles
+    W, D, B, A = _inputs(dtype, False, True, seed=3)
+    ref = _naive(W, D, B, A)
+    outs = {}
+    for kernel in ("slab", "tile"):
+        out = torch.zeros(L2, M, N)
+        kt.launch_triple_product(kt.Operand.of(B), kt.Operand.of(W), kt.Operand.of(A), kt.Operand.of(out),
+                                 mix=kt.MIX_Y, d=D, n_layers=L2, config=config, allow_transpose=False,
+                                 kernel=kernel, n_split=n_split if kernel == "slab" else None,
+                                 programs=programs if kernel == "slab" else None)
+        outs[kernel] = out
+        assert _rel_err(out, ref) < TOL[dtype], kernel
+    assert _rel_err(outs["slab"], outs["tile"]) < TOL[dtype]
+    # mixed Z (the dB product): G [M, N] (A [N, Q] Wmix [P, Q]^T) -> [M, P]
+    G = torch.randn(L2, M, N, generator=torch.Generator().manual_seed(4)).to(dtype)
+    out = torch.zeros(L2, M, P)
+    kt.launch_triple_product(kt.Operand.of(G), kt.Operand.of(A), kt.Operand.of(W), kt.Operand.of(out),
+                             mix=kt.MIX_Z, d=D, n_layers=L2, config=config, kernel="slab", n_split=n_split,
+                             programs=programs)
+    w_mix = torch.einsum("lj,jpq->lpq", D.double(), W.double())
+    want = G.double() @ (A.double() @ w_mix.transpose(1, 2))
+    assert _rel_err(out, want) < TOL[dtype]
+
+
+def test_slab_kernel_executes_the_two_matmul_flops():
+    """Cost model: one split executes exactly the cheaper two-matmul FLOPs; the tile kernel recomputes the
+    inner product per row tile (why the slab kernel is the default)."""
+    from growth_ds.kernels.kron_triton import executed_flops, slab_flops
+
+    d = 4096
+    n_i, n_k, n_a, n_b = d, d, d // 2, d // 2
+    two_matmuls = 2 * n_a * n_b * n_k + 2 * n_i * n_a * n_k
+    assert slab_flops(n_i, n_k, n_a, n_b, 1) == two_matmuls
+    assert executed_flops(n_i, n_k, n_a, n_b, 128) > 10 * two_matmuls
+
+
+@triton_interp
 def test_triton_rejects_unsupported_dtype():
     """float64 is reference-only: the Triton backend raises TypeError."""
     W, D, B, A = _inputs(torch.float64, False, False)
@@ -219,7 +264,8 @@ def test_triton_rejects_unsupported_dtype():
 
 # ------------------------------------------------------- sm_90 AOT compile ---
 
-AOT_SPECS = [f"{v}:{dt}" for v in ("forward", "backward_mixed", "backward_plain")
+AOT_SPECS = [f"{v}:{dt}" for v in ("forward", "backward_mixed", "backward_plain", "slab_forward",
+                                   "slab_backward_mixed", "slab_backward_plain")
              for dt in ("float32", "bfloat16")]
 
 

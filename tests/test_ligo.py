@@ -103,3 +103,25 @@ def test_cli_grow_ligo(tmp_path):
     assert main(args + ["--data", str(tmp_path / "data")]) == 0
     big = load_state(tmp_path / "big.pt")
     assert big.shape.n_layers == 4 and big.step == 0
+
+
+@pytest.mark.parametrize("flavour,tied", [("gpt2", True), ("llama", False)])
+@pytest.mark.parametrize("width,depth", [("lemon", "identity"), ("hypercloning", "stack"), ("staged", None)])
+def test_dense_maps_equal_the_materialised_operator(flavour, tied, width, depth):
+    """The operator written as one dense map per parameter (what the ZeRO executor applies to partitions)
+    gives the materialised large model, also after its parameters moved away from the initialising plan."""
+    from growth_ds.ops.dense import apply_dense
+
+    small = small_shape(flavour, tied_embeddings=tied)
+    state = TrainingState.from_module(randomised_model(small))
+    plan = make_plan(small, grown(small, True, depth is not None), width=width, depth=depth, seed=3)
+    op = LigoOperator(plan, state.params)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in op.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    ref = op.materialise()
+    maps = op.dense_maps()
+    assert set(maps) == set(ref)
+    for name, m in maps.items():
+        torch.testing.assert_close(apply_dense(m, state.params), ref[name].detach(), rtol=1e-5, atol=1e-6, msg=name)

@@ -764,14 +764,57 @@ def task_dense(out_dir, opts):
             err = float((got["params"][name] - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
             worst = max(worst, err)
         zero_moments = all(bool((got[f][n] == 0).all()) for f in ("exp_avg", "exp_avg_sq") for n in maps)
-        results.append({"ws": ws, "stage": stage, "max_rel_err": worst, "zero_moments": zero_moments,
-                        "step": got["step"]})
-        log(f"[dense ws{ws} z{stage}] {results[-1]}")
         for e in (old, new):
             dse.release_engine(e)
+        # a LiGO operator (depth mixing, couplings, noise, norm offsets), moved away from its initial plan
+        ligo_err = 0.0
+        for flavour in ("llama", "gpt2"):
+            lsmall, lmaps, lref, lstate = ligo_case(flavour)
+            old = make_engine(lsmall, stage, fresh=True)
+            dse.materialise_optimizer_state(old, batch_for(lsmall))
+            write_state(old, lstate)
+            lshape = ligo_case.grown[flavour]
+            new = make_engine(lshape, stage, fresh=False)
+            dse.materialise_optimizer_state(new, batch_for(lshape))
+            grow_dense_engine(old, new, lmaps)
+            lgot = gather_exact(new)
+            for name, t in lref.items():
+                err = float((lgot["params"][name] - t).abs().max() / t.abs().max().clamp(min=1e-30))
+                ligo_err = max(ligo_err, err)
+            for e in (old, new):
+                dse.release_engine(e)
+        results.append({"ws": ws, "stage": stage, "max_rel_err": worst, "zero_moments": zero_moments,
+                        "step": got["step"], "ligo_max_rel_err": ligo_err})
+        log(f"[dense ws{ws} z{stage}] {results[-1]}")
     if dist.get_rank() == 0:
         with open(os.path.join(out_dir, f"dense_ws{ws}.json"), "w") as f:
             json.dump(results, f, indent=1)
+
+
+def ligo_case(flavour):
+    """(small shape, dense maps, materialised reference, small state) of a LiGO operator initialised from
+    lemon+interleave and then perturbed (so the maps are dense and the depth mix is not a copy)."""
+    import dataclasses
+
+    from growth_ds.ops import make_plan
+    from growth_ds.ops.ligo import LigoOperator
+    from helpers import small_shape
+
+    small = small_shape(flavour, tied_embeddings=flavour == "gpt2")
+    large = dataclasses.replace(small, d_model=48, n_heads=6, n_kv_heads=3 if flavour == "llama" else 6, d_ffn=80,
+                                n_layers=3)
+    state = random_state(small, seed=31)
+    op = LigoOperator(make_plan(small, large, width="lemon", depth="interleave", seed=2), state.params)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in op.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        ref = {n: t.detach().clone() for n, t in op.materialise().items()}
+    ligo_case.grown[flavour] = large
+    return small, op.dense_maps(), ref, state
+
+
+ligo_case.grown = {}
 
 
 def task_killjob(out_dir, opts):

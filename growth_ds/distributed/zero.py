@@ -420,14 +420,19 @@ def gather_grow(old_engine, new_engine, plan: GrowthPlan) -> None:
     dse.refresh_low_precision(new_engine)
 
 
+def is_partitioned(engine) -> bool:
+    """True when ``engine`` runs a ZeRO-1/2/3 optimizer (partitioned fp32 masters and Adam state)."""
+    zo = engine.optimizer
+    return hasattr(zo, "fp32_partitioned_groups_flat") or hasattr(zo, "single_partition_of_fp32_groups")
+
+
 def grow_any(old_engine, new_engine, plan: GrowthPlan, **kw) -> Optional[GrowthStats]:
     """:func:`grow_engine` under ZeRO 1-3, :func:`gather_grow` otherwise (stage 0)."""
-    zo = old_engine.optimizer
-    if hasattr(zo, "fp32_partitioned_groups_flat") or hasattr(zo, "single_partition_of_fp32_groups"):
+    if is_partitioned(old_engine):
         return grow_engine(old_engine, new_engine, plan, **kw)
     gather_grow(old_engine, new_engine, plan)
     return None
 
 
 __all__ = ["DEFAULT_BUCKET_ELEMS", "GrowthStats", "KILL_ENV", "Slot", "ZeroLayout", "auto_bucket", "gather_grow",
-           "grow_any", "grow_engine"]
+           "grow_any", "grow_engine", "is_partitioned"]

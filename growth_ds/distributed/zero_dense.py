@@ -1,72 +1,86 @@
 """Dense (LiGO-style) growth of ZeRO partitions: per-rank partial products, reduce-scattered to the owners.
 
-A learned linear growth operator (LiGO, Wang et al. 2023) maps a 2-D weight with dense matrices,
-``W' = B W A`` (``B: [D0, d0]``, ``A: [d1, D1]``), so every new element depends on every old one and the
-sparse exchange of :mod:`growth_ds.distributed.zero` does not apply. Instead each rank multiplies the old
-elements *it owns* (its slice, zero elsewhere, as rows ``r0..r1``) by the maps,
-``P_r = B[:, r0:r1] W_r A`` (a full ``[D0, D1]`` partial), and one ``reduce_scatter`` sums the partials
-and leaves every new owner exactly its slice (ZeRO-1/2: its flat range; ZeRO-3: its ``ceil(numel/ws)``).
-Per rank that is one full new parameter of work space at a time, never the model. 1-D parameters take
-``B`` only. Sums are float64 and rounded once; they equal ``B W A`` up to summation order (not bit for
-bit, unlike the sparse executor). The growth-ds operator core has no learned (dense) method yet, so the
-maps are given per parameter by the caller (:class:`DenseMap`); Adam moments follow LiGO's fresh
-optimizer (zeros, step 0).
+A learned linear growth operator (LiGO, Wang et al. 2023) maps weights with dense matrices and a depth mix,
+``W'_l = K * (B (sum_j c_j W_j) A) + N`` (:class:`growth_ds.ops.dense.DenseMap`), so every new element
+depends on every old one and the sparse exchange of :mod:`growth_ds.distributed.zero` does not apply.
+Instead each rank multiplies the old elements *it owns* (its slices of every source, zero elsewhere, as
+rows ``r0..r1``) by the maps, ``P_r = B[:, r0:r1] (sum_j c_j W_j,r) A`` (a full ``[D0, D1]`` partial), and one
+``reduce_scatter`` sums the partials and leaves every new owner exactly its slice (ZeRO-1/2: its flat
+range; ZeRO-3: its ``ceil(numel/ws)``), to which the owner applies its slice of ``K`` and ``N``. Per rank that
+is one full new parameter of work space at a time, never the model. Sums are float64 and rounded once; they
+equal :func:`growth_ds.ops.dense.apply_dense` up to summation order (not bit for bit, unlike the sparse
+executor). Adam moments: zeros and step 0 (LiGO's fresh optimizer), or, with ``keep_moments``, whatever the
+caller wrote before (the trainer runs the sparse executor of the initialising plan first for the ``plan``
+moment rule).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 
 from growth_ds.distributed.zero import ZeroLayout, dist
+from growth_ds.ops.dense import DenseMap
 from growth_ds.train import deepspeed_engine as dse
 
 F64 = torch.float64
 
 
-@dataclass
-class DenseMap:
-    """New parameter = ``B @ W_source @ A`` (``A`` None for 1-D parameters or an identity in-map)."""
-
-    source: str
-    B: Optional[torch.Tensor]   # [D0, d0] float64 (None: identity)
-    A: Optional[torch.Tensor]   # [d1, D1] float64 (None: identity)
-
-
-def _partial(slot, me: int, m: DenseMap, old_shape) -> torch.Tensor:
-    """``B W_r A`` for this rank's slice ``W_r`` of the old parameter (zeros elsewhere), flat float64."""
+def _local_rows(slot, me: int, old_shape):
+    """(r0, r1, rows [r1 - r0, d1] float64) of this rank's slice of a 2-D old parameter, zero-padded to
+    whole rows; 1-D: (lo, hi, the slice zero-padded to the full length)."""
     lo, hi = slot.bounds[me], slot.bounds[me + 1]
     if len(old_shape) == 1:
         w = torch.zeros(old_shape[0], dtype=F64)
         w[lo:hi] = slot.views[0]
-        return (m.B @ w if m.B is not None else w).reshape(-1)
-    d0, d1 = old_shape
-    D0 = m.B.shape[0] if m.B is not None else d0
-    D1 = m.A.shape[1] if m.A is not None else d1
+        return 0, old_shape[0], w
+    d1 = old_shape[1]
     if hi <= lo:
-        return torch.zeros(D0 * D1, dtype=F64)
+        return 0, 0, None
     r0, r1 = lo // d1, -(-hi // d1)
     w = torch.zeros((r1 - r0) * d1, dtype=F64)
     w[lo - r0 * d1:hi - r0 * d1] = slot.views[0]
-    w = w.view(r1 - r0, d1)
-    left = m.B[:, r0:r1] @ w if m.B is not None else torch.zeros(D0, d1, dtype=F64).index_copy_(
-        0, torch.arange(r0, r1), w)
-    return (left @ m.A if m.A is not None else left).reshape(-1)
+    return r0, r1, w.view(r1 - r0, d1)
 
 
-def grow_dense_engine(old_engine, new_engine, maps: Dict[str, DenseMap]) -> None:
-    """Fill ``new_engine``'s partitions with ``B W A`` of ``old_engine``'s parameters, one parameter at a time.
+def _partial(old: ZeroLayout, me: int, m: DenseMap) -> torch.Tensor:
+    """``B (sum_j c_j W_j,r) A`` for this rank's slices ``W_j,r`` of the sources (zeros elsewhere), flat
+    float64 (the whole new parameter's size)."""
+    first = old.slots[m.sources[0][0]]
+    shape = tuple(first.shape)
+    new_shape = m.new_shape(shape)
+    out = torch.zeros(new_shape, dtype=F64)
+    for name, c in m.sources:
+        if c == 0.0:
+            continue
+        slot = old.slots[name]
+        if tuple(slot.shape) != shape:
+            raise ValueError(f"dense map sources of different shapes: {m.sources[0][0]} {shape}, {name} "
+                             f"{tuple(slot.shape)}")
+        r0, r1, w = _local_rows(slot, me, shape)
+        if w is None:
+            continue
+        if len(shape) == 1:
+            out += c * (m.B.to(F64) @ w if m.B is not None else w)
+            continue
+        left = m.B.to(F64)[:, r0:r1] @ w if m.B is not None else \
+            torch.zeros(shape[0], shape[1], dtype=F64).index_copy_(0, torch.arange(r0, r1), w)
+        out += c * (left @ m.A.to(F64) if m.A is not None else left)
+    return out.reshape(-1)
 
-    Every rank must call this with the same ``maps`` (name of every new parameter -> :class:`DenseMap`).
-    Moments are zero and the step 0 (LiGO trains the grown model with a fresh optimizer).
-    """
+
+def grow_dense_engine(old_engine, new_engine, maps: Dict[str, DenseMap], keep_moments: bool = False) -> None:
+    """Fill ``new_engine``'s partitions with the dense maps of ``old_engine``'s parameters, one parameter at
+    a time (a collective: every rank calls it with the same ``maps``, name of every new parameter ->
+    :class:`~growth_ds.ops.dense.DenseMap`). Moments zero and step 0 unless ``keep_moments``."""
     old, new = ZeroLayout(old_engine, need_state=False), ZeroLayout(new_engine)
     me, world = new.rank, new.world
+    missing = sorted(set(new.slots) - set(maps))
+    if missing:
+        raise ValueError(f"dense maps: no map for new parameter {missing[0]}")
     for name, slot in new.slots.items():
         m = maps[name]
-        src = old.slots[m.source]
-        full = _partial(src, me, m, src.shape)
+        full = _partial(old, me, m)
         if full.numel() != slot.numel:
             raise ValueError(f"{name}: the dense map makes {full.numel()} elements, the parameter has {slot.numel}")
         width = max(slot.bounds[r + 1] - slot.bounds[r] for r in range(world))
@@ -81,11 +95,13 @@ def grow_dense_engine(old_engine, new_engine, maps: Dict[str, DenseMap]) -> None
         else:
             mine.copy_(buf[0])
         del buf
-        k = slot.bounds[me + 1] - slot.bounds[me]
-        slot.views[0].copy_(mine[:k])
-        slot.views[1].zero_()
-        slot.views[2].zero_()
-    dse.set_step(new_engine, 0)
+        lo, hi = slot.bounds[me], slot.bounds[me + 1]
+        slot.views[0].copy_(m.finish(mine[:hi - lo], lo, hi))
+        if not keep_moments:
+            slot.views[1].zero_()
+            slot.views[2].zero_()
+    if not keep_moments:
+        dse.set_step(new_engine, 0)
     dse.refresh_low_precision(new_engine)
 
 

@@ -131,6 +131,79 @@ def _triple_product_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _slab_product_kernel(
+    x_ptr, y_ptr, z_ptr, d_ptr, out_ptr, scr_ptr,
+    n_layers, n_i, n_k, n_a, n_b, n_src, n_split,
+    sx_l, sx_i, sx_a,
+    sy_l, sy_a, sy_b,
+    sz_l, sz_k, sz_b,
+    sd_l, sd_j,
+    so_l, so_i, so_k,
+    MIX: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """out[l] = X[l] @ (Y[l] @ Z[l]^T) without recomputing the inner product per row tile.
+
+    Persistent: program p owns a scratch slab ``scr[p]`` of [n_a, BLOCK_K] and loops over work items
+    (layer, column tile k, row split s). Phase 1 writes the slab ``T = Y Z[k-tile]^T`` (the mixed operand
+    built on the fly, as in :func:`_triple_product_kernel`); phase 2 computes every row tile of split ``s``
+    from it: ``out[i-tile, k-tile] = X[i-tile, :] T``. Executed FLOPs are ``n_split`` times the inner
+    product plus the outer one (``n_split`` = 1: exactly the two-matmul count). X is never mixed; no
+    layer reduction (:func:`_triple_product_kernel` does those).
+    """
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    n_kt = tl.cdiv(n_k, BLOCK_K)
+    n_it = tl.cdiv(n_i, BLOCK_I)
+    per_split = tl.cdiv(n_it, n_split)
+    n_items = n_layers * n_kt * n_split
+    scr = scr_ptr + pid.to(tl.int64) * n_a * BLOCK_K
+    cols = tl.arange(0, BLOCK_K)
+    for item in range(pid, n_items, n_prog):
+        layer = (item // (n_kt * n_split)).to(tl.int64)
+        rem = item % (n_kt * n_split)
+        pid_k = rem // n_split
+        split = rem % n_split
+        cols_k = pid_k * BLOCK_K + cols
+        d_off = layer * sd_l
+        x_base = x_ptr + layer * sx_l
+        y_base = y_ptr if MIX == 2 else y_ptr + layer * sy_l
+        z_base = z_ptr if MIX == 3 else z_ptr + layer * sz_l
+        # phase 1: the slab T[:, k-tile] = Y Z[k-tile]^T, once per work item
+        for a0 in range(0, n_a, BLOCK_A):
+            rows_a = a0 + tl.arange(0, BLOCK_A)
+            t = tl.zeros((BLOCK_A, BLOCK_K), dtype=tl.float32)
+            for b0 in range(0, n_b, BLOCK_B):
+                cols_b = b0 + tl.arange(0, BLOCK_B)
+                y = _load_tile(y_base, d_ptr, d_off, sd_j, n_src, sy_l, rows_a, cols_b,
+                               n_a, n_b, sy_a, sy_b, MIX == 2, UPCAST)
+                zt = _load_tile(z_base, d_ptr, d_off, sd_j, n_src, sz_l, cols_b, cols_k,
+                                n_b, n_k, sz_b, sz_k, MIX == 3, UPCAST)
+                t = tl.dot(y, zt, t, input_precision=PRECISION)
+            tl.store(scr + rows_a[:, None] * BLOCK_K + cols[None, :], t.to(scr_ptr.dtype.element_ty),
+                     mask=rows_a[:, None] < n_a)
+        tl.debug_barrier()  # the slab is written by every thread of the program before any reads it
+        # phase 2: this split's row tiles from the slab
+        i_end = tl.minimum((split + 1) * per_split, n_it)
+        for it in range(split * per_split, i_end):
+            rows_i = it * BLOCK_I + tl.arange(0, BLOCK_I)
+            acc = tl.zeros((BLOCK_I, BLOCK_K), dtype=tl.float32)
+            for a0 in range(0, n_a, BLOCK_A):
+                rows_a = a0 + tl.arange(0, BLOCK_A)
+                x = _load_tile(x_base, d_ptr, d_off, sd_j, n_src, sx_l, rows_i, rows_a,
+                               n_i, n_a, sx_i, sx_a, False, UPCAST)
+                t = tl.load(scr + rows_a[:, None] * BLOCK_K + cols[None, :], mask=rows_a[:, None] < n_a,
+                            other=0.0)
+                if UPCAST:
+                    t = t.to(tl.float32)
+                acc = tl.dot(x, t, acc, input_precision=PRECISION)
+            out = out_ptr + layer * so_l + rows_i[:, None] * so_i + cols_k[None, :] * so_k
+            mask = (rows_i[:, None] < n_i) & (cols_k[None, :] < n_k)
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.debug_barrier()  # every read of the slab is done before the next item overwrites it
+
+
 # --------------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------------
@@ -223,11 +296,35 @@ def forward_cost(r: int, p: int, q: int, n: int, l_src: int, config: KernelConfi
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def slab_flops(n_i: int, n_k: int, n_a: int, n_b: int, n_split: int) -> int:
+    """FLOPs :func:`_slab_product_kernel` executes per layer for out[I, K] = X[I, A] (Y[A, B] Z[K, B]^T)."""
+    return 2 * n_split * n_a * n_b * n_k + 2 * n_i * n_a * n_k
+
+
+def _target_programs(device: torch.device, interp: bool) -> int:
+    """Persistent grid size: two programs per SM on a GPU; a few under the interpreter (exercises the
+    persistent loop; the interpreter's cost is per work item, not per program)."""
+    if interp or device.type != "cuda":
+        return 4
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _choose_split(n_layers: int, n_i: int, n_k: int, config: KernelConfig, target: int) -> int:
+    """Row splits per (layer, column tile): the fewest (each recomputes the slab) that fill ``target``
+    programs, at most one per row tile."""
+    items, n_it = n_layers * triton.cdiv(n_k, config.block_k), triton.cdiv(n_i, config.block_i)
+    split = 1
+    while items * split < target and split < n_it:
+        split *= 2
+    return min(split, n_it)
+
+
 def launch_triple_product(x: Operand, y: Operand, z: Operand, out: Operand, *,
                           mix: int = MIX_NONE, d: torch.Tensor | None = None,
                           n_layers: int, reduce_layers: bool = False,
                           config: KernelConfig | None = None,
-                          allow_transpose: bool = True) -> None:
+                          allow_transpose: bool = True, kernel: str = "auto",
+                          n_split: int | None = None, programs: int | None = None) -> None:
     """out[l] = x[l] @ y[l] @ z[l]^T for l < n_layers, written in place into ``out``.
 
     Args:
@@ -239,21 +336,37 @@ def launch_triple_product(x: Operand, y: Operand, z: Operand, out: Operand, *,
         config: tiles; default :func:`gpu_config` on GPU, :func:`interpreter_config` otherwise.
         allow_transpose: let the launcher compute out^T = z y^T x^T when that executes fewer
             FLOPs (only when x, z are not mixed, so the kernel specialisation is unchanged).
+        kernel: ``slab`` (:func:`_slab_product_kernel`: the inner product once per column tile and row
+            split, through a per-program scratch slab), ``tile`` (:func:`_triple_product_kernel`: all in
+            registers, the inner product recomputed per row tile; also does layer reductions and a mixed
+            ``x``) or ``auto`` (slab where it applies).
+        n_split, programs: slab kernel overrides (row splits; persistent grid size).
     """
     n_i, n_a = x.n_rows, x.n_cols
     n_k, n_b = z.n_rows, z.n_cols
     if (y.n_rows, y.n_cols) != (n_a, n_b) or (out.n_rows, out.n_cols) != (n_i, n_k):
         raise ValueError(f"shape mismatch: x {n_i}x{n_a}, y {y.n_rows}x{y.n_cols}, "
                          f"z {n_k}x{n_b}, out {out.n_rows}x{out.n_cols}")
+    if kernel not in ("auto", "slab", "tile"):
+        raise ValueError(f"kernel must be auto, slab or tile, got {kernel!r}")
+    slab = kernel == "slab" or (kernel == "auto" and not reduce_layers and mix != MIX_X)
+    if slab and (reduce_layers or mix == MIX_X):
+        raise ValueError("the slab kernel takes no layer reduction and no mixed x")
     interp = is_interpreter()
     default_config = config is None
     if default_config:
         dtype = x.tensor.dtype
         config = interpreter_config(n_i, n_k, n_a, n_b) if interp else gpu_config(dtype)
+    target = programs or _target_programs(x.tensor.device, interp)
     if allow_transpose and mix in (MIX_NONE, MIX_Y):
-        cost = executed_flops(n_i, n_k, n_a, n_b, config.block_i)
-        cost_t = executed_flops(n_k, n_i, n_b, n_a, config.block_i)
-        if cost_t < cost:
+        if slab:
+            split = n_split or _choose_split(n_layers, n_i, n_k, config, target)
+            split_t = n_split or _choose_split(n_layers, n_k, n_i, config, target)
+            transpose = slab_flops(n_k, n_i, n_b, n_a, split_t) < slab_flops(n_i, n_k, n_a, n_b, split)
+        else:
+            transpose = executed_flops(n_k, n_i, n_b, n_a, config.block_i) < \
+                executed_flops(n_i, n_k, n_a, n_b, config.block_i)
+        if transpose:
             x, y, z, out = z, y.t, x, out.t
             n_i, n_k, n_a, n_b = n_k, n_i, n_b, n_a
             if interp and default_config:
@@ -266,23 +379,28 @@ def launch_triple_product(x: Operand, y: Operand, z: Operand, out: Operand, *,
         if d is None:
             raise ValueError("a mixed operand needs the mixing matrix d")
         n_src, sd_l, sd_j = d.shape[1], d.stride(0), d.stride(1)
-    grid = (1 if reduce_layers else n_layers, triton.cdiv(n_i, config.block_i),
-            triton.cdiv(n_k, config.block_k))
     precision = "ieee" if x.tensor.dtype == torch.float32 else "tf32"
     kwargs = {} if interp else dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    common = dict(MIX=mix, UPCAST=interp, PRECISION=precision, BLOCK_I=config.block_i, BLOCK_K=config.block_k,
+                  BLOCK_A=config.block_a, BLOCK_B=config.block_b, **kwargs)
+    strides = (x.s_layer, x.s_row, x.s_col, y.s_layer, y.s_row, y.s_col, z.s_layer, z.s_row, z.s_col,
+               sd_l, sd_j, out.s_layer, out.s_row, out.s_col)
+    if slab:
+        split = n_split or _choose_split(n_layers, n_i, n_k, config, target)
+        split = max(1, min(split, triton.cdiv(n_i, config.block_i)))
+        n_items = n_layers * triton.cdiv(n_k, config.block_k) * split
+        n_prog = max(1, min(n_items, target))
+        scr_dtype = torch.float32 if interp or x.tensor.dtype == torch.float32 else x.tensor.dtype
+        scratch = torch.empty((n_prog, n_a, config.block_k), dtype=scr_dtype, device=x.tensor.device)
+        _slab_product_kernel[(n_prog,)](
+            x.tensor, y.tensor, z.tensor, d, out.tensor, scratch,
+            n_layers, n_i, n_k, n_a, n_b, n_src, split, *strides, **common)
+        return
+    grid = (1 if reduce_layers else n_layers, triton.cdiv(n_i, config.block_i),
+            triton.cdiv(n_k, config.block_k))
     _triple_product_kernel[grid](
         x.tensor, y.tensor, z.tensor, d, out.tensor,
-        n_i, n_k, n_a, n_b, n_src, n_layers if reduce_layers else 1,
-        x.s_layer, x.s_row, x.s_col,
-        y.s_layer, y.s_row, y.s_col,
-        z.s_layer, z.s_row, z.s_col,
-        sd_l, sd_j,
-        out.s_layer, out.s_row, out.s_col,
-        MIX=mix, UPCAST=interp, PRECISION=precision,
-        BLOCK_I=config.block_i, BLOCK_K=config.block_k,
-        BLOCK_A=config.block_a, BLOCK_B=config.block_b,
-        **kwargs,
-    )
+        n_i, n_k, n_a, n_b, n_src, n_layers if reduce_layers else 1, *strides, **common)
 
 
 def _out_buffer(shape, like: torch.Tensor, zero: bool = False) -> torch.Tensor:
@@ -374,8 +492,11 @@ def kron_backward(G, W, D, B, A, r0: int, r1: int, needs: tuple[bool, bool, bool
 
 _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
-#: The kernel specialisations the forward/backward actually launch: name -> MIX value.
-AOT_VARIANTS = {"forward": MIX_Y, "backward_mixed": MIX_Z, "backward_plain": MIX_NONE}
+#: The kernel specialisations the forward/backward launch: name -> (kernel, MIX value). ``auto`` launches the
+#: slab kernel everywhere except the layer-summed gradients of a shared B or A (tile kernel, MIX_Z).
+AOT_VARIANTS = {"forward": ("tile", MIX_Y), "backward_mixed": ("tile", MIX_Z), "backward_plain": ("tile", MIX_NONE),
+                "slab_forward": ("slab", MIX_Y), "slab_backward_mixed": ("slab", MIX_Z),
+                "slab_backward_plain": ("slab", MIX_NONE)}
 
 
 def aot_compile(variant: str, dtype: torch.dtype, arch: int = 90,
@@ -392,10 +513,11 @@ def aot_compile(variant: str, dtype: torch.dtype, arch: int = 90,
         raise RuntimeError("aot_compile needs TRITON_INTERPRET unset in this process")
     config = config or gpu_config(dtype)
     ty = _TRITON_DTYPE[dtype]
-    kernel = _triple_product_kernel
+    which, mix = AOT_VARIANTS[variant]
+    kernel = _slab_product_kernel if which == "slab" else _triple_product_kernel
     pointers = {"x_ptr": ty, "y_ptr": ty, "z_ptr": ty, "d_ptr": "fp32",
-                "out_ptr": "fp32" if variant == "backward_plain" else ty}
-    constexprs = {"MIX": AOT_VARIANTS[variant], "UPCAST": False,
+                "out_ptr": "fp32" if variant.endswith("backward_plain") else ty, "scr_ptr": ty}
+    constexprs = {"MIX": mix, "UPCAST": False,
                   "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
                   "BLOCK_I": config.block_i, "BLOCK_K": config.block_k,
                   "BLOCK_A": config.block_a, "BLOCK_B": config.block_b}
@@ -426,7 +548,8 @@ if __name__ == "__main__":  # pragma: no cover - used by tests/test_kernels.py i
         results[spec] = {
             "seconds": time.perf_counter() - t0,
             "cubin_bytes": len(asm.get("cubin", b"")),
-            "ptx_has_entry": ".entry _triple_product_kernel" in asm.get("ptx", ""),
+            "ptx_has_entry": (".entry _slab_product_kernel" if AOT_VARIANTS[variant][0] == "slab"
+                              else ".entry _triple_product_kernel") in asm.get("ptx", ""),
             "ptx_target": next((ln.split()[1] for ln in asm.get("ptx", "").splitlines()
                                 if ln.startswith(".target")), None),
             "shared_bytes": compiled.metadata.shared,

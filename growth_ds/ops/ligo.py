@@ -153,6 +153,53 @@ class LigoOperator(nn.Module):
             out["lm_head.weight"] = w + self.constants.get("lm_head.weight", 0)
         return out
 
+    @torch.no_grad()
+    def dense_maps(self) -> Dict[str, "DenseMap"]:
+        """The operator as one :class:`~growth_ds.ops.dense.DenseMap` per grown parameter (float64, detached):
+        ``apply_dense(maps[n], small) == materialise()[n]``. This is what the ZeRO executor needs to build
+        each rank's partitions of the grown model from the old partitions (no rank materialises the model)."""
+        from growth_ds.ops.dense import DenseMap
+
+        f64 = lambda t: None if t is None else t.detach().to(torch.float64)  # noqa: E731
+        schema = parameter_schema(self.shape)
+        maps: Dict[str, DenseMap] = {}
+        pos = self.plan.spaces["pos"]
+        maps["tok_emb.weight"] = DenseMap("tok_emb.weight", None, f64(self.S_model.t()))
+        if "pos_emb.weight" in schema:
+            sel = torch.zeros(pos.new, pos.old, dtype=torch.float64)
+            keep = (pos.src >= 0).nonzero().squeeze(1)
+            sel[keep, pos.src[keep]] = 1.0
+            maps["pos_emb.weight"] = DenseMap("pos_emb.weight", sel, f64(self.S_model.t()))
+        for kind in LAYER_KINDS:
+            D = self.depth[kind.replace(".", "_")].detach()
+            for n0 in [n for n in schema if n.startswith("layers.0.") and schema[n].module == kind]:
+                suffix, spec = n0[len("layers.0."):], schema[n0]
+                for l in range(self.L2):
+                    name = f"layers.{l}.{suffix}"
+                    sources = [(f"layers.{j}.{suffix}", float(D[l, j])) for j in range(self.L)]
+                    shift = None
+                    if spec.role == "norm":
+                        B, A, shift = self.G_norm, None, self.norm_off
+                    elif spec.role == "norm_bias":
+                        B, A = self.Gb_norm, None
+                    elif spec.role == "bias":
+                        S = self._maps(kind)[0]
+                        B, A = (S[l] if S.dim() == 3 else S), None
+                    else:
+                        S, At = self._maps(kind)
+                        B = S[l] if S.dim() == 3 else S
+                        A = (At[l] if At.dim() == 3 else At).t()
+                    shift = self.constants.get(name, shift)
+                    maps[name] = DenseMap(sources, f64(B), f64(A), f64(self.couplings.get(name)), f64(shift))
+        maps["norm.weight"] = DenseMap("norm.weight", f64(self.G_final), None, None, f64(self.final_off))
+        if "norm.bias" in schema:
+            maps["norm.bias"] = DenseMap("norm.bias", f64(self.Gb_final), None)
+        if "lm_head.weight" in schema:
+            maps["lm_head.weight"] = DenseMap("lm_head.weight", None, f64(self.T_model),
+                                              f64(self.couplings.get("lm_head.weight")),
+                                              f64(self.constants.get("lm_head.weight")))
+        return maps
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits of the large model ``M(theta_small)`` for ``tokens[B, T]``."""
         params = self.materialise()

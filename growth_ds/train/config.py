@@ -168,9 +168,6 @@ def parse_config(raw: Dict[str, Any], source: Optional[Path] = None) -> RunConfi
             raise ValueError(f"{where}.grow.method: only 'ligo' (a learned operator) is a method; fixed methods "
                              f"go in grow.width / grow.depth")
         if grow.get("method") == "ligo":
-            if ds["zero_stage"] == 3:
-                raise ValueError(f"{where}.grow.method: ligo trains its operator over the full small model on every "
-                                 f"rank; use zero_stage 0-2 (ZeRO-3 never gathers the model)")
             if grow.get("moments") not in (None, "fresh", "plan"):
                 raise ValueError(f"{where}.grow.moments: ligo takes fresh (the paper) or plan, got {grow['moments']!r}")
         if i > 0:

@@ -18,7 +18,8 @@ import torch
 
 from growth_ds.models import build_model, lm_loss
 from growth_ds.models.schema import parameter_schema
-from growth_ds.distributed.zero import grow_any
+from growth_ds.distributed.zero import grow_any, grow_engine, is_partitioned
+from growth_ds.distributed.zero_dense import grow_dense_engine
 from growth_ds.ops import LRSchedule, make_plan
 from growth_ds.shapes import ModelShape
 from growth_ds.train import deepspeed_engine as dse
@@ -154,18 +155,16 @@ class StagedTrainer:
     def _grow_ligo(self, engine, shape: ModelShape, plan, g: dict):
         """LiGO (Wang et al. 2023): learn the growth operator for ``steps`` on the training stream with the
         small model frozen (data parallel: gradients averaged over ranks), then materialise the grown state.
-        Operator steps consume tokens and FLOPs, counted in the run's compute."""
+        Operator steps consume tokens and FLOPs, counted in the run's compute. The operator's forward needs
+        the small model on every rank (gathered one parameter at a time under ZeRO-3); the grown model is
+        built under ZeRO 1-3 from the old partitions by the dense executor (``zero_dense``), never whole."""
         from growth_ds.ops.ligo import LigoOperator, materialise_state, train_ligo
         from growth_ds.ops.state import TrainingState
 
         names = list(parameter_schema(shape))
         old_p = dse.named_params(engine)
-        small = {n: dse.get_full(engine, old_p[n]) for n in names}  # ZeRO 0-2 hold these on every rank
+        small = {n: dse.get_full(engine, old_p[n]) for n in names}  # one at a time (a collective under ZeRO-3)
         moments = g.get("moments", "fresh")
-        state = TrainingState(shape, small, step=dse.get_step(engine))
-        if moments == "plan":
-            state.exp_avg = {n: dse.get_full(engine, old_p[n], "exp_avg") for n in names}
-            state.exp_avg_sq = {n: dse.get_full(engine, old_p[n], "exp_avg_sq") for n in names}
         op = LigoOperator(plan, small)
         world = self.world
 
@@ -181,17 +180,29 @@ class StagedTrainer:
                             all_reduce=all_reduce)
         p.tokens += tps * len(losses)
         p.flops += step_flops * len(losses)
-        grown = materialise_state(op, state, moments)
-        del op, small
         new = self._new_engine(plan.grown_shape, fresh=False)
         dse.materialise_optimizer_state(new, self.eval_set[0])
-        new_p = dse.named_params(new)
-        for name in parameter_schema(plan.grown_shape):
-            dse.set_full(new, new_p[name], grown.params[name])
-            dse.set_full(new, new_p[name], grown.exp_avg[name], "exp_avg")
-            dse.set_full(new, new_p[name], grown.exp_avg_sq[name], "exp_avg_sq")
-        dse.set_step(new, grown.step)
-        dse.refresh_low_precision(new)
+        if is_partitioned(engine):  # per-rank partial products reduce-scattered to the new owners
+            maps = op.dense_maps()
+            del op, small
+            if moments == "plan":  # the initialising plan's moment rule, shard to shard; the step is kept
+                self.growth_stats = grow_engine(engine, new, plan, refresh=False)
+                dse.set_step(new, dse.get_step(engine))
+            grow_dense_engine(engine, new, maps, keep_moments=moments == "plan")
+        else:  # ZeRO 0: every rank holds everything
+            state = TrainingState(shape, small, step=dse.get_step(engine))
+            if moments == "plan":
+                state.exp_avg = {n: dse.get_full(engine, old_p[n], "exp_avg") for n in names}
+                state.exp_avg_sq = {n: dse.get_full(engine, old_p[n], "exp_avg_sq") for n in names}
+            grown = materialise_state(op, state, moments)
+            del op, small
+            new_p = dse.named_params(new)
+            for name in parameter_schema(plan.grown_shape):
+                dse.set_full(new, new_p[name], grown.params[name])
+                dse.set_full(new, new_p[name], grown.exp_avg[name], "exp_avg")
+                dse.set_full(new, new_p[name], grown.exp_avg_sq[name], "exp_avg_sq")
+            dse.set_step(new, grown.step)
+            dse.refresh_low_precision(new)
         self.schedule, p.schedule_step = plan.lr.apply(self.schedule, p.schedule_step)
         self.ligo_losses = losses
         dse.release_engine(engine)
