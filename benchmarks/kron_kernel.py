@@ -4,15 +4,13 @@ Growth (L/2 layers, width d/2) -> (L layers, width d) for one square weight kind
 W: [L/2, d/2, d/2], D: [L, L/2], B, A: [L, d, d/2] (per layer), output [L, d, d].
 
 GPU (torch.cuda.is_available()): for d in --dims and L in --layers, times the fused Triton
-forward (`kron_expand(backend="triton")`) and the torch baseline in the same dtype (cuBLAS,
-fp32 accumulate), and prints ms, useful TFLOP/s (FLOPs of the cheaper two-matmul association +
-depth mix), bandwidth (minimal bytes: read W, D, B, A once, write the output once),
-torch/fused time ratio (> 1: fused is faster) and the % of the dense bf16 matmul rate measured
-in this run (8192^3 torch.mm). Each config is run for the full weight and for a thin row
-fragment (--fragment-rows, what a sharded executor builds). Before timing, it prints the work
-model (kron_triton.forward_cost): the single-launch kernel recomputes the inner product once per
-row tile and the depth mix once per output tile (3-22x the useful tensor-core FLOPs on this
-grid), so expect torch to win at large d.
+forward (the slab kernel, the default, and the tile kernel) and the torch baseline in the same dtype
+(cuBLAS, fp32 accumulate), and prints ms, useful TFLOP/s (FLOPs of the cheaper two-matmul association
++ depth mix), bandwidth (minimal bytes: read W, D, B, A once, write the output once), torch/fused time
+ratio (> 1: fused is faster; target >= 1.3) and the % of the dense matmul rate measured in this run
+(8192^3 torch.mm; target >= 60% at large d). Each config is run for the full weight and for a thin row
+fragment (--fragment-rows, what a sharded executor builds). Before timing, it prints the work model
+(kron_triton.forward_cost): executed tensor-core FLOPs over useful ones for both kernels.
 
 CPU: no timings. Runs the Triton interpreter (TRITON_INTERPRET=1) correctness check on small
 shapes against the reference and says that no GPU was available.
@@ -75,7 +73,7 @@ def run_gpu(args) -> None:
           f"dense {args.dtype} matmul (8192^3): {peak:.1f} TFLOP/s")
     cfg = kron_triton.gpu_config(dtype)
     print_cost_model(args, kron_triton)
-    head = (f"{'d':>5} {'L':>3} {'rows':>5} | {'fused ms':>9} {'torch ms':>9} {'ratio':>6} | "
+    head = (f"{'d':>5} {'L':>3} {'rows':>5} | {'fused ms':>9} {'tile ms':>8} {'torch ms':>9} {'ratio':>6} | "
             f"{'fused TF/s':>10} {'%mm':>5} {'GB/s':>7} | {'torch TF/s':>10} {'%mm':>5} | "
             f"{'rel err':>8}")
     print(head)
@@ -105,6 +103,9 @@ def run_gpu(args) -> None:
                         t_fused = cuda_time_ms(
                             lambda: kron_expand(W, D, B, A, rows=(0, r), backend="triton"),
                             args.reps)
+                        t_tile = cuda_time_ms(
+                            lambda: kron_triton.kron_forward(W, D, B, A, 0, r, kernel="tile"),
+                            args.reps)
                         t_torch = cuda_time_ms(lambda: torch_baseline(W, D, b_rows, A),
                                                args.reps)
                 except torch.cuda.OutOfMemoryError:
@@ -115,7 +116,7 @@ def run_gpu(args) -> None:
                 useful = n_layers * kron_triton.forward_cost(r, p, p, d, l_src, cfg)["useful"]
                 bytes_min = size * (l_src * p * p + n_layers * (r * p + d * p + r * d))
                 tf_fused, tf_torch = useful / t_fused / 1e9, useful / t_torch / 1e9
-                print(f"{d:>5} {n_layers:>3} {r:>5} | {t_fused:>9.2f} {t_torch:>9.2f} "
+                print(f"{d:>5} {n_layers:>3} {r:>5} | {t_fused:>9.2f} {t_tile:>8.2f} {t_torch:>9.2f} "
                       f"{t_torch / t_fused:>6.2f} | {tf_fused:>10.1f} "
                       f"{100 * tf_fused / peak:>5.1f} {bytes_min / t_fused / 1e6:>7.0f} | "
                       f"{tf_torch:>10.1f} {100 * tf_torch / peak:>5.1f} | {err:>8.1e}")
@@ -126,17 +127,18 @@ def print_cost_model(args, kron_triton) -> None:
     """Work model of the fused forward for the benchmark grid (no timing; any machine)."""
     dtype = getattr(torch, args.dtype)
     cfg = kron_triton.gpu_config(dtype)
-    print(f"work model per layer with GPU tiles {cfg.block_i}x{cfg.block_k} ({args.dtype}); "
-          "useful = einsum + cheaper 2-matmul association; dot = tensor-core FLOPs the fused "
-          "kernel executes; mix = its CUDA-core depth-mix FLOPs")
-    print(f"{'d':>5} {'L':>3} {'rows':>5} | {'useful GF':>9} {'dot/useful':>10} "
-          f"{'mix/useful':>10}")
+    print(f"work model per layer with GPU tiles {cfg.block_i}x{cfg.block_k} ({args.dtype}), 264 programs "
+          "(H100); useful = einsum + cheaper 2-matmul association; dot = tensor-core FLOPs a kernel "
+          "executes; mix = its CUDA-core depth-mix FLOPs")
+    print(f"{'d':>5} {'L':>3} {'rows':>5} | {'useful GF':>9} | {'slab dot/u':>10} {'mix/u':>6} {'split':>5} | "
+          f"{'tile dot/u':>10} {'mix/u':>6}")
     for d in args.dims:
         for n_layers in args.layers:
             for r in _row_cases(args, d):
-                c = kron_triton.forward_cost(r, d // 2, d // 2, d, n_layers // 2, cfg)
-                print(f"{d:>5} {n_layers:>3} {r:>5} | {c['useful'] / 1e9:>9.1f} "
-                      f"{c['dot'] / c['useful']:>10.2f} {c['mix'] / c['useful']:>10.2f}")
+                c = kron_triton.forward_cost(r, d // 2, d // 2, d, n_layers // 2, cfg, n_layers=n_layers)
+                u = c["useful"]
+                print(f"{d:>5} {n_layers:>3} {r:>5} | {u / 1e9:>9.1f} | {c['slab_dot'] / u:>10.2f} "
+                      f"{c['slab_mix'] / u:>6.2f} {c['split']:>5} | {c['dot'] / u:>10.2f} {c['mix'] / u:>6.2f}")
 
 
 def run_cpu_check(args) -> None:

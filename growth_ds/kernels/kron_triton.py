@@ -2,35 +2,39 @@
 
 Imported lazily by :mod:`growth_ds.kernels.kron` (this module imports triton at the top).
 
-One generic kernel, :func:`_triple_product_kernel`, computes a batch of chained products::
+Two kernels compute a batch of chained products in ONE launch::
 
     out_l[i, k] = sum_a X_l[i, a] * sum_b Y_l[a, b] * Z_l[k, b]        (out_l = X_l Y_l Z_l^T)
 
-in ONE launch over the grid ``(layers, cdiv(I, BLOCK_I), cdiv(K, BLOCK_K))``. Every operand is
-addressed by three strides ``(layer, row, col)``, so transposes, row slices and shared (layer
-stride 0) operands cost nothing. At most one operand is *depth mixed*: its tile is built on the
-fly as ``sum_j D[l, j] * src[j]`` (``MIX`` names which one), so the mixed weight never exists in
-memory. Accumulation is fp32. Masked loads handle shapes that are not multiples of the blocks.
+Every operand is addressed by three strides ``(layer, row, col)``, so transposes, row slices and shared
+(layer stride 0) operands cost nothing. At most one operand is *depth mixed*: its tile is built on the fly
+as ``sum_j D[l, j] * src[j]`` (``MIX`` names which one), so the mixed weight never exists in memory.
+Accumulation is fp32. Masked loads handle shapes that are not multiples of the blocks.
 
-Cost of fusing everything into one launch (see :func:`forward_cost`): each program keeps the
-intermediate tile ``t = Y[a-tile, :] Z[k-tile, :]^T`` in registers, so the inner product is
-recomputed once per row tile (``cdiv(I, BLOCK_I)`` times), and a mixed operand's depth mix is
-rebuilt for every output tile. :func:`launch_triple_product` picks the association (``X (Y Z^T)``
-or, via the transpose, ``(X Y) Z^T``) with fewer executed FLOPs when the operand roles allow it.
-For square growth d/2 -> d with 128x128 tiles the model gives ~3.3x the tensor-core FLOPs of
-einsum + two matmuls at d=1024 and ~22x at d=8192 (also for thin row fragments), so the kernel
-wins on memory (no [L2, P, Q] mix, no intermediate) and launch count, not on FLOPs; GPU timings
-come from ``benchmarks/kron_kernel.py`` (not yet run on a GPU).
+* :func:`_slab_product_kernel` (the default): a persistent grid (two programs per SM); a work item is
+  (layer, column tile, row split). Phase 1 writes the slab ``T = Y Z[k-tile]^T`` ([A, BLOCK_K], into a
+  per-program scratch buffer, L2-resident), phase 2 computes the split's row tiles from it. With one split
+  it executes exactly the FLOPs of einsum + two matmuls; splits (only when layers x column tiles would not
+  fill the GPU) recompute the slab once each. Scratch is ``programs x A x BLOCK_K`` elements, independent of
+  the number of layers; no ``[L2, P, Q]`` mix and no ``[L2, P, N]`` intermediate is ever allocated.
+* :func:`_triple_product_kernel`: everything in registers over the grid ``(layers, cdiv(I, BLOCK_I),
+  cdiv(K, BLOCK_K))``; the inner product is recomputed once per row tile (3-22x the two-matmul FLOPs for
+  square growth d/2 -> d at d = 1k-8k, see :func:`forward_cost`). It remains for the layer-summed
+  gradients of a shared ``B``/``A`` (in-kernel sum over layers, deterministic, no atomics).
+
+:func:`launch_triple_product` picks the association (``X (Y Z^T)`` or, via the transpose, ``(X Y) Z^T``)
+with fewer executed FLOPs when the operand roles allow it. GPU timings come from
+``benchmarks/kron_kernel.py``; no GPU has been lent to this project yet, so they are unmeasured.
 
 Forward and backward passes (what is fused):
 
 =========================  =======================================  ==============
 quantity                   product                                  kernel
 =========================  =======================================  ==============
-``out = B_r Wmix A^T``     X=B_r,  Y=mix(W),  Z=A                   fused, MIX=Y
-``dB_r = G A Wmix^T``      X=G,    Y=A,       Z=mix(W)              fused, MIX=Z
-``dA = G^T B_r Wmix``      X=G^T,  Y=B_r,     Z=mix(W)^T            fused, MIX=Z
-``dWmix = B_r^T G A``      X=B_r^T, Y=G,      Z=A^T                 fused, MIX=none
+``out = B_r Wmix A^T``     X=B_r,  Y=mix(W),  Z=A                   slab, MIX=Y
+``dB_r = G A Wmix^T``      X=G,    Y=A,       Z=mix(W)              slab (tile if B shared), MIX=Z
+``dA = G^T B_r Wmix``      X=G^T,  Y=B_r,     Z=mix(W)^T            slab (tile if A shared), MIX=Z
+``dWmix = B_r^T G A``      X=B_r^T, Y=G,      Z=A^T                 slab, MIX=none
 ``dD, dW`` from ``dWmix``  two small torch GEMMs (fp32)             torch
 =========================  =======================================  ==============
 
@@ -278,19 +282,27 @@ def executed_flops(n_i: int, n_k: int, n_a: int, n_b: int, block_i: int) -> int:
     return 2 * triton.cdiv(n_i, block_i) * n_a * n_b * n_k + 2 * n_i * n_a * n_k
 
 
-def forward_cost(r: int, p: int, q: int, n: int, l_src: int, config: KernelConfig) -> dict:
+def forward_cost(r: int, p: int, q: int, n: int, l_src: int, config: KernelConfig, n_layers: int = 1,
+                 programs: int = 264) -> dict:
     """Per-layer work of the fused forward for B_r [R, P], W [L1, P, Q], A [N, Q] -> [R, N].
 
-    Returns ``useful`` (cheaper two-matmul association plus one depth mix, what torch does),
-    ``dot`` (tensor-core FLOPs the kernel executes, inner product recomputed per row tile) and
-    ``mix`` (CUDA-core FLOPs of the depth mix, which is rebuilt for every output tile:
-    2 * L1 * P * Q * #tiles). Mirrors the association choice of :func:`launch_triple_product`.
+    Returns ``useful`` (cheaper two-matmul association plus one depth mix, what torch does); for the tile
+    kernel ``dot`` (tensor-core FLOPs executed: inner product recomputed per row tile) and ``mix``
+    (CUDA-core depth-mix FLOPs, rebuilt for every output tile: 2 * L1 * P * Q * #tiles); for the slab
+    kernel ``slab_dot``, ``slab_mix`` and its row ``split`` for ``n_layers`` layers on ``programs`` programs
+    (264: two per SM of an H100). Mirrors the association choice of :func:`launch_triple_product`.
     """
     useful = min(2 * r * q * (p + n), 2 * p * n * (q + r)) + 2 * l_src * p * q
     dot = min(executed_flops(r, n, p, q, config.block_i),
               executed_flops(n, r, q, p, config.block_i))
     tiles = triton.cdiv(r, config.block_i) * triton.cdiv(n, config.block_k)
-    return {"useful": useful, "dot": dot, "mix": 2 * l_src * p * q * tiles}
+    # slab: X = B_r [R, P], Y = Wmix [P, Q], Z = A [N, Q]; or transposed X = A, Y = Wmix^T, Z = B_r
+    split = _choose_split(n_layers, r, n, config, programs, p, q)
+    split_t = _choose_split(n_layers, n, r, config, programs, q, p)
+    slab, slab_t = slab_flops(r, n, p, q, split), slab_flops(n, r, q, p, split_t)
+    k_tiles = triton.cdiv(n, config.block_k) * split if slab <= slab_t else triton.cdiv(r, config.block_k) * split_t
+    return {"useful": useful, "dot": dot, "mix": 2 * l_src * p * q * tiles, "slab_dot": min(slab, slab_t),
+            "slab_mix": 2 * l_src * p * q * k_tiles, "split": split if slab <= slab_t else split_t}
 
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -309,14 +321,21 @@ def _target_programs(device: torch.device, interp: bool) -> int:
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _choose_split(n_layers: int, n_i: int, n_k: int, config: KernelConfig, target: int) -> int:
-    """Row splits per (layer, column tile): the fewest (each recomputes the slab) that fill ``target``
-    programs, at most one per row tile."""
+def _choose_split(n_layers: int, n_i: int, n_k: int, config: KernelConfig, target: int,
+                  n_a: int = 1, n_b: int = 1) -> int:
+    """Row splits per (layer, column tile): each split recomputes the slab but adds parallelism. Picks the
+    power of two (at most one per row tile) that minimises executed FLOPs / GPU fill, with fill =
+    min(1, work items / ``target`` programs)."""
     items, n_it = n_layers * triton.cdiv(n_k, config.block_k), triton.cdiv(n_i, config.block_i)
-    split = 1
-    while items * split < target and split < n_it:
+    if items == 0 or n_it == 0:
+        return 1
+    best, best_cost, split = 1, float("inf"), 1
+    while split <= n_it:
+        cost = slab_flops(n_i, n_k, n_a, n_b, split) / min(1.0, items * split / target)
+        if cost < best_cost:
+            best, best_cost = split, cost
         split *= 2
-    return min(split, n_it)
+    return best
 
 
 def launch_triple_product(x: Operand, y: Operand, z: Operand, out: Operand, *,
@@ -360,8 +379,8 @@ def launch_triple_product(x: Operand, y: Operand, z: Operand, out: Operand, *,
     target = programs or _target_programs(x.tensor.device, interp)
     if allow_transpose and mix in (MIX_NONE, MIX_Y):
         if slab:
-            split = n_split or _choose_split(n_layers, n_i, n_k, config, target)
-            split_t = n_split or _choose_split(n_layers, n_k, n_i, config, target)
+            split = n_split or _choose_split(n_layers, n_i, n_k, config, target, n_a, n_b)
+            split_t = n_split or _choose_split(n_layers, n_k, n_i, config, target, n_b, n_a)
             transpose = slab_flops(n_k, n_i, n_b, n_a, split_t) < slab_flops(n_i, n_k, n_a, n_b, split)
         else:
             transpose = executed_flops(n_k, n_i, n_b, n_a, config.block_i) < \
@@ -386,7 +405,7 @@ def launch_triple_product(x: Operand, y: Operand, z: Operand, out: Operand, *,
     strides = (x.s_layer, x.s_row, x.s_col, y.s_layer, y.s_row, y.s_col, z.s_layer, z.s_row, z.s_col,
                sd_l, sd_j, out.s_layer, out.s_row, out.s_col)
     if slab:
-        split = n_split or _choose_split(n_layers, n_i, n_k, config, target)
+        split = n_split or _choose_split(n_layers, n_i, n_k, config, target, n_a, n_b)
         split = max(1, min(split, triton.cdiv(n_i, config.block_i)))
         n_items = n_layers * triton.cdiv(n_k, config.block_k) * split
         n_prog = max(1, min(n_items, target))
@@ -433,7 +452,7 @@ def _check_launchable(D: torch.Tensor, *tensors: torch.Tensor) -> None:
                              f"got shape {tuple(t.shape)} strides {t.stride()}")
 
 
-def kron_forward(W, D, B, A, r0: int, r1: int, config: KernelConfig | None = None):
+def kron_forward(W, D, B, A, r0: int, r1: int, config: KernelConfig | None = None, kernel: str = "auto"):
     """out[l] = B_l[r0:r1] (sum_j D[l, j] W_j) A_l^T -> [L2, r1 - r0, N], fp32 accumulation.
 
     W: [L1, P, Q]; D: [L2, L1]; B: [L2, M, P] or [M, P]; A: [L2, N, Q] or [N, Q].
@@ -444,7 +463,7 @@ def kron_forward(W, D, B, A, r0: int, r1: int, config: KernelConfig | None = Non
     b_rows = B[..., r0:r1, :]
     out = _out_buffer((n_layers, r1 - r0, A.shape[-2]), W)
     launch_triple_product(Operand.of(b_rows), Operand.of(W), Operand.of(A), Operand.of(out),
-                          mix=MIX_Y, d=D, n_layers=n_layers, config=config)
+                          mix=MIX_Y, d=D, n_layers=n_layers, config=config, kernel=kernel)
     return out
 
 
