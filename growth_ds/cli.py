@@ -235,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("grow", help="grow a saved checkpoint (model + optimizer + step) into a larger shape")
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--from", metavar="CKPT", help="checkpoint file (growth-ds or plain torch), or a megatron "
-                     "dist checkpoint directory")
+    src.add_argument("--from", metavar="CKPT", help="checkpoint file (growth-ds or plain torch), a megatron "
+                     "dist checkpoint directory, or a DeepSpeed checkpoint directory (written as a universal one)")
     src.add_argument("--from-hf", metavar="DIR", help="Hugging Face GPT2LMHeadModel/LlamaForCausalLM directory; "
                      "--out is then a grown Hugging Face directory (save_pretrained, safetensors)")
     g.add_argument("--to", required=True, metavar="SHAPE_YAML", help="target ModelShape YAML")
