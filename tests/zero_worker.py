@@ -349,6 +349,7 @@ def task_cases(out_dir, opts):
                 rec["lp_mismatch"] = lp_mismatch(new)
                 rec["digest"] = digest(got, list(parameter_schema(shape)))
                 rec["rounds"] = stats.rounds
+                rec["transport"], rec["full_rounds"] = stats.transport, stats.full_rounds
                 rec["bytes_sent"] = stats.bytes_sent
                 rec["t_check"] = time.time() - tt
                 tt = time.time()

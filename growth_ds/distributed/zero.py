@@ -38,6 +38,7 @@ from growth_ds.models.schema import param_shape, parameter_schema
 from growth_ds.ops.apply import grow_moment, grow_value, source_name
 from growth_ds.ops.plan import GrowthPlan
 from growth_ds.train import deepspeed_engine as dse
+from growth_ds.distributed.zero_shm import ShmTransport, want_shm
 from growth_ds.distributed.zero_index import (OldData, ParamGrowth, PlanCache, Reductions, assemble,
                                               chunk_range, clip_intervals, interval_index, intervals_numel,
                                               make_schedule)
@@ -152,6 +153,7 @@ class GrowthStats:
     """What one rank did: rounds (all-to-alls), bytes moved, new elements written, seconds."""
 
     rounds: int = 0
+    full_rounds: int = 0  # rounds that hold one whole old parameter (GPT-2 mean rows, HyperCloning's noise)
     bytes_sent: int = 0
     bytes_received: int = 0
     new_elements: int = 0
@@ -160,6 +162,7 @@ class GrowthStats:
     seconds_exchange: float = 0.0
     seconds_compute: float = 0.0
     step: int = 0
+    transport: str = "collective"  # or "shm" (same host, zero_shm)
     extra: Dict[str, float] = field(default_factory=dict)
 
     @property
@@ -182,18 +185,14 @@ class _Exchange:
     compute; :meth:`finish` returns ``{request index: [channels, n] float32}`` for this rank's requests,
     columns in old flat order."""
 
-    def __init__(self, requests, growths: Sequence[ParamGrowth], old: ZeroLayout, stats: GrowthStats):
-        self.old, self.stats = old, stats
+    def __init__(self, requests, growths: Sequence[ParamGrowth], old: ZeroLayout, stats: GrowthStats,
+                 transport: Optional[ShmTransport] = None):
+        self.old, self.stats, self.transport = old, stats, transport
         me, world = old.rank, old.world
-        outgoing: List[List[tuple]] = [[] for _ in range(world)]
-        for i, req in enumerate(requests):
-            slot = old.slots[growths[req.param].source]
-            lo, hi = slot.bounds[me], slot.bounds[me + 1]
-            pieces = clip_intervals(req.intervals, lo, hi)
-            if pieces:
-                outgoing[req.rank].append((req, slot, lo, pieces))
-        send_counts = [sum(intervals_numel(p) * req.channels for req, _, _, p in outgoing[q]) for q in range(world)]
-        self.send = send = torch.empty(sum(send_counts), dtype=torch.float32)
+        outgoing, send_counts = _outgoing(requests, growths, old)
+        total = sum(send_counts)
+        self.send = send = transport.buffer(total) if transport is not None else \
+            torch.empty(total, dtype=torch.float32)
         off = 0
         for q in range(world):
             for req, slot, lo, pieces in outgoing[q]:
@@ -220,8 +219,10 @@ class _Exchange:
                 n = intervals_numel(clip_intervals(req.intervals, bounds[p], bounds[p + 1]))
                 self.counts[i, p] = n
                 recv_counts[p] += n * req.channels
-        self.recv_counts, self.work = recv_counts, None
-        if world == 1:
+        self.recv_counts, self.work, self.recv = recv_counts, None, None
+        if transport is not None:
+            transport.publish(send_counts)  # also the "every rank has packed" point
+        elif world == 1:
             self.recv = send
         else:
             self.recv = torch.empty(sum(recv_counts), dtype=torch.float32)
@@ -230,23 +231,55 @@ class _Exchange:
         stats.bytes_sent += 4 * (sum(send_counts) - send_counts[me])
         stats.bytes_received += 4 * (sum(recv_counts) - recv_counts[me])
 
+    def _incoming(self, p: int) -> torch.Tensor:
+        """What owner ``p`` sent this rank, flat."""
+        if self.transport is None:
+            start = sum(self.recv_counts[:p])
+            return self.recv[start:start + self.recv_counts[p]]
+        part = self.transport.incoming(p)
+        if part.numel() != self.recv_counts[p]:
+            raise RuntimeError(f"rank {p} packed {part.numel()} elements for rank {self.old.rank}, "
+                               f"which expects {self.recv_counts[p]}")
+        return part
+
     def finish(self) -> Dict[int, torch.Tensor]:
         if self.work is not None:
             self.work.wait()
         self.send = None
-        cursor = [sum(self.recv_counts[:p]) for p in range(self.old.world)]
+        incoming = [self._incoming(p) for p in range(self.old.world)]
+        cursor = [0] * self.old.world
         out = {}
         for i, req in self.mine:
             parts = []
             for p in range(self.old.world):
                 n = self.counts[i, p]
                 if n:
-                    parts.append(self.recv[cursor[p]:cursor[p] + n * req.channels].view(req.channels, n))
+                    parts.append(incoming[p][cursor[p]:cursor[p] + n * req.channels].view(req.channels, n))
                     cursor[p] += n * req.channels
-            out[i] = assemble(parts) if parts else torch.empty(req.channels, 0)
+            data = assemble(parts) if parts else torch.empty(req.channels, 0)
+            if self.transport is not None and len(parts) == 1:
+                data = data.clone()  # a view into a shared segment that the next round reuses
+            out[i] = data
             self.stats.old_elements += out[i].shape[1]
         self.recv = None
+        if self.transport is not None:
+            self.transport.next_round()
         return out
+
+
+def _outgoing(requests, growths: Sequence[ParamGrowth], old: ZeroLayout):
+    """``(per destination [(request, slot, lo, pieces)], per destination element count)``: the old
+    elements this rank owns that each request of a round needs."""
+    me, world = old.rank, old.world
+    outgoing: List[List[tuple]] = [[] for _ in range(world)]
+    for req in requests:
+        slot = old.slots[growths[req.param].source]
+        lo, hi = slot.bounds[me], slot.bounds[me + 1]
+        pieces = clip_intervals(req.intervals, lo, hi)
+        if pieces:
+            outgoing[req.rank].append((req, slot, lo, pieces))
+    counts = [sum(intervals_numel(p) * req.channels for req, _, _, p in outgoing[q]) for q in range(world)]
+    return outgoing, counts
 
 
 def _fetch_whole(req, growths, old: ZeroLayout, stats: GrowthStats) -> Optional[torch.Tensor]:
@@ -347,8 +380,17 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
     if bucket_elems is None:
         bucket_elems = auto_bucket(max(g.new_numel for g in growths), new.local_numel(), prefetch)
     rounds = make_schedule(growths, new_bounds, new.world, bucket_elems)
+    stats = GrowthStats(rounds=len(rounds), full_rounds=sum(r.requests[0].kind == "full" for r in rounds))
+    transport = None
+    on_cpu = all(v.device.type == "cpu" for sl in old.slots.values() for v in sl.views)
+    # same host: shared memory instead of an all-to-all; not for plans with whole-parameter rounds, whose
+    # one old parameter must be the only thing held then (a persistent segment would add to it)
+    if stats.full_rounds == 0 and want_shm(dist, old.group, old.world, on_cpu):  # (same on every rank)
+        capacity = max([sum(_outgoing(r.requests, growths, old)[1]) for r in rounds
+                        if r.requests[0].kind != "full"] or [0])
+        transport = ShmTransport(dist, old.group, old.rank, old.world, capacity)
+        stats.transport = "shm"
     compute_elems = max(4096, bucket_elems // 8)  # float64 work space of the exact slow path
-    stats = GrowthStats(rounds=len(rounds))
     kill = _kill_round()
     reductions: Dict[int, Reductions] = {}
     me = new.rank
@@ -363,13 +405,13 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
             if data[0] is None:
                 data.clear()
         else:
-            ex = pending if pending is not None else _Exchange(rnd.requests, growths, old, stats)
+            ex = pending if pending is not None else _Exchange(rnd.requests, growths, old, stats, transport)
             pending = None
             data = ex.finish()
             del ex
         _share_reductions(rnd.requests, growths, data, old, reductions)
         if prefetch and k + 1 < len(rounds) and rounds[k + 1].requests[0].kind != "full":
-            pending = _Exchange(rounds[k + 1].requests, growths, old, stats)  # overlaps this round's compute
+            pending = _Exchange(rounds[k + 1].requests, growths, old, stats, transport)  # overlaps this compute
         t2 = time.perf_counter()
         for i, req in enumerate(rnd.requests):
             if req.rank != me or req.kind != "piece":

@@ -148,7 +148,7 @@ class StagedTrainer:
         st = self.growth_stats
         if st is None:
             return {"kind": "gather"}
-        return {"kind": "zero-sharded", "rounds": st.rounds, "bytes_sent": st.bytes_sent,
+        return {"kind": "zero-sharded", "transport": st.transport, "rounds": st.rounds, "bytes_sent": st.bytes_sent,
                 "bytes_received": st.bytes_received, "new_elements": st.new_elements,
                 "seconds_exchange": round(st.seconds_exchange, 4), "seconds_compute": round(st.seconds_compute, 4)}
 
