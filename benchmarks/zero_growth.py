@@ -11,7 +11,8 @@ Adam moments, a grown engine (ZeRO-3: under zero.Init), and grows it twice:
 * **gather**: ``gather_grow`` -- one full old parameter gathered on every rank, grown with the reference,
   every rank keeps its slice (the trainer's original path).
 
-Reported per rank (worst rank): wall time; peak memory as *tensor bytes allocated during growth*
+The exchange goes through shared memory when both ranks are on this host (``GROWTH_DS_ZERO_TRANSPORT=
+collective`` forces the all-to-all, what a multi-node job uses). Reported per rank (worst rank): wall time; peak memory as *tensor bytes allocated during growth*
 (TensorAccountant) on top of the rank's old + new slices (fp32 master + exp_avg + exp_avg_sq), and as
 the resident-set high-water mark during growth over the resident set before it; effective bandwidth =
 bytes of new state written (fp32 master + 2 moments of the rank's slice) per second, against a memcpy of
@@ -150,7 +151,8 @@ def worker(args):
                          "rss_reset": win["reset"], "tracked_peak": acct.peak}
             if path == "executor":
                 rec[path].update(rounds=out.rounds, bytes_sent=out.bytes_sent, new_state_bytes=out.new_state_bytes,
-                                 exchange_s=out.seconds_exchange, compute_s=out.seconds_compute)
+                                 exchange_s=out.seconds_exchange, compute_s=out.seconds_compute,
+                                 transport=out.transport)
         nbytes = rec["executor"]["new_state_bytes"]
         rec["memcpy_seconds"] = min(memcpy_seconds(nbytes) for _ in range(3))
         gathered = [None] * ws
@@ -190,7 +192,7 @@ def report(per_rank):
             ex = max(r[path]["exchange_s"] for r in per_rank)
             co = max(r[path]["compute_s"] for r in per_rank)
             sent = max(r[path]["bytes_sent"] for r in per_rank)
-            extra = f"; rounds {r0[path]['rounds']}, exchange {ex:.2f}s, compute {co:.2f}s, sent {sent / mib:.0f} MiB"
+            extra = f"; {r0[path]['transport']} transport, rounds {r0[path]['rounds']}, exchange {ex:.2f}s, compute {co:.2f}s, sent {sent / mib:.0f} MiB"
         print(f"   {path:8s}: {secs:7.2f}s = {secs / memcpy:6.1f}x memcpy, {nbytes / secs / 2**30:.2f} GiB/s; "
               f"peak = slices + {tracked / mib:.1f} MiB allocated = {ratio:.3f}x (old+new slices) "
               f"[target <= 1.5x]; RSS peak/before {rss_ratio:.3f}{extra}", flush=True)
