@@ -656,12 +656,17 @@ def noise_rows(plan: GrowthPlan, name: str, spec: ParamSpec, i0: int, i1: int,
         if plan.noise_relative and full_std is None:
             raise ValueError(f"{name}: relative noise needs the std of the whole old weight")
         std = plan.noise_std * (full_std if plan.noise_relative else 1.0)
-        R = draw("fan_in_split", b.new * a.new, i0 * a.new, i1 * a.new).view(rows, a.new) * std
+        R = draw("fan_in_split", b.new * a.new, i0 * a.new, i1 * a.new).view(rows, a.new)
+        R.mul_(std)
         keep = ~a_new
         group_sum = torch.zeros(rows, a.old, dtype=F64)
-        group_sum.index_add_(1, a.src[keep], R[:, keep])
         cnt = a.counts.to(F64).clamp(min=1)
-        N[:, keep] = R[:, keep] - (group_sum / cnt)[:, a.src[keep]]
+        if bool(keep.all()):  # every column is a copy: the same values as the masked form, no mask copies
+            group_sum.index_add_(1, a.src, R)
+            N = R.sub_(group_sum.div_(cnt).index_select(1, a.src))
+        else:
+            group_sum.index_add_(1, a.src[keep], R[:, keep])
+            N[:, keep] = R[:, keep] - (group_sum / cnt)[:, a.src[keep]]
     if a_new.any() and a.residue in ("zero", "mean") and plan.random_std > 0:
         k = int(a_new.sum())
         N[:, a_new] = draw("residue_columns", b.new * k, i0 * k, i1 * k).view(rows, k) * plan.random_std
