@@ -152,6 +152,7 @@ def worker(args):
             if path == "executor":
                 rec[path].update(rounds=out.rounds, bytes_sent=out.bytes_sent, new_state_bytes=out.new_state_bytes,
                                  exchange_s=out.seconds_exchange, compute_s=out.seconds_compute,
+                                 setup_s=out.seconds_setup, refresh_s=out.seconds_refresh,
                                  transport=out.transport)
         nbytes = rec["executor"]["new_state_bytes"]
         rec["memcpy_seconds"] = min(memcpy_seconds(nbytes) for _ in range(3))
@@ -192,7 +193,10 @@ def report(per_rank):
             ex = max(r[path]["exchange_s"] for r in per_rank)
             co = max(r[path]["compute_s"] for r in per_rank)
             sent = max(r[path]["bytes_sent"] for r in per_rank)
-            extra = f"; {r0[path]['transport']} transport, rounds {r0[path]['rounds']}, exchange {ex:.2f}s, compute {co:.2f}s, sent {sent / mib:.0f} MiB"
+            su = max(r[path]["setup_s"] for r in per_rank)
+            rf = max(r[path]["refresh_s"] for r in per_rank)
+            extra = (f"; {r0[path]['transport']} transport, rounds {r0[path]['rounds']}, setup {su:.2f}s, "
+                     f"exchange {ex:.2f}s, compute {co:.2f}s, refresh {rf:.2f}s, sent {sent / mib:.0f} MiB")
         print(f"   {path:8s}: {secs:7.2f}s = {secs / memcpy:6.1f}x memcpy, {nbytes / secs / 2**30:.2f} GiB/s; "
               f"peak = slices + {tracked / mib:.1f} MiB allocated = {ratio:.3f}x (old+new slices) "
               f"[target <= 1.5x]; RSS peak/before {rss_ratio:.3f}{extra}", flush=True)

@@ -711,14 +711,14 @@ def task_job(out_dir, opts):
             (ck / "step00000003" / "losses.json").write_text(json.dumps(losses))
     new = make_engine(plan.grown_shape, stage, fresh=False)
     dse.materialise_optimizer_state(new, batch_for(plan.grown_shape))
-    grow_engine(old, new, plan, bucket_elems=1024)
+    stats = grow_engine(old, new, plan, bucket_elems=1024)
     dse.release_engine(old)
     losses += train_steps(new, plan.grown_shape, 3, first=3)
     got = gather_exact(new)
     if dist.get_rank() == 0:
         run.mkdir(parents=True, exist_ok=True)
         (run / "final.json").write_text(json.dumps({
-            "resumed": resumed, "losses": losses, "digest": digest(got, sorted(got["params"])),
+            "resumed": resumed, "transport": stats.transport, "losses": losses, "digest": digest(got, sorted(got["params"])),
             "step": got["step"]}))
     dse.release_engine(new)
 

@@ -161,6 +161,8 @@ class GrowthStats:
     seconds: float = 0.0
     seconds_exchange: float = 0.0
     seconds_compute: float = 0.0
+    seconds_setup: float = 0.0    # index math, schedule, transport set-up
+    seconds_refresh: float = 0.0  # low-precision weights from the new masters
     step: int = 0
     transport: str = "collective"  # or "shm" (same host, zero_shm)
     extra: Dict[str, float] = field(default_factory=dict)
@@ -391,6 +393,7 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
         transport = ShmTransport(dist, old.group, old.rank, old.world, capacity)
         stats.transport = "shm"
     compute_elems = max(4096, bucket_elems // 8)  # float64 work space of the exact slow path
+    stats.seconds_setup = time.perf_counter() - t0
     kill = _kill_round()
     reductions: Dict[int, Reductions] = {}
     me = new.rank
@@ -442,7 +445,9 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
         if hasattr(old_engine, attr):
             setattr(new_engine, attr, getattr(old_engine, attr))
     if refresh:
+        t1 = time.perf_counter()
         dse.refresh_low_precision(new_engine)
+        stats.seconds_refresh = time.perf_counter() - t1
     stats.seconds = time.perf_counter() - t0
     return stats
 
