@@ -39,7 +39,7 @@ from growth_ds.ops.apply import grow_moment, grow_value, source_name
 from growth_ds.ops.plan import GrowthPlan
 from growth_ds.train import deepspeed_engine as dse
 from growth_ds.distributed.zero_shm import ShmTransport, want_shm
-from growth_ds.distributed.zero_index import (OldData, ParamGrowth, PlanCache, Reductions, assemble,
+from growth_ds.distributed.zero_index import (OldData, ParamGrowth, PlanCache, Reductions,
                                               chunk_range, clip_intervals, interval_index, intervals_numel,
                                               make_schedule)
 
@@ -192,25 +192,18 @@ class _Exchange:
         self.old, self.stats, self.transport = old, stats, transport
         me, world = old.rank, old.world
         outgoing, send_counts = _outgoing(requests, growths, old)
+        # what this rank needs from itself is read from its own partitions in finish(), never sent
+        self.local = {i: (slot, lo, pieces) for i, req, slot, lo, pieces in outgoing[me]}
         total = sum(send_counts)
         self.send = send = transport.buffer(total) if transport is not None else \
             torch.empty(total, dtype=torch.float32)
         off = 0
         for q in range(world):
-            for req, slot, lo, pieces in outgoing[q]:
+            if q == me:
+                continue
+            for i, req, slot, lo, pieces in outgoing[q]:
                 n = intervals_numel(pieces)
-                seg = send[off:off + n * req.channels].view(req.channels, n)
-                if len(pieces) <= 2:
-                    for c in range(req.channels):
-                        pos = 0
-                        for s, e in pieces:
-                            seg[c, pos:pos + e - s].copy_(slot.views[c][s - lo:e - lo])
-                            pos += e - s
-                else:  # many short runs (permuted heads, GQA groups): one gather per channel
-                    idx = interval_index(pieces, lo)
-                    for c in range(req.channels):
-                        torch.index_select(slot.views[c], 0, idx, out=seg[c])
-                    del idx
+                _pack(send[off:off + n * req.channels].view(req.channels, n), req.channels, slot, lo, pieces)
                 off += n * req.channels
         self.mine = [(i, req) for i, req in enumerate(requests) if req.rank == me]
         self.counts = {}  # (request index, owner) -> elements
@@ -220,7 +213,8 @@ class _Exchange:
             for p in range(world):
                 n = intervals_numel(clip_intervals(req.intervals, bounds[p], bounds[p + 1]))
                 self.counts[i, p] = n
-                recv_counts[p] += n * req.channels
+                if p != me:
+                    recv_counts[p] += n * req.channels
         self.recv_counts, self.work, self.recv = recv_counts, None, None
         if transport is not None:
             transport.publish(send_counts)  # also the "every rank has packed" point
@@ -248,20 +242,33 @@ class _Exchange:
         if self.work is not None:
             self.work.wait()
         self.send = None
-        incoming = [self._incoming(p) for p in range(self.old.world)]
+        incoming = [None if p == self.old.rank else self._incoming(p) for p in range(self.old.world)]
         cursor = [0] * self.old.world
         out = {}
+        me, world = self.old.rank, self.old.world
         for i, req in self.mine:
-            parts = []
-            for p in range(self.old.world):
+            owners = [p for p in range(world) if self.counts[i, p]]
+            total = sum(self.counts[i, p] for p in owners)
+            single = len(owners) == 1
+            data = None if single else torch.empty(req.channels, total)
+            col = 0
+            for p in owners:  # owners in rank order = old flat order
                 n = self.counts[i, p]
-                if n:
-                    parts.append(incoming[p][cursor[p]:cursor[p] + n * req.channels].view(req.channels, n))
+                if p == me:  # straight from this rank's partitions
+                    slot, lo, pieces = self.local[i]
+                    dst = torch.empty(req.channels, n) if single else data[:, col:col + n]
+                    part = _pack(dst, req.channels, slot, lo, pieces)
+                else:
+                    part = incoming[p][cursor[p]:cursor[p] + n * req.channels].view(req.channels, n)
                     cursor[p] += n * req.channels
-            data = assemble(parts) if parts else torch.empty(req.channels, 0)
-            if self.transport is not None and len(parts) == 1:
-                data = data.clone()  # a view into a shared segment that the next round reuses
-            out[i] = data
+                    if not single:
+                        data[:, col:col + n].copy_(part)
+                    elif self.transport is not None:
+                        part = part.clone()  # a view into a shared segment that the next round reuses
+                if single:
+                    data = part
+                col += n
+            out[i] = data if data is not None else torch.empty(req.channels, 0)
             self.stats.old_elements += out[i].shape[1]
         self.recv = None
         if self.transport is not None:
@@ -270,18 +277,36 @@ class _Exchange:
 
 
 def _outgoing(requests, growths: Sequence[ParamGrowth], old: ZeroLayout):
-    """``(per destination [(request, slot, lo, pieces)], per destination element count)``: the old
-    elements this rank owns that each request of a round needs."""
+    """``(per destination [(request index, request, slot, lo, pieces)], per destination element count)``: the
+    old elements this rank owns that each request of a round needs. Its own requests are listed but not
+    counted (they are never sent)."""
     me, world = old.rank, old.world
     outgoing: List[List[tuple]] = [[] for _ in range(world)]
-    for req in requests:
+    for i, req in enumerate(requests):
         slot = old.slots[growths[req.param].source]
         lo, hi = slot.bounds[me], slot.bounds[me + 1]
         pieces = clip_intervals(req.intervals, lo, hi)
         if pieces:
-            outgoing[req.rank].append((req, slot, lo, pieces))
-    counts = [sum(intervals_numel(p) * req.channels for req, _, _, p in outgoing[q]) for q in range(world)]
+            outgoing[req.rank].append((i, req, slot, lo, pieces))
+    counts = [0 if q == me else sum(intervals_numel(p) * req.channels for _, req, _, _, p in outgoing[q])
+              for q in range(world)]
     return outgoing, counts
+
+
+def _pack(seg: torch.Tensor, channels: int, slot: Slot, lo: int, pieces) -> torch.Tensor:
+    """Copy old flat ``pieces`` (this rank's, its slice starting at ``lo``) of each channel into ``seg``
+    ``[channels, n]``, in order. Returns ``seg``."""
+    if len(pieces) <= 2:
+        for c in range(channels):
+            pos = 0
+            for s, e in pieces:
+                seg[c, pos:pos + e - s].copy_(slot.views[c][s - lo:e - lo])
+                pos += e - s
+    else:  # many short runs (permuted heads, GQA groups): one gather per channel
+        idx = interval_index(pieces, lo)
+        for c in range(channels):
+            torch.index_select(slot.views[c], 0, idx, out=seg[c])
+    return seg
 
 
 def _fetch_whole(req, growths, old: ZeroLayout, stats: GrowthStats) -> Optional[torch.Tensor]:
