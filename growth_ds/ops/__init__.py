@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 from growth_ds.ops.apply import grow, source_name
+from growth_ds.ops.dense import DenseMap, apply_dense
 from growth_ds.ops.lr import LRPolicy, LRSchedule
 from growth_ds.ops.plan import (DEPTH_METHODS, METHODS, MOMENT_RULES, WIDTH_METHODS, DepthEntry, GrowthPlan,
                                 make_plan)
@@ -45,4 +46,4 @@ def grow_module(model, optimizer: Optional[torch.optim.Optimizer], plan: GrowthP
 
 
 __all__ = ["make_plan", "grow", "grow_module", "METHODS", "WIDTH_METHODS", "DEPTH_METHODS", "MOMENT_RULES",
-           "GrowthPlan", "DepthEntry", "TrainingState", "LRPolicy", "LRSchedule"]
+           "GrowthPlan", "DepthEntry", "TrainingState", "LRPolicy", "LRSchedule", "DenseMap", "apply_dense"]
