@@ -188,10 +188,10 @@ class _Exchange:
     columns in old flat order."""
 
     def __init__(self, requests, growths: Sequence[ParamGrowth], old: ZeroLayout, stats: GrowthStats,
-                 transport: Optional[ShmTransport] = None):
+                 transport: Optional[ShmTransport] = None, outgoing=None):
         self.old, self.stats, self.transport = old, stats, transport
         me, world = old.rank, old.world
-        outgoing, send_counts = _outgoing(requests, growths, old)
+        outgoing, send_counts = outgoing or _outgoing(requests, growths, old)
         # what this rank needs from itself is read from its own partitions in finish(), never sent
         self.local = {i: (slot, lo, pieces) for i, req, slot, lo, pieces in outgoing[me]}
         total = sum(send_counts)
@@ -412,9 +412,10 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
     on_cpu = all(v.device.type == "cpu" for sl in old.slots.values() for v in sl.views)
     # same host: shared memory instead of an all-to-all; not for plans with whole-parameter rounds, whose
     # one old parameter must be the only thing held then (a persistent segment would add to it)
+    outgoing: Dict[int, tuple] = {}  # round -> _outgoing(), when the segment size needs them up front
     if stats.full_rounds == 0 and want_shm(dist, old.group, old.world, on_cpu):  # (same on every rank)
-        capacity = max([sum(_outgoing(r.requests, growths, old)[1]) for r in rounds
-                        if r.requests[0].kind != "full"] or [0])
+        outgoing = {k: _outgoing(r.requests, growths, old) for k, r in enumerate(rounds)}
+        capacity = max([sum(counts) for _, counts in outgoing.values()] or [0])
         transport = ShmTransport(dist, old.group, old.rank, old.world, capacity)
         stats.transport = "shm"
     compute_elems = max(4096, bucket_elems // 8)  # float64 work space of the exact slow path
@@ -433,13 +434,15 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
             if data[0] is None:
                 data.clear()
         else:
-            ex = pending if pending is not None else _Exchange(rnd.requests, growths, old, stats, transport)
+            ex = pending if pending is not None else \
+                _Exchange(rnd.requests, growths, old, stats, transport, outgoing.pop(k, None))
             pending = None
             data = ex.finish()
             del ex
         _share_reductions(rnd.requests, growths, data, old, reductions)
         if prefetch and k + 1 < len(rounds) and rounds[k + 1].requests[0].kind != "full":
-            pending = _Exchange(rounds[k + 1].requests, growths, old, stats, transport)  # overlaps this compute
+            pending = _Exchange(rounds[k + 1].requests, growths, old, stats, transport,  # overlaps this compute
+                                outgoing.pop(k + 1, None))
         t2 = time.perf_counter()
         for i, req in enumerate(rnd.requests):
             if req.rank != me or req.kind != "piece":

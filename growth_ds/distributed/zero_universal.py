@@ -94,12 +94,7 @@ def to_universal(tag_dir: Path, out_tag_dir: Path, loadable: bool = False) -> Pa
                                             num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
                                             strict=True, inject_missing_state=True))
     if loadable:
-        files = sorted(tag_dir.glob("*_model_states.pt"))
-        if not files:
-            raise ValueError(f"{tag_dir}: no model-states file")
-        ms = {k: v for k, v in _load(files[0]).items() if k not in ("module", "optimizer")}
-        ms["module"] = {}  # universal loads read the weights from zero/<name>/fp32.pt
-        ms.setdefault("universal_checkpoint_info", {"universal_checkpoint_version": 0.4})
+        ms = _model_states(tag_dir)
         for name in MODEL_STATE_NAMES:
             _save(ms, out_tag_dir / name)
         names = [d.name for d in (out_tag_dir / "zero").iterdir() if d.is_dir()]
@@ -204,18 +199,23 @@ def _optimizer_state(src_udir: Path, step: int) -> dict:
     return sd
 
 
-def _model_states(src_tag: Path, shape: ModelShape, info: dict) -> dict:
+def _model_states(src_tag: Path, shape: Optional[ModelShape] = None, info: Optional[dict] = None) -> dict:
+    """The source's model-states dict for a universal checkpoint: no module weights (universal loads read
+    ``zero/<name>/fp32.pt``); ``param_shapes`` of ``shape`` (default: the source's) and ``info`` as
+    ``growth`` when given."""
     files = [src_tag / n for n in MODEL_STATE_NAMES if (src_tag / n).exists()] or \
         sorted(src_tag.glob("*_model_states.pt"))
     if not files:
         raise ValueError(f"{src_tag}: no model-states file")
     ms = _load(files[0])
-    out = {k: v for k, v in ms.items() if k not in ("module", "param_shapes", "optimizer")}
+    out = {k: v for k, v in ms.items() if k not in ("module", "optimizer")}
     out["module"] = {}  # universal loads never read it; weights live in zero/<name>/fp32.pt
-    out["param_shapes"] = [OrderedDict((n, torch.Size(param_shape(shape, s)))
-                                       for n, s in parameter_schema(shape).items())]
+    if shape is not None:
+        out["param_shapes"] = [OrderedDict((n, torch.Size(param_shape(shape, s)))
+                                           for n, s in parameter_schema(shape).items())]
     out.setdefault("universal_checkpoint_info", {"universal_checkpoint_version": 0.4})
-    out["growth"] = info
+    if info is not None:
+        out["growth"] = info
     return out
 
 

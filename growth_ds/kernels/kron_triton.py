@@ -85,6 +85,23 @@ def _load_tile(base, d_ptr, d_off, sd_j, n_src, s_src, rows, cols, n_rows, n_col
 
 
 @triton.jit
+def _inner_tile(y_base, z_base, d_ptr, d_off, sd_j, n_src, sy_l, sz_l, rows_a, cols_k, n_a, n_b, n_k,
+                sy_a, sy_b, sz_k, sz_b, MIX: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+    """``Y[rows_a, :] Z[cols_k, :]^T`` -> [BLOCK_A, BLOCK_K] fp32 (a mixed Y or Z built on the fly)."""
+    t = tl.zeros((BLOCK_A, BLOCK_K), dtype=tl.float32)
+    for b0 in range(0, n_b, BLOCK_B):
+        cols_b = b0 + tl.arange(0, BLOCK_B)
+        y = _load_tile(y_base, d_ptr, d_off, sd_j, n_src, sy_l, rows_a, cols_b,
+                       n_a, n_b, sy_a, sy_b, MIX == 2, UPCAST)
+        # Z^T tile [BLOCK_B, BLOCK_K]: the transpose is just swapped strides.
+        zt = _load_tile(z_base, d_ptr, d_off, sd_j, n_src, sz_l, cols_b, cols_k,
+                        n_b, n_k, sz_b, sz_k, MIX == 3, UPCAST)
+        t = tl.dot(y, zt, t, input_precision=PRECISION)
+    return t
+
+
+@triton.jit
 def _triple_product_kernel(
     x_ptr, y_ptr, z_ptr, d_ptr, out_ptr,
     n_i, n_k, n_a, n_b, n_src, n_red,
@@ -118,15 +135,8 @@ def _triple_product_kernel(
         z_base = z_ptr if MIX == 3 else z_ptr + layer * sz_l
         for a0 in range(0, n_a, BLOCK_A):
             rows_a = a0 + tl.arange(0, BLOCK_A)
-            t = tl.zeros((BLOCK_A, BLOCK_K), dtype=tl.float32)
-            for b0 in range(0, n_b, BLOCK_B):
-                cols_b = b0 + tl.arange(0, BLOCK_B)
-                y = _load_tile(y_base, d_ptr, d_off, sd_j, n_src, sy_l, rows_a, cols_b,
-                               n_a, n_b, sy_a, sy_b, MIX == 2, UPCAST)
-                # Z^T tile [BLOCK_B, BLOCK_K]: the transpose is just swapped strides.
-                zt = _load_tile(z_base, d_ptr, d_off, sd_j, n_src, sz_l, cols_b, cols_k,
-                                n_b, n_k, sz_b, sz_k, MIX == 3, UPCAST)
-                t = tl.dot(y, zt, t, input_precision=PRECISION)
+            t = _inner_tile(y_base, z_base, d_ptr, d_off, sd_j, n_src, sy_l, sz_l, rows_a, cols_k, n_a, n_b, n_k,
+                            sy_a, sy_b, sz_k, sz_b, MIX, UPCAST, PRECISION, BLOCK_A, BLOCK_K, BLOCK_B)
             x = _load_tile(x_base, d_ptr, d_off, sd_j, n_src, sx_l, rows_i, rows_a,
                            n_i, n_a, sx_i, sx_a, MIX == 1, UPCAST)
             acc = tl.dot(x, t.to(x.dtype), acc, input_precision=PRECISION)
@@ -177,14 +187,8 @@ def _slab_product_kernel(
         # phase 1: the slab T[:, k-tile] = Y Z[k-tile]^T, once per work item
         for a0 in range(0, n_a, BLOCK_A):
             rows_a = a0 + tl.arange(0, BLOCK_A)
-            t = tl.zeros((BLOCK_A, BLOCK_K), dtype=tl.float32)
-            for b0 in range(0, n_b, BLOCK_B):
-                cols_b = b0 + tl.arange(0, BLOCK_B)
-                y = _load_tile(y_base, d_ptr, d_off, sd_j, n_src, sy_l, rows_a, cols_b,
-                               n_a, n_b, sy_a, sy_b, MIX == 2, UPCAST)
-                zt = _load_tile(z_base, d_ptr, d_off, sd_j, n_src, sz_l, cols_b, cols_k,
-                                n_b, n_k, sz_b, sz_k, MIX == 3, UPCAST)
-                t = tl.dot(y, zt, t, input_precision=PRECISION)
+            t = _inner_tile(y_base, z_base, d_ptr, d_off, sd_j, n_src, sy_l, sz_l, rows_a, cols_k, n_a, n_b, n_k,
+                            sy_a, sy_b, sz_k, sz_b, MIX, UPCAST, PRECISION, BLOCK_A, BLOCK_K, BLOCK_B)
             tl.store(scr + rows_a[:, None] * BLOCK_K + cols[None, :], t.to(scr_ptr.dtype.element_ty),
                      mask=rows_a[:, None] < n_a)
         tl.debug_barrier()  # the slab is written by every thread of the program before any reads it

@@ -87,8 +87,8 @@ class StagedTrainer:
     def _ds_config(self):
         return dse.ds_config(self.cfg.train, self.cfg.deepspeed)
 
-    def _new_engine(self, shape: ModelShape, fresh: bool):
-        config = self._ds_config()
+    def _new_engine(self, shape: ModelShape, fresh: bool, config: Optional[dict] = None):
+        config = config or self._ds_config()
         if fresh:
             model = build_model(shape, seed=self.cfg.seed)
         else:
@@ -260,8 +260,7 @@ class StagedTrainer:
             ckpt_dir, tag = self._universal(ckpt_dir, meta["tag"])
             config = self._ds_config()
             config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
-            engine = dse.build_engine(dse.construct_model(shape, self.cfg.deepspeed["zero_stage"], config),
-                                      self.cfg.train, config)
+            engine = self._new_engine(shape, fresh=False, config=config)
             load_universal_checkpoint(engine, ckpt_dir, tag)
         else:
             engine = self._new_engine(shape, fresh=False)
