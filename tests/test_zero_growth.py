@@ -152,6 +152,35 @@ def test_float32_fast_path_keeps_signed_zeros_and_underflow_exact(width):
     assert fast >= 5
 
 
+@pytest.mark.parametrize("width,depth", [("duplicate", "identity"), ("staged", "interleave")])
+def test_tiled_maps_take_the_one_pass_block_path(width, depth, monkeypatch):
+    """Duplication and staged maps tile old rows and columns: every fast channel is written by strided
+    block copies straight from the received rows (no row gather), and still equals the reference bit for
+    bit on row-unaligned pieces."""
+    small = small_shape("llama")
+    plan = make_plan(small, dataclasses.replace(small, d_model=64, n_heads=8, n_kv_heads=4, d_ffn=96, n_layers=4),
+                     width=width, depth=depth, seed=2, moments="adjoint")
+    state = _state(small)
+    ref = grow(state, plan)
+    gathered = []
+    monkeypatch.setattr(ParamGrowth, "_fast_rows", lambda self, *a: gathered.append(self.name))
+    cache = PlanCache(plan)
+    rows = 0
+    for name, spec in parameter_schema(plan.grown_shape).items():
+        g = ParamGrowth(plan, name, spec, cache)
+        rows += g.mode == "rows"
+        src = source_name(plan, name)
+        old = [state.params[src], state.exp_avg[src], state.exp_avg_sq[src]]
+        cuts = [0, g.new_numel // 3 + 1, g.new_numel] if g.new_numel > 2 else [0, g.new_numel]
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            into = [torch.full((b - a,), float("nan")) for _ in range(3)]
+            grow_rows_reference(g, a, b, old, into=into)
+            for c, field in enumerate(("params", "exp_avg", "exp_avg_sq")):
+                want = getattr(ref, field)[name].reshape(-1)[a:b]
+                assert torch.equal(_bits(into[c]), _bits(want)), (name, field, a, b)
+    assert rows >= 8 and not gathered, gathered
+
+
 def test_schedule_serves_every_new_element_exactly_once():
     small = small_shape("llama")
     plan = make_plan(small, dataclasses.replace(small, d_model=48, n_heads=6, n_kv_heads=3, d_ffn=80, n_layers=3),

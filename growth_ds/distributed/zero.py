@@ -269,7 +269,7 @@ class _Exchange:
                     data = part
                 col += n
             out[i] = data if data is not None else torch.empty(req.channels, 0)
-            self.stats.old_elements += out[i].shape[1]
+            self.stats.old_elements += out[i][0].numel() if len(out[i]) else 0
         self.recv = None
         if self.transport is not None:
             self.transport.next_round()

@@ -37,6 +37,7 @@ and runs the reference itself (``mode == "full"``), which is exact by constructi
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -241,11 +242,20 @@ def _numel(shape: Sequence[int]) -> int:
 
 @dataclass
 class OldData:
-    """Old elements a rank received for one piece: ``intervals`` (old flat, sorted) and ``data``
-    ``[channels, sum of interval lengths]`` float32 (channel 0 the value, 1 ``exp_avg``, 2 ``exp_avg_sq``)."""
+    """Old elements a rank received for one piece: ``intervals`` (old flat, sorted) and ``data``: per
+    channel (0 the value, 1 ``exp_avg``, 2 ``exp_avg_sq``) a contiguous 1-D float32 tensor of the sum of
+    the interval lengths (a ``[channels, n]`` tensor, or views into the partitions or a shared segment)."""
 
     intervals: List[Interval]
-    data: torch.Tensor
+    data: Sequence[torch.Tensor]
+    offsets: List[int] = field(default_factory=list)  # position of each interval in ``data[c]``
+
+    def __post_init__(self):
+        if not self.offsets:
+            pos = 0
+            for s, e in self.intervals:
+                self.offsets.append(pos)
+                pos += e - s
 
 
 @dataclass
@@ -352,6 +362,7 @@ class ParamGrowth:
             self.mode = "rows"
         self.reductions: Tuple[str, ...] = ()
         self._streams: dict = {}
+        self._block_runs: dict = {}
         if self.mode != "rows":
             return
         cache = cache or PlanCache(plan)
@@ -379,45 +390,65 @@ class ParamGrowth:
         """Whether values / moments can be computed in float32 with one multiply per element and still equal
         the float64 reference bit for bit: true when every factor is zero or a power of two (then the float64
         product is exact and both paths round the same real number once) and nothing else (mean rows,
-        noise) enters. Net2Net/bert2BERT duplication, staged training, depth copies: typically yes."""
+        noise) enters. Net2Net/bert2BERT duplication, staged training, depth copies: typically yes. A channel
+        that is exactly zero (identity blocks, the reset rule) is always fast."""
         a, b = self.a1.map, self.a0.map
         noise = self.noisy and (
             (plan.noise == "zero_sum" and plan.noise_std > 0 and not self.a1.identity)
             or (bool((a.src < 0).any()) and a.residue in ("zero", "mean") and plan.random_std > 0)
             or (bool((b.src < 0).any()) and b.residue == "random"))
         k_ok = self.K_g == 1 or _pow2(torch.tensor([float(self.K_g)], dtype=F64))
-        value = (not self.value_zero and not self.a0.mean and not self.a1.mean and not noise and k_ok
+        value = self.value_zero or (not self.a0.mean and not self.a1.mean and not noise and k_ok
                  and _pow2(self.a0.coef) and _pow2(self.a1.coef))
-        moment = (not self.moment_zero and k_ok and (self.a0.identity or _pow2(self.a0.adj(0, self.D0)))
-                  and (self.a1.identity or _pow2(self.a1.adj(0, self.D1))))
+        moment = self.moment_zero or (k_ok and (self.a0.identity or _pow2(self.a0.adj(0, self.D0)))
+                                      and (self.a1.identity or _pow2(self.a1.adj(0, self.D1))))
         return value, moment
 
     def compute_into(self, start: int, stop: int, old: Optional[OldData], red: Optional[Reductions],
                      views: Sequence[torch.Tensor]) -> None:
         """Write new flat ``[start, stop)`` of value, ``exp_avg``, ``exp_avg_sq`` into ``views`` (float32,
         length ``stop - start`` each). Same results as :meth:`compute`; takes the float32 fast path where
-        it is exact, writing row-aligned blocks in place."""
+        it is exact: whole rows are written in place, a partial row at either end through a one-row buffer."""
         if self.mode == "rows" and (self.fast_value or self.fast_moment):
-            i0, i1 = self.rows_of(start, stop)
-            aligned = start == i0 * self.D1 and stop == i1 * self.D1
-            rows = _RowView(old, self.d1)
-            want = torch.arange(i0, i1) if self.a0.identity else self.a0.map.src[i0:i1].clamp(min=0)
-            pos = rows.positions(want)
-            K = self._K_rows(i0, i1) if self.K_g != 1 else None
-            lo = start - i0 * self.D1
+            D1 = self.D1
             slow = self.compute(start, stop, old, red) if not (self.fast_value and self.fast_moment) else None
+            a, b = -(-start // D1), stop // D1  # whole rows [a, b)
+            parts = []  # (row0, row1, offset of the written elements in the piece, first column, columns)
+            if a > b:  # inside one row
+                parts.append((b, b + 1, 0, start - b * D1, stop - start))
+            else:
+                if start < a * D1:
+                    parts.append((a - 1, a, 0, start - (a - 1) * D1, a * D1 - start))
+                if b > a:
+                    parts.append((a, b, a * D1 - start, 0, (b - a) * D1))
+                if stop > b * D1:
+                    parts.append((b, b + 1, b * D1 - start, 0, stop - b * D1))
+            K = self._K_rows(*self.rows_of(start, stop)) if self.K_g != 1 else None
+            rows = None
             for c in range(3):
                 if c == 0 and self.value_zero or c > 0 and self.moment_zero:
                     views[c].zero_()
                     continue
-                fast = self.fast_value if c == 0 else self.fast_moment
-                if not fast:
+                if not (self.fast_value if c == 0 else self.fast_moment):
                     views[c].copy_(slow[c])
                     continue
-                dst = views[c].view(i1 - i0, self.D1) if aligned else None
-                res = self._fast_rows(i0, i1, rows, pos, K, c, dst)
-                if dst is None:
-                    views[c].copy_(res.reshape(-1)[lo:lo + stop - start])
+                for r0, r1, off, col, n in parts:
+                    whole = col == 0 and n == (r1 - r0) * D1
+                    dst = views[c][off:off + n].view(r1 - r0, D1) if whole else \
+                        torch.empty(r1 - r0, D1, dtype=torch.float32)
+                    if not self._block_rows(r0, r1, old, c, dst):
+                        if rows is None:
+                            i0 = start // D1
+                            rows = _RowView(old, self.d1)
+                            want = torch.arange(i0, -(-stop // D1)) if self.a0.identity else \
+                                self.a0.map.src[i0:-(-stop // D1)].clamp(min=0)
+                            pos_all = rows.positions(want)
+                        pos = None if pos_all is None and (r0, r1) == self.rows_of(start, stop) else \
+                            (torch.arange(r0 - i0, r1 - i0) if pos_all is None else pos_all[r0 - i0:r1 - i0])
+                        Kp = None if K is None else K[r0 - i0:r1 - i0]
+                        self._fast_rows(r0, r1, rows, pos, Kp, c, dst)
+                    if not whole:
+                        views[c][off:off + n].copy_(dst.view(-1)[col:col + n])
             return
         out = self.compute(start, stop, old, red)
         for c in range(3):
@@ -425,6 +456,74 @@ class ParamGrowth:
                 views[c].zero_()
             else:
                 views[c].copy_(out[c])
+
+    def _runs(self, c: int):
+        """Channel ``c``'s map as blocks: ``(row runs, their new starts, column runs)``, each run ``(new start,
+        old start, length, factor, copy)`` of consecutive old coordinates under one power-of-two factor and
+        one block-coupling copy index (duplication: one run per copy); None when either axis has more than
+        64 runs (then rows are gathered by index)."""
+        if c not in self._block_runs:
+            self._block_runs[c] = None
+            sides = []
+            coupled = self.K_g != 1
+            for ax, D, copy in ((self.a0, self.D0, getattr(self, "K_b", None)),
+                                (self.a1, self.D1, getattr(self, "K_a", None))):
+                copy = copy % self.K_g if coupled else torch.zeros(D, dtype=torch.long)
+                if ax.identity:
+                    src, m = torch.arange(D), torch.ones(D, dtype=F64)
+                else:
+                    src, m = ax.full()[0], ax.coef if c == 0 else ax.inv_pow(c)
+                brk = torch.nonzero((src[1:] != src[:-1] + 1) | (m[1:] != m[:-1]) | (copy[1:] != copy[:-1]))
+                if brk.numel() >= 64:
+                    return None
+                starts = [0] + (brk.flatten() + 1).tolist()
+                stops = starts[1:] + [D]
+                srcs, ms, cps = src[starts].tolist(), m[starts].tolist(), copy[starts].tolist()
+                sides.append([(a, o, b - a, f, k) for a, b, o, f, k in zip(starts, stops, srcs, ms, cps)])
+            self._block_runs[c] = (sides[0], [r[0] for r in sides[0]], sides[1])
+        return self._block_runs[c]
+
+    def _block_rows(self, i0: int, i1: int, old: Optional[OldData], c: int, dst: torch.Tensor) -> bool:
+        """Rows ``[i0, i1)`` of channel ``c`` into ``dst`` ``[i1 - i0, D1]`` as one strided multiply (or copy)
+        per (row run, column run) block, straight from the received old rows: one pass over the output.
+        Returns False (nothing written) when the map has too many runs, a block's old rows were not
+        received contiguously, or (weights) an old value is an exact zero, whose sign the reference
+        normalises (the caller then takes the gathering path)."""
+        runs = self._runs(c)
+        if runs is None or old is None or not old.intervals:
+            return False
+        rruns, rstarts, cruns = runs
+        d1 = self.d1
+        x = old.data[c].view(-1, d1)
+        ivs = old.intervals
+        blocks = []
+        k = max(bisect.bisect_right(rstarts, i0) - 1, 0)
+        while k < len(rruns) and rruns[k][0] < i1:
+            ns, os_, n, f0, k0 = rruns[k]
+            a, b = max(ns, i0), min(ns + n, i1)
+            o0, o1 = (os_ + a - ns) * d1, (os_ + b - ns) * d1  # old flat range of these rows
+            j = bisect.bisect_right(ivs, (o0, float("inf"))) - 1
+            if j < 0 or ivs[j][1] < o1:
+                return False
+            p = (old.offsets[j] + o0 - ivs[j][0]) // d1
+            blocks.append((a - i0, b - i0, p, f0, k0))
+            k += 1
+        noisy = c == 0 and self.noisy
+        if noisy and int(torch.count_nonzero(x)) < x.numel():
+            return False
+        for r0, r1, p, f0, k0 in blocks:
+            for ns, os_, n, f1, k1 in cruns:
+                f = f0 * f1 if k0 == k1 else 0.0  # staged coupling: K = g on matching copies, else 0
+                if k0 == k1 and self.K_g != 1 and c == 0:
+                    f *= self.K_g
+                o, src = dst[r0:r1, ns:ns + n], x[p:p + r1 - r0, os_:os_ + n]
+                if f == 1.0:
+                    o.copy_(src)
+                elif f == 0.0 and (noisy or c > 0 and (f0 == 0.0 or f1 == 0.0)):
+                    o.zero_()  # +0: the reference adds its zero noise (weights) or writes 0 where adj = 0
+                else:  # (a factor of 0 elsewhere keeps the sign of the old value, as the reference does)
+                    torch.mul(src, f, out=o)
+        return True
 
     def _fast_rows(self, i0, i1, rows: "_RowView", pos, K, c: int, dst: Optional[torch.Tensor]) -> torch.Tensor:
         """One channel of rows ``[i0, i1)`` in float32 with a single rounding per element: the gathered old
@@ -614,7 +713,7 @@ class _RowView:
             self.row_ids = torch.empty(0, dtype=torch.long)
             return
         self.row_ids = interval_index([(s // d1, e // d1) for s, e in old.intervals])
-        self.data = old.data.view(old.data.shape[0], -1, d1)
+        self.data = [old.data[c].view(-1, d1) for c in range(len(old.data))]
 
     def positions(self, want: torch.Tensor):
         """Positions of old rows ``want`` in what was received (``None``: exactly the received rows, in
