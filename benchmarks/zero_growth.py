@@ -143,7 +143,7 @@ def worker(args):
 
                 prof = cProfile.Profile()
                 prof.runcall(fn)
-                pstats.Stats(prof).sort_stats("tottime").print_stats(20)
+                pstats.Stats(prof).sort_stats(os.environ.get("PROF_SORT", "tottime")).print_stats(int(os.environ.get("PROF_N", "20")))
             elif args.profile and path == "executor":
                 fn()
             dist.barrier()
@@ -153,7 +153,8 @@ def worker(args):
                 rec[path].update(rounds=out.rounds, bytes_sent=out.bytes_sent, new_state_bytes=out.new_state_bytes,
                                  exchange_s=out.seconds_exchange, compute_s=out.seconds_compute,
                                  setup_s=out.seconds_setup, refresh_s=out.seconds_refresh,
-                                 transport=out.transport)
+                                 transport=out.transport, pack_s=out.extra.get("pack_s", 0.0),
+                                 sync_s=out.extra.get("sync_s", 0.0))
         nbytes = rec["executor"]["new_state_bytes"]
         rec["memcpy_seconds"] = min(memcpy_seconds(nbytes) for _ in range(3))
         gathered = [None] * ws
@@ -195,8 +196,11 @@ def report(per_rank):
             sent = max(r[path]["bytes_sent"] for r in per_rank)
             su = max(r[path]["setup_s"] for r in per_rank)
             rf = max(r[path]["refresh_s"] for r in per_rank)
+            pk = max(r[path]["pack_s"] for r in per_rank)
+            sy = max(r[path]["sync_s"] for r in per_rank)
             extra = (f"; {r0[path]['transport']} transport, rounds {r0[path]['rounds']}, setup {su:.2f}s, "
-                     f"exchange {ex:.2f}s, compute {co:.2f}s, refresh {rf:.2f}s, sent {sent / mib:.0f} MiB")
+                     f"exchange {ex:.2f}s (pack {pk:.2f}s, waits {sy:.2f}s), compute {co:.2f}s, "
+                     f"refresh {rf:.2f}s, sent {sent / mib:.0f} MiB")
         print(f"   {path:8s}: {secs:7.2f}s = {secs / memcpy:6.1f}x memcpy, {nbytes / secs / 2**30:.2f} GiB/s; "
               f"peak = slices + {tracked / mib:.1f} MiB allocated = {ratio:.3f}x (old+new slices) "
               f"[target <= 1.5x]; RSS peak/before {rss_ratio:.3f}{extra}", flush=True)

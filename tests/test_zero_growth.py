@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from dist_utils import REPO, free_port
-from growth_ds.distributed.zero_index import (ParamGrowth, PlanCache, chunk_range, clip_intervals,
+from growth_ds.distributed.zero_index import (OldData, ParamGrowth, PlanCache, chunk_range, clip_intervals,
                                               grow_rows_reference, intervals_numel, make_schedule, owner_pieces,
                                               randn_slice, runs_to_intervals)
 from growth_ds.models.schema import parameter_schema
@@ -118,6 +118,20 @@ def test_piecewise_growth_equals_reference_bit_for_bit(flavour, width, depth, ch
                 got = out[c] if out[c] is not None else torch.zeros(b - a)
                 assert torch.equal(_bits(got), _bits(want)), (name, field, a, b)
                 assert torch.equal(_bits(into[c]), _bits(want)), (name, field, a, b, "compute_into")
+            # the same from old data in chunks cut at random points (owner boundaries inside rows), each
+            # chunk its own tensor: the executor computes from partitions and peers' segments in place
+            ivs = g.needs(a, b)
+            chunks = []
+            for s, e in ivs:
+                cuts_ = sorted({s, e, *(rng.randrange(s, e) for _ in range(2))})
+                for u, v in zip(cuts_[:-1], cuts_[1:]):
+                    chunks.append((u, v, [torch.cat([torch.zeros(3), f.reshape(-1)[u:v]]) for f in old][:g.channels], 3))
+            red = g.reduce(state.params[src].reshape(-1)) if g.reductions else None
+            into = [torch.full((b - a,), float("nan")) for _ in range(3)]
+            g.compute_into(a, b, OldData(ivs, chunks=chunks), red, into)
+            for c, field in enumerate(("params", "exp_avg", "exp_avg_sq")):
+                want = getattr(ref, field)[name].reshape(-1)[a:b]
+                assert torch.equal(_bits(into[c]), _bits(want)), (name, field, a, b, "chunks")
             if g.mode == "rows":  # only the rows of the range's sources are read
                 i0, i1 = g.rows_of(a, b)
                 assert intervals_numel(g.needs(a, b)) <= (i1 - i0 + 1) * g.d1

@@ -184,8 +184,7 @@ def _kill_round() -> Optional[tuple]:
 class _Exchange:
     """One all-to-all of a round: every rank sends the old elements it owns that each request needs.
     Started asynchronously (the constructor), so the next round's transfer can overlap this round's
-    compute; :meth:`finish` returns ``{request index: [channels, n] float32}`` for this rank's requests,
-    columns in old flat order."""
+    compute; :meth:`finish` returns ``{request index: OldData}`` for this rank's requests."""
 
     def __init__(self, requests, growths: Sequence[ParamGrowth], old: ZeroLayout, stats: GrowthStats,
                  transport: Optional[ShmTransport] = None, outgoing=None):
@@ -195,6 +194,7 @@ class _Exchange:
         # what this rank needs from itself is read from its own partitions in finish(), never sent
         self.local = {i: (slot, lo, pieces) for i, req, slot, lo, pieces in outgoing[me]}
         total = sum(send_counts)
+        t0 = time.perf_counter()
         self.send = send = transport.buffer(total) if transport is not None else \
             torch.empty(total, dtype=torch.float32)
         off = 0
@@ -208,16 +208,20 @@ class _Exchange:
         self.mine = [(i, req) for i, req in enumerate(requests) if req.rank == me]
         self.counts = {}  # (request index, owner) -> elements
         recv_counts = [0] * world
+        self.bounds = {}
         for i, req in self.mine:
-            bounds = old.slots[growths[req.param].source].bounds
+            bounds = self.bounds[i] = old.slots[growths[req.param].source].bounds
             for p in range(world):
                 n = intervals_numel(clip_intervals(req.intervals, bounds[p], bounds[p + 1]))
                 self.counts[i, p] = n
                 if p != me:
                     recv_counts[p] += n * req.channels
         self.recv_counts, self.work, self.recv = recv_counts, None, None
+        t1 = time.perf_counter()
+        stats.extra["pack_s"] = stats.extra.get("pack_s", 0.0) + t1 - t0
         if transport is not None:
             transport.publish(send_counts)  # also the "every rank has packed" point
+            stats.extra["sync_s"] = stats.extra.get("sync_s", 0.0) + time.perf_counter() - t1
         elif world == 1:
             self.recv = send
         else:
@@ -238,42 +242,42 @@ class _Exchange:
                                f"which expects {self.recv_counts[p]}")
         return part
 
-    def finish(self) -> Dict[int, torch.Tensor]:
+    def finish(self) -> Dict[int, OldData]:
+        """Wait for the transfer; ``{request index: OldData}`` for this rank's requests, with no copy: its
+        chunks are views into this rank's own partitions and into what each owner sent (the receive
+        buffer, or the owner's shared segment), valid until :meth:`release`."""
         if self.work is not None:
             self.work.wait()
         self.send = None
-        incoming = [None if p == self.old.rank else self._incoming(p) for p in range(self.old.world)]
-        cursor = [0] * self.old.world
-        out = {}
         me, world = self.old.rank, self.old.world
+        incoming = [None if p == me else self._incoming(p) for p in range(world)]
+        cursor = [0] * world
+        out = {}
         for i, req in self.mine:
-            owners = [p for p in range(world) if self.counts[i, p]]
-            total = sum(self.counts[i, p] for p in owners)
-            single = len(owners) == 1
-            data = None if single else torch.empty(req.channels, total)
-            col = 0
-            for p in owners:  # owners in rank order = old flat order
+            chunks = []
+            for p in range(world):  # owners in rank order = old flat order
                 n = self.counts[i, p]
+                if not n:
+                    continue
                 if p == me:  # straight from this rank's partitions
                     slot, lo, pieces = self.local[i]
-                    dst = torch.empty(req.channels, n) if single else data[:, col:col + n]
-                    part = _pack(dst, req.channels, slot, lo, pieces)
-                else:
-                    part = incoming[p][cursor[p]:cursor[p] + n * req.channels].view(req.channels, n)
-                    cursor[p] += n * req.channels
-                    if not single:
-                        data[:, col:col + n].copy_(part)
-                    elif self.transport is not None:
-                        part = part.clone()  # a view into a shared segment that the next round reuses
-                if single:
-                    data = part
-                col += n
-            out[i] = data if data is not None else torch.empty(req.channels, 0)
-            self.stats.old_elements += out[i][0].numel() if len(out[i]) else 0
+                    chunks.extend((a, b, slot.views, a - lo) for a, b in pieces)
+                    continue
+                part = incoming[p][cursor[p]:cursor[p] + n * req.channels].view(req.channels, n)
+                cursor[p] += n * req.channels
+                pos = 0
+                for a, b in clip_intervals(req.intervals, *self.bounds[i][p:p + 2]):
+                    chunks.append((a, b, part, pos))
+                    pos += b - a
+            out[i] = OldData(req.intervals, chunks=chunks, channels=req.channels)
+            self.stats.old_elements += sum(b - a for a, b, _, _ in chunks)
+        return out
+
+    def release(self) -> None:
+        """This rank is done with the round's data (views into shared segments included)."""
         self.recv = None
         if self.transport is not None:
             self.transport.next_round()
-        return out
 
 
 def _outgoing(requests, growths: Sequence[ParamGrowth], old: ZeroLayout):
@@ -391,7 +395,8 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
     ``old_engine`` is only read. ``bucket_elems``: new elements per rank per all-to-all (default
     :func:`auto_bucket`); ``prefetch``: start the next round's all-to-all before computing this one (two
     buckets in flight, half the size each; pays off when a core or a network link is free to overlap the
-    transfer, not on a CPU box with one core per rank). Returns this rank's :class:`GrowthStats`.
+    transfer, not on a CPU box with one core per rank; ignored with the shared-memory transport, whose
+    rounds are read in place). Returns this rank's :class:`GrowthStats`.
     """
     t0 = time.perf_counter()
     old, new = ZeroLayout(old_engine, need_state=False), ZeroLayout(new_engine, need_state=True)
@@ -429,6 +434,7 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
         if kill is not None and kill == (me, k):
             os.kill(os.getpid(), signal.SIGKILL)
         t1 = time.perf_counter()
+        ex = None
         if rnd.requests[0].kind == "full":  # a reduction round holds exactly one request
             data = {0: _fetch_whole(rnd.requests[0], growths, old, stats)}
             if data[0] is None:
@@ -438,9 +444,8 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
                 _Exchange(rnd.requests, growths, old, stats, transport, outgoing.pop(k, None))
             pending = None
             data = ex.finish()
-            del ex
         _share_reductions(rnd.requests, growths, data, old, reductions)
-        if prefetch and k + 1 < len(rounds) and rounds[k + 1].requests[0].kind != "full":
+        if prefetch and transport is None and k + 1 < len(rounds) and rounds[k + 1].requests[0].kind != "full":
             pending = _Exchange(rounds[k + 1].requests, growths, old, stats, transport,  # overlaps this compute
                                 outgoing.pop(k + 1, None))
         t2 = time.perf_counter()
@@ -451,7 +456,7 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
             if current is not None and current is not g:  # a rank's pieces of a parameter are consecutive
                 current.release()
             current = g
-            olddata = OldData(req.intervals, data.pop(i))
+            olddata = data.pop(i)
             slot = new.slots[g.name]
             lo = slot.bounds[me]
             # float64 work space is bounded by computing a piece a few rows at a time (the float32 fast path
@@ -462,9 +467,13 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
                 g.compute_into(s, e, olddata, reductions.get(req.param), [v[s - lo:e - lo] for v in slot.views])
             del olddata
             stats.new_elements += req.stop - req.start
-        stats.seconds_exchange += t2 - t1
-        stats.seconds_compute += time.perf_counter() - t2
         del data
+        t3 = time.perf_counter()
+        if ex is not None:
+            ex.release()
+            ex = None
+        stats.seconds_exchange += t2 - t1 + time.perf_counter() - t3
+        stats.seconds_compute += t3 - t2
     if current is not None:
         current.release()
     stats.step = 0 if plan.moments == "reset" else dse.get_step(old_engine)

@@ -240,22 +240,81 @@ def _numel(shape: Sequence[int]) -> int:
     return int(math.prod(shape))
 
 
-@dataclass
 class OldData:
-    """Old elements a rank received for one piece: ``intervals`` (old flat, sorted) and ``data``: per
-    channel (0 the value, 1 ``exp_avg``, 2 ``exp_avg_sq``) a contiguous 1-D float32 tensor of the sum of
-    the interval lengths (a ``[channels, n]`` tensor, or views into the partitions or a shared segment)."""
+    """Old elements a rank holds for one piece: ``intervals`` (old flat, sorted, merged: what the piece
+    needs) as *chunks* ``(start, stop, views, offset)`` in old flat order: chunk flat ``[start, stop)`` is
+    ``views[c][offset:offset + stop - start]`` for channel ``c`` (0 the value, 1 ``exp_avg``, 2
+    ``exp_avg_sq``). Chunks let the executor compute straight from its own partitions and from what each
+    owner sent, with no copy. ``OldData(intervals, data)`` wraps one dense ``[channels, n]`` tensor;
+    :attr:`data` assembles one (a copy) for the paths that need it."""
 
-    intervals: List[Interval]
-    data: Sequence[torch.Tensor]
-    offsets: List[int] = field(default_factory=list)  # position of each interval in ``data[c]``
+    def __init__(self, intervals: List[Interval], data: Optional[Sequence[torch.Tensor]] = None,
+                 chunks: Optional[List[tuple]] = None, channels: Optional[int] = None):
+        self.intervals = intervals
+        if chunks is None:
+            chunks, pos = [], 0
+            for a, b in intervals:
+                chunks.append((a, b, data, pos))
+                pos += b - a
+        self.chunks = chunks
+        self.starts = [ch[0] for ch in chunks]
+        if channels is None:
+            channels = len(data) if data is not None else min((len(ch[2]) for ch in chunks), default=0)
+        self.channels = channels
+        self._data = data
+        self._has_zero: Optional[bool] = None
 
-    def __post_init__(self):
-        if not self.offsets:
-            pos = 0
-            for s, e in self.intervals:
-                self.offsets.append(pos)
-                pos += e - s
+    @property
+    def data(self) -> Sequence[torch.Tensor]:
+        """Per channel, the needed old elements as one contiguous 1-D tensor."""
+        if self._data is None:
+            self._data = [torch.cat([v[c][o:o + b - a] for a, b, v, o in self.chunks]) if self.chunks
+                          else torch.empty(0) for c in range(self.channels)]
+        return self._data
+
+    def rows(self, c: int, r0: int, r1: int, d1: int) -> Optional[List[Tuple[int, torch.Tensor]]]:
+        """Old rows ``[r0, r1)`` (of width ``d1``) of channel ``c`` as ``[(first row, [k, d1] tensor)]``:
+        views where rows lie inside one chunk, a one-row copy where a row spans chunks (an owner boundary
+        inside the row); None if some element was not received."""
+        out, lo, hi = [], r0 * d1, r1 * d1
+        j = bisect.bisect_right(self.starts, lo) - 1
+        pos = lo
+        while pos < hi:
+            if j < 0 or j >= len(self.chunks):
+                return None
+            a, b, v, o = self.chunks[j]
+            if not a <= pos < b:
+                return None
+            if pos % d1 == 0 and b - pos >= d1:  # whole rows inside this chunk
+                k = (min(b, hi) - pos) // d1
+                out.append((pos // d1, v[c][o + pos - a:o + pos - a + k * d1].view(k, d1)))
+                pos += k * d1
+            else:  # a row across chunks: assemble it
+                row = pos // d1
+                end = (row + 1) * d1
+                parts = []
+                while pos < end:
+                    if j >= len(self.chunks):
+                        return None
+                    a, b, v, o = self.chunks[j]
+                    if not a <= pos < b:
+                        return None
+                    n = min(b, end) - pos
+                    parts.append(v[c][o + pos - a:o + pos - a + n])
+                    pos += n
+                    if pos >= b:
+                        j += 1
+                out.append((row, torch.cat(parts).view(1, d1)))
+                continue
+            if pos >= b:
+                j += 1
+        return out
+
+    def has_zero(self) -> bool:
+        """Whether any needed old value (channel 0) is an exact zero (one pass, cached)."""
+        if self._has_zero is None:
+            self._has_zero = any(int(torch.count_nonzero(v[0][o:o + b - a])) < b - a for a, b, v, o in self.chunks)
+        return self._has_zero
 
 
 @dataclass
@@ -307,6 +366,29 @@ class SpaceSide:
             runs = [(a, int(src[a]), b - a) for a, b in zip(starts, stops)]
             self._inv["runs"] = runs if len(runs) <= max_runs else None
         return self._inv["runs"]
+
+    def block_runs(self, c: int, couple: int, D: int, max_runs: int = 64):
+        """This axis for channel ``c`` (0 value, 1 ``exp_avg``, 2 ``exp_avg_sq``) as runs ``(new start, old
+        start, length, factor, copy)``: consecutive old coordinates under one power-of-two factor (``coef``
+        for values, ``1 / adjoint**c`` for moments) and one copy index modulo ``couple`` (staged training's
+        block coupling; 0 when ``couple == 1``). Duplication gives one run per copy; None if more than
+        ``max_runs``. Cached: every parameter that maps an axis this way shares it."""
+        key = ("block", c, couple)
+        if key not in self._inv:
+            copy = self.map.copy % couple if couple != 1 else torch.zeros(D, dtype=torch.long)
+            if self.identity:
+                src, m = torch.arange(D), torch.ones(D, dtype=F64)
+            else:
+                src, m = self.full()[0], self.coef if c == 0 else self.inv_pow(c)
+            brk = torch.nonzero((src[1:] != src[:-1] + 1) | (m[1:] != m[:-1]) | (copy[1:] != copy[:-1]))
+            runs = None
+            if brk.numel() < max_runs:
+                starts = [0] + (brk.flatten() + 1).tolist()
+                stops = starts[1:] + [D]
+                srcs, ms, cps = src[starts].tolist(), m[starts].tolist(), copy[starts].tolist()
+                runs = [(a, o, b - a, f, k) for a, b, o, f, k in zip(starts, stops, srcs, ms, cps)]
+            self._inv[key] = runs
+        return self._inv[key]
 
     def inv_pow(self, power: int) -> Optional[torch.Tensor]:
         """``1 / adjoint**power`` where the adjoint is non-zero, else 0 (float64; exact when the adjoint is a
@@ -458,65 +540,45 @@ class ParamGrowth:
                 views[c].copy_(out[c])
 
     def _runs(self, c: int):
-        """Channel ``c``'s map as blocks: ``(row runs, their new starts, column runs)``, each run ``(new start,
-        old start, length, factor, copy)`` of consecutive old coordinates under one power-of-two factor and
-        one block-coupling copy index (duplication: one run per copy); None when either axis has more than
-        64 runs (then rows are gathered by index)."""
+        """Channel ``c``'s map as blocks: ``(row runs, their new starts, column runs)`` (see
+        :meth:`SpaceSide.block_runs`); None when either axis has too many runs (rows are then gathered)."""
         if c not in self._block_runs:
-            self._block_runs[c] = None
-            sides = []
-            coupled = self.K_g != 1
-            for ax, D, copy in ((self.a0, self.D0, getattr(self, "K_b", None)),
-                                (self.a1, self.D1, getattr(self, "K_a", None))):
-                copy = copy % self.K_g if coupled else torch.zeros(D, dtype=torch.long)
-                if ax.identity:
-                    src, m = torch.arange(D), torch.ones(D, dtype=F64)
-                else:
-                    src, m = ax.full()[0], ax.coef if c == 0 else ax.inv_pow(c)
-                brk = torch.nonzero((src[1:] != src[:-1] + 1) | (m[1:] != m[:-1]) | (copy[1:] != copy[:-1]))
-                if brk.numel() >= 64:
-                    return None
-                starts = [0] + (brk.flatten() + 1).tolist()
-                stops = starts[1:] + [D]
-                srcs, ms, cps = src[starts].tolist(), m[starts].tolist(), copy[starts].tolist()
-                sides.append([(a, o, b - a, f, k) for a, b, o, f, k in zip(starts, stops, srcs, ms, cps)])
-            self._block_runs[c] = (sides[0], [r[0] for r in sides[0]], sides[1])
+            rows = self.a0.block_runs(c, self.K_g, self.D0)
+            cols = self.a1.block_runs(c, self.K_g, self.D1)
+            self._block_runs[c] = None if rows is None or cols is None else (rows, [r[0] for r in rows], cols)
         return self._block_runs[c]
 
     def _block_rows(self, i0: int, i1: int, old: Optional[OldData], c: int, dst: torch.Tensor) -> bool:
         """Rows ``[i0, i1)`` of channel ``c`` into ``dst`` ``[i1 - i0, D1]`` as one strided multiply (or copy)
-        per (row run, column run) block, straight from the received old rows: one pass over the output.
-        Returns False (nothing written) when the map has too many runs, a block's old rows were not
-        received contiguously, or (weights) an old value is an exact zero, whose sign the reference
+        per (row run, column run) block, straight from the old rows where they are (partitions, a peer's
+        segment): one pass over the output. Returns False (nothing written) when the map has too many runs,
+        an old row is missing, or (weights) an old value is an exact zero, whose sign the reference
         normalises (the caller then takes the gathering path)."""
         runs = self._runs(c)
-        if runs is None or old is None or not old.intervals:
+        if runs is None or old is None or not old.chunks:
             return False
         rruns, rstarts, cruns = runs
-        d1 = self.d1
-        x = old.data[c].view(-1, d1)
-        ivs = old.intervals
+        noisy = c == 0 and self.noisy
+        if noisy and old.has_zero():
+            return False
         blocks = []
         k = max(bisect.bisect_right(rstarts, i0) - 1, 0)
         while k < len(rruns) and rruns[k][0] < i1:
             ns, os_, n, f0, k0 = rruns[k]
             a, b = max(ns, i0), min(ns + n, i1)
-            o0, o1 = (os_ + a - ns) * d1, (os_ + b - ns) * d1  # old flat range of these rows
-            j = bisect.bisect_right(ivs, (o0, float("inf"))) - 1
-            if j < 0 or ivs[j][1] < o1:
+            src = old.rows(c, os_ + a - ns, os_ + b - ns, self.d1)
+            if src is None:
                 return False
-            p = (old.offsets[j] + o0 - ivs[j][0]) // d1
-            blocks.append((a - i0, b - i0, p, f0, k0))
+            base = os_ + a - ns - (a - i0)  # old row of dst row 0 along this run
+            blocks.extend((r - base, x, f0, k0) for r, x in src)
             k += 1
-        noisy = c == 0 and self.noisy
-        if noisy and int(torch.count_nonzero(x)) < x.numel():
-            return False
-        for r0, r1, p, f0, k0 in blocks:
+        for r0, x, f0, k0 in blocks:
+            r1 = r0 + x.shape[0]
             for ns, os_, n, f1, k1 in cruns:
                 f = f0 * f1 if k0 == k1 else 0.0  # staged coupling: K = g on matching copies, else 0
                 if k0 == k1 and self.K_g != 1 and c == 0:
                     f *= self.K_g
-                o, src = dst[r0:r1, ns:ns + n], x[p:p + r1 - r0, os_:os_ + n]
+                o, src = dst[r0:r1, ns:ns + n], x[:, os_:os_ + n]
                 if f == 1.0:
                     o.copy_(src)
                 elif f == 0.0 and (noisy or c > 0 and (f0 == 0.0 or f1 == 0.0)):

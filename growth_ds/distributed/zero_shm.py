@@ -5,9 +5,11 @@ CPU job, or ZeRO-Offload), moving old elements through gloo's TCP all-to-all cos
 byte and a syscall per chunk. Here each rank packs its outgoing data for a round straight into its own
 shared-memory segment; one ``all_gather`` of the per-destination element counts (which also says "every
 rank has written") tells each receiver where its part sits in every owner's segment, and the receiver
-copies it out; a barrier then says "every rank has read", so the segment can take the next round. One
-segment per rank, of the largest round it sends: the same memory as the send buffer of the all-to-all,
-without the receive buffer's trip through the kernel.
+computes straight from it. Segments are double-buffered: round ``k`` packs into half ``k % 2``, so the
+all_gather of round ``k`` also says "every rank is done reading round ``k - 2``" (a rank publishes a round
+only after computing the previous one): one collective per round. One segment per rank, twice its
+largest round: the send buffer of the all-to-all and about its receive buffer, without the receive
+buffer's trip through the kernel.
 
 Segments are files in ``/dev/shm`` that are unlinked as soon as every rank has mapped them, so a crash
 leaves nothing behind. ``GROWTH_DS_ZERO_TRANSPORT`` = ``auto`` (default: shared memory when possible),
@@ -50,14 +52,15 @@ def want_shm(dist, group, world: int, on_cpu: bool) -> bool:
 
 
 class ShmTransport:
-    """One shared float32 segment per rank, of ``capacity`` elements (the largest round it sends)."""
+    """One shared float32 segment per rank, two halves of ``capacity`` elements (the largest round it
+    sends). Every rank calls :meth:`publish` once per round, in the same order."""
 
     def __init__(self, dist, group, rank: int, world: int, capacity: int):
         self.dist, self.group, self.rank, self.world = dist, group, rank, world
         token = torch.randint(0, 2**62, (1,), dtype=torch.int64) if rank == 0 else torch.zeros(1, dtype=torch.int64)
         dist.broadcast(token, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
         caps = torch.zeros(world, dtype=torch.int64)
-        mine = torch.tensor([max(int(capacity), 1)], dtype=torch.int64)
+        mine = torch.tensor([2 * max(int(capacity), 1)], dtype=torch.int64)
         dist.all_gather_into_tensor(caps, mine, group=group)
         path = lambda r: os.path.join(SHM_DIR, f"growth-ds-{int(token)}-{r}")  # noqa: E731
         with open(path(rank), "wb") as f:
@@ -80,9 +83,14 @@ class ShmTransport:
         with _disable_current_modes():
             return torch.from_file(path, shared=True, size=n, dtype=torch.float32)
 
+    def _half(self, owner: int) -> torch.Tensor:
+        seg = self.segments[owner]
+        half = seg.numel() // 2
+        return seg[half:] if self.round % 2 else seg[:half]
+
     def buffer(self, n: int) -> torch.Tensor:
-        """This rank's segment for the current round, first ``n`` elements (pack outgoing data here)."""
-        seg = self.segments[self.rank]
+        """This rank's half segment for the current round, first ``n`` elements (pack outgoing data here)."""
+        seg = self._half(self.rank)
         if n > seg.numel():
             raise RuntimeError(f"shared-memory segment of {seg.numel()} elements, round needs {n}")
         return seg[:n]
@@ -94,15 +102,14 @@ class ShmTransport:
         self.counts = counts.view(self.world, self.world)
 
     def incoming(self, owner: int) -> torch.Tensor:
-        """What ``owner`` packed for this rank this round (a view into its segment: copy it before
-        :meth:`next_round`)."""
+        """What ``owner`` packed for this rank this round: a view into its segment, valid until this rank
+        publishes the round after next."""
         row = self.counts[owner]
         start = int(row[:self.rank].sum())
-        return self.segments[owner][start:start + int(row[self.rank])]
+        return self._half(owner)[start:start + int(row[self.rank])]
 
     def next_round(self) -> None:
-        """Collective: every rank has copied out what it received; segments may be packed again."""
-        self.dist.barrier(group=self.group)
+        """This rank is done with the round (no collective: the next publish says so to the others)."""
         self.round += 1
         self.counts = None
 
