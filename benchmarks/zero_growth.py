@@ -231,8 +231,12 @@ def main():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    # the workers' arguments, rebuilt: not --nproc, which torchrun would take for its own option
+    forward = ["--sizes", args.sizes, "--method", args.method, "--stage", str(args.stage)]
+    forward += [f"--{k.replace('_', '-')}" for k in ("skip_gather", "prefetch", "profile") if getattr(args, k)]
+    forward += ["--json", args.json] if args.json else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port",
-           str(port), os.path.abspath(__file__)] + sys.argv[1:]
+           str(port), os.path.abspath(__file__)] + forward
     sys.exit(subprocess.call(cmd, env=env, cwd=REPO))
 
 

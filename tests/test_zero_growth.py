@@ -132,8 +132,13 @@ def test_piecewise_growth_equals_reference_bit_for_bit(flavour, width, depth, ch
             for c, field in enumerate(("params", "exp_avg", "exp_avg_sq")):
                 want = getattr(ref, field)[name].reshape(-1)[a:b]
                 assert torch.equal(_bits(into[c]), _bits(want)), (name, field, a, b, "chunks")
-            if g.mode == "rows":  # only the rows of the range's sources are read
+            if g.mode == "rows":  # exactly the rows of the range's sources are read
                 i0, i1 = g.rows_of(a, b)
+                srows = g.a0.map.src[i0:i1] if not g.a0.identity else torch.arange(i0, i1)
+                want_rows = srows[srows >= 0]
+                if bool((srows < 0).any()) and not g.a0.mean and not g.value_zero:
+                    want_rows = torch.cat([want_rows, torch.zeros(1, dtype=torch.long)])
+                assert g.needs(a, b) == runs_to_intervals(torch.unique(want_rows), g.d1), (name, a, b)
                 assert intervals_numel(g.needs(a, b)) <= (i1 - i0 + 1) * g.d1
 
 

@@ -16,9 +16,10 @@ training, depth copies: provably the same bits), else in float64 a few rows at a
 bit-identical to ``growth_ds.ops.grow`` on the full state, at any world size, ZeRO stage and bucket size
 (tests/test_zero_growth.py).
 
-Memory per rank, besides the two engines' own partitions: one bucket (``bucket_elems`` new elements,
-their old sources in 1 or 3 channels, work space for the rows being computed), O(sum of space sizes)
-index vectors, plus, only for parameters that need a whole-parameter reduction (GPT-2 mean rows of a
+Memory per rank, besides the two engines' own partitions: the exchange buffers of one bucket
+(``bucket_elems`` new elements; their old sources in 1 or 3 channels are computed from in place), by
+default sized so that the buffers every rank measures stay under 3/4 of the largest fp32 parameter; float64
+work space for rows the exact slow path computes; O(sum of space sizes) index vectors, plus, only for parameters that need a whole-parameter reduction (GPT-2 mean rows of a
 non-integer ``d_model`` growth, HyperCloning's relative noise), that one old parameter in float64 on one
 designated rank, in a round of its own. Never the model.
 
@@ -45,7 +46,7 @@ from growth_ds.distributed.zero_index import (OldData, ParamGrowth, PlanCache, R
 
 dist = dse.dist
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
-DEFAULT_BUCKET_ELEMS = 1 << 22
+DEFAULT_BUCKET_ELEMS = 1 << 24
 KILL_ENV = "GROWTH_DS_KILL_IN_GROWTH"  # "RANK:ROUND": SIGKILL that rank at that round (fault-tolerance tests)
 
 
@@ -374,13 +375,25 @@ def _share_reductions(requests, growths, data, old: ZeroLayout, cache: Dict[int,
 
 
 def auto_bucket(max_param_numel: int, local_new_numel: int, prefetch: bool = False) -> int:
-    """Default bucket (new elements per rank per all-to-all): a tenth of the largest new parameter and an
-    eighth of this rank's new slice (halved when two rounds are in flight), so that the transient (about
-    24 bytes of exchanged old data and 4 bytes of work space per element and round; float64 work is cut
-    into eighths of a bucket) stays under one fp32 parameter and a small fraction of the slices; at least
-    4096 and at most ``DEFAULT_BUCKET_ELEMS`` elements."""
-    b = min(max_param_numel // 10, local_new_numel // 8) // (2 if prefetch else 1)
+    """First guess of the bucket (new elements per rank per round): a quarter of the largest new parameter
+    and an eighth of this rank's new slice (halved when two rounds are in flight); at least 4096 and at most
+    ``DEFAULT_BUCKET_ELEMS``. :func:`grow_engine` then halves it until the exchange buffers it measures fit
+    (:func:`_transient`)."""
+    b = min(max_param_numel // 4, local_new_numel // 8) // (2 if prefetch else 1)
     return int(min(DEFAULT_BUCKET_ELEMS, max(4096, b)))
+
+
+def _transient(rounds, outgoing, me: int, shm: bool, prefetch: bool) -> int:
+    """Elements this rank holds for the exchange in its worst round: the shared segment (two halves of its
+    largest send), or the all-to-all's send + receive buffers (twice with prefetch)."""
+    worst = 0
+    for k, rnd in enumerate(rounds):
+        if k not in outgoing:
+            continue
+        send = sum(outgoing[k][1])
+        recv = sum(intervals_numel(r.intervals) * r.channels for r in rnd.requests if r.rank == me)
+        worst = max(worst, 2 * send if shm else (send + recv) * (2 if prefetch else 1))
+    return worst
 
 
 def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optional[int] = None,
@@ -409,21 +422,37 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
     cache = PlanCache(plan)
     growths = [ParamGrowth(plan, name, spec, cache) for name, spec in schema.items()]
     new_bounds = [new.slots[g.name].bounds for g in growths]
-    if bucket_elems is None:
-        bucket_elems = auto_bucket(max(g.new_numel for g in growths), new.local_numel(), prefetch)
-    rounds = make_schedule(growths, new_bounds, new.world, bucket_elems)
-    stats = GrowthStats(rounds=len(rounds), full_rounds=sum(r.requests[0].kind == "full" for r in rounds))
-    transport = None
+    max_param = max(g.new_numel for g in growths)
+    auto = bucket_elems is None
+    if auto:
+        bucket_elems = auto_bucket(max_param, new.local_numel(), prefetch)
+    full = any(g.reductions for g in growths)  # whole-parameter rounds (the same at any bucket)
     on_cpu = all(v.device.type == "cpu" for sl in old.slots.values() for v in sl.views)
     # same host: shared memory instead of an all-to-all; not for plans with whole-parameter rounds, whose
     # one old parameter must be the only thing held then (a persistent segment would add to it)
-    outgoing: Dict[int, tuple] = {}  # round -> _outgoing(), when the segment size needs them up front
-    if stats.full_rounds == 0 and want_shm(dist, old.group, old.world, on_cpu):  # (same on every rank)
-        outgoing = {k: _outgoing(r.requests, growths, old) for k, r in enumerate(rounds)}
+    shm = not full and want_shm(dist, old.group, old.world, on_cpu)  # (a collective: same on every rank)
+    prefetch = prefetch and not shm
+    while True:
+        rounds = make_schedule(growths, new_bounds, new.world, bucket_elems)
+        outgoing = {k: _outgoing(r.requests, growths, old) for k, r in enumerate(rounds)
+                    if r.requests[0].kind != "full"}
+        if not auto or bucket_elems <= 4096:
+            break
+        # the exchange buffers, measured on every rank, must stay under 3/4 of one fp32 parameter
+        need = torch.tensor([_transient(rounds, outgoing, old.rank, shm, prefetch)], dtype=torch.int64)
+        if old.world > 1:
+            dist.all_reduce(need, op=dist.ReduceOp.MAX, group=old.group)
+        if int(need) <= 3 * max_param // 4:
+            break
+        bucket_elems = max(4096, bucket_elems // 2)
+    stats = GrowthStats(rounds=len(rounds), full_rounds=sum(r.requests[0].kind == "full" for r in rounds))
+    transport = None
+    if shm:
         capacity = max([sum(counts) for _, counts in outgoing.values()] or [0])
         transport = ShmTransport(dist, old.group, old.rank, old.world, capacity)
         stats.transport = "shm"
-    compute_elems = max(4096, bucket_elems // 8)  # float64 work space of the exact slow path
+    stats.extra["bucket_elems"] = bucket_elems
+    compute_elems = max(4096, min(bucket_elems // 8, max_param // 64))  # float64 work of the exact slow path
     stats.seconds_setup = time.perf_counter() - t0
     kill = _kill_round()
     reductions: Dict[int, Reductions] = {}

@@ -45,7 +45,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from growth_ds.models.schema import ParamSpec
-from growth_ds.ops.apply import _axes, grow_moment, grow_value, is_identity_block, keyed_generator, source_name
+from growth_ds.ops.apply import _axes, _norm_scale, grow_moment, grow_value, is_identity_block, keyed_generator, source_name
 from growth_ds.ops.plan import GrowthPlan
 
 Interval = Tuple[int, int]
@@ -390,6 +390,29 @@ class SpaceSide:
             self._inv[key] = runs
         return self._inv[key]
 
+    def pow2(self, what: str) -> bool:
+        """Whether every ``coef`` (or adjoint, ``what == "adj"``) is 0 or a power of two (cached)."""
+        key = ("pow2", what)
+        if key not in self._inv:
+            self._inv[key] = True if self.identity else _pow2(self.coef if what == "coef" else self.full()[1])
+        return self._inv[key]
+
+    def kept_runs(self, max_runs: int = 256) -> Optional[List[Tuple[int, int, int, bool]]]:
+        """All new coordinates as runs ``(new start, old start, length, kept)``: kept runs copy consecutive
+        old coordinates, the others are new (``src < 0``); None if more than ``max_runs`` (cached)."""
+        if "kept" not in self._inv:
+            src, keep = self.map.src, self.keep
+            brk = torch.nonzero((keep[1:] != keep[:-1]) | (keep[1:] & (src[1:] != src[:-1] + 1))).flatten() + 1
+            runs = None
+            if brk.numel() < max_runs:
+                starts = [0] + brk.tolist()
+                stops = starts[1:] + [src.numel()]
+                runs = [(a, o, b - a, k) for a, b, o, k in zip(starts, stops, src[starts].tolist(),
+                                                               keep[starts].tolist())]
+            self._inv["kept"] = runs
+            self._inv["kept_starts"] = [r[0] for r in runs] if runs is not None else None
+        return self._inv["kept"]
+
     def inv_pow(self, power: int) -> Optional[torch.Tensor]:
         """``1 / adjoint**power`` where the adjoint is non-zero, else 0 (float64; exact when the adjoint is a
         power of two, which the fast path checks); None on an identity map (all ones)."""
@@ -410,6 +433,7 @@ class PlanCache:
     def __init__(self, plan: GrowthPlan):
         self.plan = plan
         self._sides: Dict[Tuple[str, str], SpaceSide] = {}
+        self.shared: Dict[tuple, object] = {}
 
     def side(self, space: str, side: str) -> SpaceSide:
         key = (space, side)
@@ -444,10 +468,10 @@ class ParamGrowth:
             self.mode = "rows"
         self.reductions: Tuple[str, ...] = ()
         self._streams: dict = {}
+        self.cache = cache = cache or PlanCache(plan)
         self._block_runs: dict = {}
         if self.mode != "rows":
             return
-        cache = cache or PlanCache(plan)
         (s0, side0), (s1, side1) = _axes(spec)
         self.a0, self.a1 = cache.side(s0, side0), cache.side(s1, side1)
         self.d0, self.d1 = self.old_shape
@@ -474,16 +498,15 @@ class ParamGrowth:
         product is exact and both paths round the same real number once) and nothing else (mean rows,
         noise) enters. Net2Net/bert2BERT duplication, staged training, depth copies: typically yes. A channel
         that is exactly zero (identity blocks, the reset rule) is always fast."""
-        a, b = self.a1.map, self.a0.map
+        a, b = self.a1, self.a0
         noise = self.noisy and (
-            (plan.noise == "zero_sum" and plan.noise_std > 0 and not self.a1.identity)
-            or (bool((a.src < 0).any()) and a.residue in ("zero", "mean") and plan.random_std > 0)
-            or (bool((b.src < 0).any()) and b.residue == "random"))
+            (plan.noise == "zero_sum" and plan.noise_std > 0 and not a.identity)
+            or (not a.all_keep and a.map.residue in ("zero", "mean") and plan.random_std > 0)
+            or (not b.all_keep and b.map.residue == "random"))
         k_ok = self.K_g == 1 or _pow2(torch.tensor([float(self.K_g)], dtype=F64))
-        value = self.value_zero or (not self.a0.mean and not self.a1.mean and not noise and k_ok
-                 and _pow2(self.a0.coef) and _pow2(self.a1.coef))
-        moment = self.moment_zero or (k_ok and (self.a0.identity or _pow2(self.a0.adj(0, self.D0)))
-                                      and (self.a1.identity or _pow2(self.a1.adj(0, self.D1))))
+        value = self.value_zero or (not b.mean and not a.mean and not noise and k_ok and b.pow2("coef")
+                                    and a.pow2("coef"))
+        moment = self.moment_zero or (k_ok and b.pow2("adj") and a.pow2("adj"))
         return value, moment
 
     def compute_into(self, start: int, stop: int, old: Optional[OldData], red: Optional[Reductions],
@@ -545,13 +568,21 @@ class ParamGrowth:
         if c not in self._block_runs:
             rows = self.a0.block_runs(c, self.K_g, self.D0)
             cols = self.a1.block_runs(c, self.K_g, self.D1)
-            self._block_runs[c] = None if rows is None or cols is None else (rows, [r[0] for r in rows], cols)
+            tiles: List[list] = []  # column runs that repeat one old range side by side: (new start, copies)
+            for ns, os_, n, f, k in cols or []:
+                t = tiles[-1] if tiles else None
+                if t is not None and t[1:3] == [os_, n] and t[4:6] == [f, k] and ns == t[0] + t[3] * n:
+                    t[3] += 1
+                else:
+                    tiles.append([ns, os_, n, 1, f, k])
+            self._block_runs[c] = None if rows is None or cols is None else (rows, [r[0] for r in rows], tiles)
         return self._block_runs[c]
 
     def _block_rows(self, i0: int, i1: int, old: Optional[OldData], c: int, dst: torch.Tensor) -> bool:
         """Rows ``[i0, i1)`` of channel ``c`` into ``dst`` ``[i1 - i0, D1]`` as one strided multiply (or copy)
         per (row run, column run) block, straight from the old rows where they are (partitions, a peer's
-        segment): one pass over the output. Returns False (nothing written) when the map has too many runs,
+        segment): one pass over the output. Runs that repeat the same old range (duplication tiles) are one
+        broadcast op, which reads each old row once per tile while it is in cache. Returns False (nothing written) when the map has too many runs,
         an old row is missing, or (weights) an old value is an exact zero, whose sign the reference
         normalises (the caller then takes the gathering path)."""
         runs = self._runs(c)
@@ -572,13 +603,28 @@ class ParamGrowth:
             base = os_ + a - ns - (a - i0)  # old row of dst row 0 along this run
             blocks.extend((r - base, x, f0, k0) for r, x in src)
             k += 1
+        # row blocks that repeat the same old rows at a regular stride (duplication tiles): one op each
+        keyed: Dict[tuple, list] = {}
         for r0, x, f0, k0 in blocks:
-            r1 = r0 + x.shape[0]
-            for ns, os_, n, f1, k1 in cruns:
+            keyed.setdefault((x.data_ptr(), tuple(x.shape), x.stride(), f0, k0), []).append((r0, x))
+        groups = []
+        for (_, _, _, f0, k0), items in keyed.items():
+            nr = items[0][1].shape[0]
+            step = items[1][0] - items[0][0] if len(items) > 1 else nr
+            if step >= nr and all(b[0] - a[0] == step for a, b in zip(items[:-1], items[1:])):
+                groups.append((items[0][0], step, len(items), items[0][1], f0, k0))
+            else:
+                groups.extend((r0, nr, 1, x, f0, k0) for r0, x in items)
+        D1 = self.D1
+        for r0, step, gr, x, f0, k0 in groups:
+            nr = x.shape[0]
+            rows = dst.as_strided((gr, nr, D1), (step * D1, D1, 1), dst.storage_offset() + r0 * D1)
+            for ns, os_, n, gc, f1, k1 in cruns:  # (column tiles)
                 f = f0 * f1 if k0 == k1 else 0.0  # staged coupling: K = g on matching copies, else 0
                 if k0 == k1 and self.K_g != 1 and c == 0:
                     f *= self.K_g
-                o, src = dst[r0:r1, ns:ns + n], x[:, os_:os_ + n]
+                o = rows[:, :, ns:ns + gc * n].view(gr, nr, gc, n)
+                src = x[:, os_:os_ + n][None, :, None, :].expand(gr, nr, gc, n)
                 if f == 1.0:
                     o.copy_(src)
                 elif f == 0.0 and (noisy or c > 0 and (f0 == 0.0 or f1 == 0.0)):
@@ -660,6 +706,28 @@ class ParamGrowth:
         i0, i1 = self.rows_of(start, stop)
         if self.a0.identity:
             return [(i0 * self.d1, i1 * self.d1)]
+        runs = self.a0.kept_runs()
+        if runs is not None:  # a few runs (duplication): interval arithmetic, no tensors
+            starts = self.a0._inv["kept_starts"]
+            rows, new_rows = [], False
+            k = bisect.bisect_right(starts, i0) - 1
+            while k < len(runs) and runs[k][0] < i1:
+                ns, os_, n, kept = runs[k]
+                a, b = max(ns, i0), min(ns + n, i1)
+                if kept:
+                    rows.append((os_ + a - ns, os_ + b - ns))
+                else:
+                    new_rows = True
+                k += 1
+            if new_rows and not self.a0.mean and not self.value_zero:
+                rows.append((0, 1))  # (see below)
+            merged: List[Interval] = []
+            for a, b in sorted(rows):
+                if merged and a <= merged[-1][1]:
+                    merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+                else:
+                    merged.append((a, b))
+            return [(a * self.d1, b * self.d1) for a, b in merged]
         keep = self.a0.keep[i0:i1]
         rows = self.a0.map.src[i0:i1][keep]
         if not bool(keep.all()) and not self.a0.mean and not self.value_zero:
@@ -716,13 +784,27 @@ class ParamGrowth:
         full = old.data
         w = full[0].reshape(self.old_shape)
         out: List[Optional[torch.Tensor]] = [None, None, None]
+        vec = self._vector_map() if len(self.old_shape) == 1 else None
         if not self.value_zero:
-            out[0] = grow_value(self.plan, self.name, self.spec, w).reshape(-1)[start:stop]
+            out[0] = (vec.value(w) if vec is not None else
+                      grow_value(self.plan, self.name, self.spec, w)).reshape(-1)[start:stop]
         if not self.moment_zero:
             for c, power in ((1, 1), (2, 2)):
-                out[c] = grow_moment(self.plan, self.name, self.spec, full[c].reshape(self.old_shape),
-                                     power).reshape(-1)[start:stop]
+                m = full[c].reshape(self.old_shape)
+                out[c] = (vec.moment(m, power) if vec is not None else
+                          grow_moment(self.plan, self.name, self.spec, m, power)).reshape(-1)[start:stop]
         return out
+
+    def _vector_map(self) -> Optional["_VectorMap"]:
+        """The 1-D reference (norms, biases) with its index and coefficient vectors built once per plan and
+        kind of parameter (every layer's norm shares them)."""
+        spec = self.spec
+        if spec.role not in ("norm", "norm_bias", "bias"):
+            return None
+        key = ("vector", spec.axes[0], spec.role, spec.final_norm)
+        if key not in self.cache.shared:
+            self.cache.shared[key] = _VectorMap(self.plan, spec)
+        return self.cache.shared[key]
 
     def _axis0(self, rows: "_RowView", pos, c: int, i0: int, i1: int, moment: bool) -> torch.Tensor:
         """Axis-0 map of rows ``[i0, i1)`` (before the mean replacement), float64 ``[i1 - i0, d1]``."""
@@ -754,6 +836,51 @@ class ParamGrowth:
         g = self.K_g
         match = (self.K_b[i0:i1, None] % g) == (self.K_a[None, :] % g)
         return match.to(F64) * g
+
+
+class _VectorMap:
+    """``ops.apply.grow_value`` / ``grow_moment`` of a 1-D parameter (norm gain or shift, bias), the same
+    float64 ops in the same order, with the space map's vectors prepared once."""
+
+    def __init__(self, plan: GrowthPlan, spec: ParamSpec):
+        (space, side), = _axes(spec)
+        m = plan.spaces[space]
+        self.norm, self.gain = spec.role in ("norm", "norm_bias"), spec.role == "norm"
+        self.identity = m.is_identity
+        keep = m.src >= 0
+        self.idx, self.keep = m.src.clamp(min=0), keep
+        self.coef = m.out_coef.to(F64)
+        self.keepf = keep.to(F64)
+        self.mean = m.residue == "mean" and not bool(keep.all())
+        self.scale = _norm_scale(plan, spec) if self.norm else 1.0
+        self.fill_keep = plan.spaces["model"].src >= 0
+        adj = torch.ones([], dtype=F64) * m.adjoint(True).view([m.new])
+        if self.norm:
+            adj = adj * self.scale
+        self.nz = adj != 0
+        self.safe = torch.where(self.nz, adj, torch.ones_like(adj))
+        self._pow: Dict[int, torch.Tensor] = {}
+
+    def value(self, w: torch.Tensor) -> torch.Tensor:
+        x = w.to(F64)
+        if not self.identity:
+            y = x.index_select(0, self.idx) * self.coef
+            if self.mean:
+                y = torch.where(self.keep, y, x.mean(dim=0, keepdim=True).expand_as(y))
+            x = y
+        if self.norm:
+            fill = torch.ones_like(x) if self.gain else torch.zeros_like(x)
+            x = torch.where(self.fill_keep, x, fill)
+            return (x * self.scale).to(w.dtype)
+        return x.to(w.dtype)
+
+    def moment(self, m: torch.Tensor, power: int) -> torch.Tensor:
+        x = m.to(F64)
+        if not self.identity:
+            x = x.index_select(0, self.idx) * self.keepf
+        if power not in self._pow:
+            self._pow[power] = self.safe ** power
+        return torch.where(self.nz, x / self._pow[power], torch.zeros_like(x)).to(m.dtype)
 
 
 def _pow2(t: torch.Tensor) -> bool:
