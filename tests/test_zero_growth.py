@@ -20,7 +20,7 @@ import torch
 from dist_utils import REPO, free_port
 from growth_ds.distributed.zero_index import (OldData, ParamGrowth, PlanCache, chunk_range, clip_intervals,
                                               grow_rows_reference, intervals_numel, make_schedule, owner_pieces,
-                                              randn_slice, runs_to_intervals)
+                                              runs_to_intervals)
 from growth_ds.models.schema import parameter_schema
 from growth_ds.ops import grow, make_plan
 from growth_ds.ops.apply import source_name
@@ -45,29 +45,26 @@ def test_interval_helpers():
     assert all(b % 8 == 0 for _, b in pieces[:-1]) and all(b - a <= 16 for a, b in pieces)
 
 
-@pytest.mark.parametrize("numel,start,stop", [(15, 2, 9), (16, 0, 16), (37, 5, 37), (4096, 100, 1000),
-                                              (50003, 49990, 50003), (50003, 7, 20000), (100000, 0, 100000)])
-def test_randn_slice_equals_the_full_draw(numel, start, stop):
-    """Any slice of torch.randn(numel) is reproduced exactly from the same generator without drawing the
-    rest into memory (what keeps keyed noise independent of the sharding)."""
-    full = torch.randn(numel, generator=torch.Generator().manual_seed(numel), dtype=torch.float64)
-    part = randn_slice(torch.Generator().manual_seed(numel), numel, start, stop)
-    assert torch.equal(full[start:stop], part)
+@pytest.mark.parametrize("rows,cols", [(3, 5), (40, 1), (1000, 333), (257, 4096), (70000, 1)])
+def test_keyed_noise_rows_are_drawn_block_by_block_independent_of_the_split(rows, cols):
+    """Any row range of a keyed random matrix equals those rows of the whole draw, whatever order the
+    ranges are drawn in (so a rank draws only its own rows' blocks and sharding changes nothing)."""
+    from growth_ds.ops.apply import NOISE_BLOCK, keyed_randn
 
-
-@pytest.mark.parametrize("numel", [15, 16, 333, 4099, 50000])
-def test_randn_stream_serves_overlapping_monotone_requests_exactly(numel):
-    from growth_ds.distributed.zero_index import RandnStream
-
-    full = torch.randn(numel, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    stream = RandnStream(torch.Generator().manual_seed(1), numel)
-    rng = random.Random(numel)
-    start = 0
-    while start < numel:
-        stop = min(numel, start + rng.randrange(1, max(2, numel // 5)))
-        assert torch.equal(stream.take(start, stop), full[start:stop]), (start, stop)
-        start = max(start, stop - rng.randrange(0, 40)) if stop < numel else numel  # overlap like split rows
-        start += rng.randrange(0, 3 * 16)  # and gaps
+    full = keyed_randn(7, "layers.0.mlp.up.weight", "fan_in_split", rows, cols)
+    assert full.shape == (rows, cols) and full.dtype == torch.float64
+    rng = random.Random(rows)
+    cuts = sorted({0, rows, *(rng.randrange(rows) for _ in range(4))})
+    ranges = list(zip(cuts[:-1], cuts[1:]))
+    rng.shuffle(ranges)
+    for a, b in ranges:
+        assert torch.equal(keyed_randn(7, "layers.0.mlp.up.weight", "fan_in_split", rows, cols, a, b), full[a:b])
+    other = keyed_randn(7, "layers.1.mlp.up.weight", "fan_in_split", rows, cols)
+    assert not torch.equal(other, full)  # keyed by the parameter's name
+    per = max(1, NOISE_BLOCK // cols)
+    if rows > per:  # blocks are independent draws, not one stream cut up
+        assert not torch.equal(full[per:2 * per].flatten()[:16], full[:per].flatten()[:16])
+    assert abs(float(full.mean())) < 0.2 and 0.8 < float(full.std()) < 1.2 if full.numel() > 100 else True
 
 
 def _state(shape, seed=0):

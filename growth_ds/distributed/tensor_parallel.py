@@ -47,7 +47,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from growth_ds.models.schema import ParamSpec
-from growth_ds.ops.apply import grow_moment, grow_value, is_identity_block, keyed_generator
+from growth_ds.ops.apply import grow_moment, grow_value, is_identity_block, keyed_randn
 from growth_ds.ops.plan import GrowthPlan
 from growth_ds.ops.spaces import SpaceMap, circular_map, head_maps, space_from_src
 from growth_ds.shapes import ModelShape
@@ -431,8 +431,8 @@ class ShardGrower:
                                            f"pass reduce_sum (a sum over the TP group) or full_std")
                     full_std = sharded_std(w_local, self.reduce_sum if sharded else None)
                 scale = full_std
-            g = keyed_generator(plan.seed, name, "fan_in_split")
-            R = torch.randn((b.new, a.new), generator=g, dtype=torch.float64)[rows, cols] * (plan.noise_std * scale)
+            R = keyed_randn(plan.seed, name, "fan_in_split", b.new, a.new, rows.start, rows.stop)[:, cols]
+            R = R * (plan.noise_std * scale)
             keep = ~a_new[cols]
             src = a.src[cols][keep]
             group_sum = torch.zeros(n_rows, a.old, dtype=torch.float64)
@@ -442,16 +442,15 @@ class ShardGrower:
             N[:, keep] = R[:, keep] - (group_sum / cnt)[:, src]
 
         if bool(a_new.any()) and a.residue in ("zero", "mean") and plan.random_std > 0:
-            g = keyed_generator(plan.seed, name, "residue_columns")
-            C = torch.randn(b.new, int(a_new.sum()), generator=g, dtype=torch.float64)[rows] * plan.random_std
+            C = keyed_randn(plan.seed, name, "residue_columns", b.new, int(a_new.sum()), rows.start, rows.stop)
+            C = C * plan.random_std
             local_new = a_new[cols]
             if bool(local_new.any()):
                 N = torch.zeros(n_rows, n_cols, dtype=torch.float64) if N is None else N
                 N[:, local_new] = C[:, _positions(a_new, cols)]
 
         if bool(b_new.any()) and b.residue == "random":
-            g = keyed_generator(plan.seed, name, "new_units")
-            U = torch.randn(int(b_new.sum()), a.new, generator=g, dtype=torch.float64) * plan.random_std
+            U = keyed_randn(plan.seed, name, "new_units", int(b_new.sum()), a.new) * plan.random_std
             if bool(a_new.any()) and a.residue == "random":
                 U[:, a_new] = 0.0
             local_new = b_new[rows]

@@ -396,6 +396,23 @@ def _transient(rounds, outgoing, me: int, shm: bool, prefetch: bool) -> int:
     return worst
 
 
+def _zero_flags(growths: Sequence[ParamGrowth], old: ZeroLayout) -> None:
+    """Tell each growth whether its old value holds an exact zero anywhere (the float32 fast path of a
+    weight must then normalise signed zeros as the reference does): every rank scans its own old slices
+    once, one all-reduce; instead of every piece scanning the old rows it received."""
+    sources = sorted({g.source for g in growths if g.mode == "rows" and g.noisy})
+    if not sources:
+        return
+    flags = torch.tensor([float(int(torch.count_nonzero(old.slots[n].views[0])) < old.slots[n].views[0].numel())
+                          for n in sources])
+    if old.world > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=old.group)
+    has = dict(zip(sources, flags.tolist()))
+    for g in growths:
+        if g.source in has:
+            g.old_has_zero = bool(has[g.source])
+
+
 def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optional[int] = None,
                 prefetch: bool = False, refresh: bool = True) -> GrowthStats:
     """Grow ``old_engine``'s whole training state into ``new_engine``, rank by rank, no gather.
@@ -445,6 +462,7 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
         if int(need) <= 3 * max_param // 4:
             break
         bucket_elems = max(4096, bucket_elems // 2)
+    _zero_flags(growths, old)
     stats = GrowthStats(rounds=len(rounds), full_rounds=sum(r.requests[0].kind == "full" for r in rounds))
     transport = None
     if shm:
@@ -457,7 +475,6 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
     kill = _kill_round()
     reductions: Dict[int, Reductions] = {}
     me = new.rank
-    current: Optional[ParamGrowth] = None
     pending: Optional[_Exchange] = None
     for k, rnd in enumerate(rounds):
         if kill is not None and kill == (me, k):
@@ -482,9 +499,6 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
             if req.rank != me or req.kind != "piece":
                 continue
             g = growths[req.param]
-            if current is not None and current is not g:  # a rank's pieces of a parameter are consecutive
-                current.release()
-            current = g
             olddata = data.pop(i)
             slot = new.slots[g.name]
             lo = slot.bounds[me]
@@ -503,8 +517,6 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
             ex = None
         stats.seconds_exchange += t2 - t1 + time.perf_counter() - t3
         stats.seconds_compute += t3 - t2
-    if current is not None:
-        current.release()
     stats.step = 0 if plan.moments == "reset" else dse.get_step(old_engine)
     dse.set_step(new_engine, stats.step)
     for attr in ("global_steps", "global_samples", "skipped_steps"):

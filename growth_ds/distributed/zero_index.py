@@ -27,10 +27,10 @@ bit-identical to the reference:
   of embeddings is a per-row reduction, which is reproducible row by row (measured), so it is
   computed locally on the rows a rank needs.
 * **relative noise** (HyperCloning's ``std`` of the whole old weight): the same, one scalar.
-* **random parts** (fan-in splits, random columns and new units) are drawn from generators keyed by
-  ``(seed, parameter name, purpose)`` exactly as the reference draws them; :func:`randn_slice`
-  reproduces any slice of ``torch.randn(numel)`` in bounded memory (it skips the uniforms before the
-  slice), so no rank ever materialises a whole random matrix.
+* **random parts** (fan-in splits, random columns and new units) are drawn as the reference draws them,
+  by :func:`growth_ds.ops.apply.keyed_randn`: row blocks of about 64K elements, each from a generator
+  keyed by ``(seed, parameter name, purpose, block)``, so a rank draws only the blocks of its own rows
+  and never materialises (or skips through) a whole random matrix.
 
 1-D parameters (biases, norms) are tiny: a rank owning part of one receives the whole old vector
 and runs the reference itself (``mode == "full"``), which is exact by construction.
@@ -45,7 +45,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from growth_ds.models.schema import ParamSpec
-from growth_ds.ops.apply import _axes, _norm_scale, grow_moment, grow_value, is_identity_block, keyed_generator, source_name
+from growth_ds.ops.apply import _axes, _norm_scale, grow_moment, grow_value, is_identity_block, keyed_randn, source_name
 from growth_ds.ops.plan import GrowthPlan
 
 Interval = Tuple[int, int]
@@ -105,132 +105,6 @@ def chunk_range(start: int, stop: int, row: int, max_elems: int) -> List[Interva
         out.append((s, e))
         s = e
     return out
-
-
-# ---- exact random slices -----------------------------------------------------------------------
-
-_RANDN_CHUNK = 1 << 11   # elements drawn per call while skipping or drawing (16 KiB of float64)
-_chunked_randn_ok: Optional[bool] = None
-
-
-def _draw_uniforms(gen: torch.Generator, n: int) -> None:
-    """Advance ``gen`` by ``n`` double uniforms (what ``randn`` consumes per element)."""
-    if n <= 0:
-        return
-    buf = torch.empty(min(n, _RANDN_CHUNK), dtype=F64)
-    while n > 0:
-        k = min(n, _RANDN_CHUNK)
-        torch.rand(k, generator=gen, dtype=F64, out=buf[:k])
-        n -= k
-
-
-def _randn_slice_chunked(gen: torch.Generator, numel: int, start: int, stop: int) -> torch.Tensor:
-    # torch's CPU normal sampler for a contiguous float64 tensor of >= 16 elements draws one uniform per
-    # element, then Box-Muller-transforms blocks of 16; if numel % 16 != 0 it redraws the last 16
-    # elements from 16 further uniforms. Reproduce that block by block.
-    out = torch.empty(stop - start, dtype=F64)
-    tail_start = numel - 16 if numel % 16 else numel
-    consumed = 0
-    body_stop = min(stop, tail_start)
-    if start < body_stop:
-        a = start // 16 * 16
-        b = -(-body_stop // 16) * 16
-        _draw_uniforms(gen, a)
-        pos = a
-        while pos < b:
-            k = min(_RANDN_CHUNK, b - pos)
-            block = torch.randn(k, generator=gen, dtype=F64)
-            s2, e2 = max(pos, start), min(pos + k, body_stop)
-            if s2 < e2:
-                out[s2 - start:e2 - start] = block[s2 - pos:e2 - pos]
-            pos += k
-        consumed = b
-    if stop > tail_start:
-        _draw_uniforms(gen, numel - consumed)
-        tail = torch.randn(16, generator=gen, dtype=F64)
-        s2 = max(start, tail_start)
-        out[s2 - start:] = tail[s2 - tail_start:stop - tail_start]
-    return out
-
-
-def chunked_randn_is_exact() -> bool:
-    """Self-check (cached) that :func:`randn_slice`'s block replay equals this torch's ``randn``."""
-    global _chunked_randn_ok
-    if _chunked_randn_ok is None:
-        ok = True
-        for n, (s, e) in ((16, (0, 16)), (37, (5, 37)), (1000, (100, 999)), (4099, (4000, 4099))):
-            full = torch.randn(n, generator=torch.Generator().manual_seed(n), dtype=F64)
-            part = _randn_slice_chunked(torch.Generator().manual_seed(n), n, s, e)
-            ok &= bool(torch.equal(full[s:e], part))
-        _chunked_randn_ok = ok
-    return _chunked_randn_ok
-
-
-def randn_slice(gen: torch.Generator, numel: int, start: int, stop: int) -> torch.Tensor:
-    """``torch.randn(numel, generator=gen, dtype=float64)[start:stop]``, bit for bit, holding only
-    ``O(stop - start + 2K)`` elements. Falls back to the full draw for ``numel < 16`` (a different torch
-    sampler) or if the self-check fails on this torch build."""
-    if stop <= start:
-        return torch.empty(0, dtype=F64)
-    if numel < 16 or not chunked_randn_is_exact():
-        return torch.randn(numel, generator=gen, dtype=F64)[start:stop].clone()
-    return _randn_slice_chunked(gen, numel, start, stop)
-
-
-class RandnStream:
-    """Slices of ``torch.randn(numel, generator=gen, dtype=float64)`` requested with non-decreasing starts
-    (a request may overlap the previous one, e.g. a row split between two pieces): every uniform is drawn
-    once, so a rank's pieces of one parameter cost one pass over the stream up to its last element, and
-    memory stays O(request)."""
-
-    def __init__(self, gen: torch.Generator, numel: int):
-        self.gen, self.numel = gen, numel
-        self.full = None
-        if numel < 16 or not chunked_randn_is_exact():
-            self.full = torch.randn(numel, generator=gen, dtype=F64)
-        self.tail_start = numel - 16 if numel % 16 else numel
-        self.pos = 0                              # uniforms consumed
-        self.w0 = 0                               # window: body values [w0, w0 + len(win))
-        self.win = torch.empty(0, dtype=F64)
-        self.tail: Optional[torch.Tensor] = None
-        self.last_start = 0
-
-    def take(self, start: int, stop: int) -> torch.Tensor:
-        if stop <= start:
-            return torch.empty(0, dtype=F64)
-        if self.full is not None:
-            return self.full[start:stop].clone()
-        if start < self.last_start:
-            raise ValueError(f"RandnStream: requests must not go backwards ({start} < {self.last_start})")
-        self.last_start = start
-        body_stop = min(stop, self.tail_start)
-        w1 = self.w0 + self.win.numel()
-        if body_stop > w1:
-            a = start // 16 * 16
-            if a > self.pos:  # a gap: skip it and restart the window
-                _draw_uniforms(self.gen, a - self.pos)
-                self.pos, self.w0, self.win = a, a, torch.empty(0, dtype=F64)
-            b = -(-body_stop // 16) * 16
-            blocks = [self.win]
-            while self.pos < b:
-                k = min(_RANDN_CHUNK, b - self.pos)
-                blocks.append(torch.randn(k, generator=self.gen, dtype=F64))
-                self.pos += k
-            self.win = torch.cat(blocks)
-        if stop > self.tail_start and self.tail is None:
-            _draw_uniforms(self.gen, self.numel - self.pos)
-            self.pos = self.numel
-            self.tail = torch.randn(16, generator=self.gen, dtype=F64)
-        out = torch.empty(stop - start, dtype=F64)
-        if start < body_stop:
-            out[:body_stop - start] = self.win[start - self.w0:body_stop - self.w0]
-        if stop > self.tail_start:
-            s2 = max(start, self.tail_start)
-            out[s2 - start:] = self.tail[s2 - self.tail_start:stop - self.tail_start]
-        if start > self.w0:  # later requests never start before this one
-            self.win = self.win[start - self.w0:].clone()
-            self.w0 = start
-        return out
 
 
 # ---- one parameter -----------------------------------------------------------------------------
@@ -467,7 +341,7 @@ class ParamGrowth:
         else:
             self.mode = "rows"
         self.reductions: Tuple[str, ...] = ()
-        self._streams: dict = {}
+        self.old_has_zero: Optional[bool] = None  # whether the old value holds an exact 0 (None: check pieces)
         self.cache = cache = cache or PlanCache(plan)
         self._block_runs: dict = {}
         if self.mode != "rows":
@@ -516,7 +390,8 @@ class ParamGrowth:
         it is exact: whole rows are written in place, a partial row at either end through a one-row buffer."""
         if self.mode == "rows" and (self.fast_value or self.fast_moment):
             D1 = self.D1
-            slow = self.compute(start, stop, old, red) if not (self.fast_value and self.fast_moment) else None
+            slow = None if self.fast_value and self.fast_moment else \
+                self.compute(start, stop, old, red, value=not self.fast_value, moments=not self.fast_moment)
             a, b = -(-start // D1), stop // D1  # whole rows [a, b)
             parts = []  # (row0, row1, offset of the written elements in the piece, first column, columns)
             if a > b:  # inside one row
@@ -590,7 +465,7 @@ class ParamGrowth:
             return False
         rruns, rstarts, cruns = runs
         noisy = c == 0 and self.noisy
-        if noisy and old.has_zero():
+        if noisy and (self.old_has_zero if self.old_has_zero is not None else old.has_zero()):
             return False
         blocks = []
         k = max(bisect.bisect_right(rstarts, i0) - 1, 0)
@@ -688,10 +563,6 @@ class ParamGrowth:
                 out[:, z1] = 0.0
         return out
 
-    def release(self) -> None:
-        """Drop the random streams kept between pieces (call once this rank's pieces are done)."""
-        self._streams = {}
-
     # -- which old elements --------------------------------------------------------------------
     def rows_of(self, start: int, stop: int) -> Tuple[int, int]:
         """New rows ``[i0, i1)`` covering new flat range ``[start, stop)``."""
@@ -748,9 +619,10 @@ class ParamGrowth:
         return out
 
     # -- computing a piece ---------------------------------------------------------------------
-    def compute(self, start: int, stop: int, old: Optional[OldData], red: Optional[Reductions] = None
-                ) -> List[Optional[torch.Tensor]]:
-        """New flat ``[start, stop)`` of value, ``exp_avg``, ``exp_avg_sq`` (float32; ``None`` = zeros)."""
+    def compute(self, start: int, stop: int, old: Optional[OldData], red: Optional[Reductions] = None,
+                value: bool = True, moments: bool = True) -> List[Optional[torch.Tensor]]:
+        """New flat ``[start, stop)`` of value, ``exp_avg``, ``exp_avg_sq`` (float32; ``None`` = zeros, or not
+        asked for: ``value`` / ``moments`` False)."""
         if self.mode == "none":
             return [None, None, None]
         if self.mode == "full":
@@ -762,9 +634,9 @@ class ParamGrowth:
         pos = rows.positions(torch.arange(i0, i1) if self.a0.identity else self.a0.map.src[i0:i1].clamp(min=0))
         K = self._K_rows(i0, i1) if self.K_g != 1 else None
         out: List[Optional[torch.Tensor]] = [None, None, None]
-        if not self.value_zero:
+        if value and not self.value_zero:
             out[0] = self._value_rows(i0, i1, rows, pos, K, red).reshape(-1)[lo:hi]
-        if not self.moment_zero:
+        if moments and not self.moment_zero:
             adj = torch.ones([], dtype=F64) * self.a0.adj(i0, i1).view(-1, 1)
             adj = adj * self.a1.adj(0, self.D1).view(1, -1)
             nz = adj != 0
@@ -828,8 +700,7 @@ class ParamGrowth:
         if K is not None:
             x = x * K
         if self.noisy:
-            x = x + noise_rows(self.plan, self.name, self.spec, i0, i1, red.std if red is not None else None,
-                               self._streams)
+            x = x + noise_rows(self.plan, self.name, self.spec, i0, i1, red.std if red is not None else None)
         return x.to(torch.float32)
 
     def _K_rows(self, i0, i1) -> torch.Tensor:
@@ -922,19 +793,9 @@ class _RowView:
 
 
 def noise_rows(plan: GrowthPlan, name: str, spec: ParamSpec, i0: int, i1: int,
-               full_std: Optional[float] = None, streams: Optional[dict] = None) -> torch.Tensor:
+               full_std: Optional[float] = None) -> torch.Tensor:
     """Rows ``[i0, i1)`` of the reference's random part ``N`` (``ops.apply._noise``), float64, drawing
-    only what those rows need from the same keyed generators. ``streams`` (a dict kept by the caller across
-    calls with non-decreasing ``i0``) makes consecutive calls continue each generator instead of redrawing
-    from its start."""
-
-    def draw(tag, numel, start, stop):
-        if streams is None:
-            return randn_slice(keyed_generator(plan.seed, name, tag), numel, start, stop)
-        if tag not in streams:
-            streams[tag] = RandnStream(keyed_generator(plan.seed, name, tag), numel)
-        return streams[tag].take(start, stop)
-
+    only the keyed blocks those rows lie in (:func:`growth_ds.ops.apply.keyed_randn`)."""
     axes = _axes(spec)
     b, a = plan.spaces[axes[0][0]], plan.spaces[axes[1][0]]
     rows = i1 - i0
@@ -944,7 +805,7 @@ def noise_rows(plan: GrowthPlan, name: str, spec: ParamSpec, i0: int, i1: int,
         if plan.noise_relative and full_std is None:
             raise ValueError(f"{name}: relative noise needs the std of the whole old weight")
         std = plan.noise_std * (full_std if plan.noise_relative else 1.0)
-        R = draw("fan_in_split", b.new * a.new, i0 * a.new, i1 * a.new).view(rows, a.new)
+        R = keyed_randn(plan.seed, name, "fan_in_split", b.new, a.new, i0, i1)
         R.mul_(std)
         keep = ~a_new
         group_sum = torch.zeros(rows, a.old, dtype=F64)
@@ -957,15 +818,14 @@ def noise_rows(plan: GrowthPlan, name: str, spec: ParamSpec, i0: int, i1: int,
             N[:, keep] = R[:, keep] - (group_sum / cnt)[:, a.src[keep]]
     if a_new.any() and a.residue in ("zero", "mean") and plan.random_std > 0:
         k = int(a_new.sum())
-        N[:, a_new] = draw("residue_columns", b.new * k, i0 * k, i1 * k).view(rows, k) * plan.random_std
+        N[:, a_new] = keyed_randn(plan.seed, name, "residue_columns", b.new, k, i0, i1) * plan.random_std
     b_new = b.src < 0
     if b_new.any() and b.residue == "random":
         blk = b_new[i0:i1]
         if blk.any():
             k0 = int(b_new[:i0].sum())
             k1 = k0 + int(blk.sum())
-            r = draw("new_units", int(b_new.sum()) * a.new, k0 * a.new, k1 * a.new).view(k1 - k0, a.new)
-            r = r * plan.random_std
+            r = keyed_randn(plan.seed, name, "new_units", int(b_new.sum()), a.new, k0, k1) * plan.random_std
             if a_new.any() and a.residue == "random":
                 r[:, a_new] = 0.0
             N[blk] = r
@@ -1076,7 +936,7 @@ def grow_rows_reference(growth: ParamGrowth, start: int, stop: int, old_full: Li
     return growth.compute(start, stop, OldData(ivs, data), red)
 
 
-__all__ = ["Interval", "OldData", "ParamGrowth", "PlanCache", "RandnStream", "Reductions", "Request", "Round",
-           "SpaceSide", "assemble", "chunk_range", "chunked_randn_is_exact", "clip_intervals", "grow_rows_reference",
-           "interval_index", "intervals_numel", "make_schedule", "noise_rows", "owner_pieces", "randn_slice",
+__all__ = ["Interval", "OldData", "ParamGrowth", "PlanCache", "Reductions", "Request", "Round",
+           "SpaceSide", "assemble", "chunk_range", "clip_intervals", "grow_rows_reference",
+           "interval_index", "intervals_numel", "make_schedule", "noise_rows", "owner_pieces",
            "rank_range", "runs_to_intervals"]

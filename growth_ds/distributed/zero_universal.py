@@ -164,7 +164,6 @@ def _grow_tensor(g: ParamGrowth, old: Sequence[torch.Tensor], old_has_moments: b
         ivs = g.needs(s, e)
         data = torch.stack([torch.cat([f[a:b] for a, b in ivs]) if ivs else f[:0] for f in old_flat])
         g.compute_into(s, e, OldData(ivs, data), red, [f[s:e] for f in flat])
-    g.release()
     if not old_has_moments:
         out[1].zero_(), out[2].zero_()
     return out

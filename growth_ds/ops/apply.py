@@ -43,6 +43,28 @@ def keyed_generator(seed: int, name: str, tag: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
+NOISE_BLOCK = 1 << 16  # elements per independently keyed block of a random matrix
+
+
+def keyed_randn(seed: int, name: str, tag: str, rows: int, cols: int, r0: int = 0,
+                r1: Optional[int] = None) -> torch.Tensor:
+    """Rows ``[r0, r1)`` of the keyed standard-normal matrix ``[rows, cols]`` (float64).
+
+    The matrix is drawn in blocks of ``max(1, NOISE_BLOCK // cols)`` rows, block ``k`` from its own
+    generator keyed by ``(seed, name, tag#k)``, so any row range costs only the blocks it touches: a
+    rank growing its own rows (ZeRO shards) never draws the others', and the values do not depend on
+    the sharding or the order of the draws."""
+    r1 = rows if r1 is None else r1
+    per = max(1, NOISE_BLOCK // max(cols, 1))
+    out = torch.empty(r1 - r0, cols, dtype=torch.float64)
+    for k in range(r0 // per, -(-r1 // per)):
+        a, b = k * per, min(rows, (k + 1) * per)
+        blk = torch.randn(b - a, cols, generator=keyed_generator(seed, name, f"{tag}#{k}"), dtype=torch.float64)
+        s, e = max(a, r0), min(b, r1)
+        out[s - r0:e - r0] = blk[s - a:e - a]
+    return out
+
+
 def source_name(plan: GrowthPlan, name: str) -> str:
     """Old parameter a new parameter is built from (depth map applied to the layer index)."""
     m = _LAYER.match(name)
@@ -144,7 +166,7 @@ def _noise(plan: GrowthPlan, name: str, spec: ParamSpec, w: torch.Tensor, axes) 
     a_new = a.src < 0
     if plan.noise == "zero_sum" and plan.noise_std > 0 and not a.is_identity:
         std = plan.noise_std * (float(w.double().std()) if plan.noise_relative else 1.0)
-        R = torch.randn(shape, generator=keyed_generator(plan.seed, name, "fan_in_split"), dtype=torch.float64) * std
+        R = keyed_randn(plan.seed, name, "fan_in_split", *shape) * std
         keep = ~a_new
         group_sum = torch.zeros(b.new, a.old, dtype=torch.float64)
         group_sum.index_add_(1, a.src[keep], R[:, keep])
@@ -152,13 +174,11 @@ def _noise(plan: GrowthPlan, name: str, spec: ParamSpec, w: torch.Tensor, axes) 
         N[:, keep] = R[:, keep] - (group_sum / cnt)[:, a.src[keep]]
     if a_new.any() and a.residue in ("zero", "mean") and plan.random_std > 0:
         # columns reading new residual coordinates, which are exactly 0 after the norm: random fan-in
-        g = keyed_generator(plan.seed, name, "residue_columns")
-        N[:, a_new] = torch.randn(b.new, int(a_new.sum()), generator=g, dtype=torch.float64) * plan.random_std
+        N[:, a_new] = keyed_randn(plan.seed, name, "residue_columns", b.new, int(a_new.sum())) * plan.random_std
     b_new = b.src < 0
     if b_new.any() and b.residue == "random":
         # new units (zero method): random fan-in, read with weight 0 by every consumer
-        g = keyed_generator(plan.seed, name, "new_units")
-        rows = torch.randn(int(b_new.sum()), a.new, generator=g, dtype=torch.float64) * plan.random_std
+        rows = keyed_randn(plan.seed, name, "new_units", int(b_new.sum()), a.new) * plan.random_std
         if a_new.any() and a.residue == "random":
             rows[:, a_new] = 0.0
         N[b_new] = rows
