@@ -864,46 +864,42 @@ def make_schedule(growths: Sequence[ParamGrowth], new_bounds: Sequence[Sequence[
                   bucket_elems: int) -> List[Round]:
     """Deterministic rounds (identical on every rank: a function of global metadata only).
 
-    Each rank's range of each new parameter is cut into row-aligned pieces of at most ``bucket_elems``
-    elements; the k-th pieces of a parameter on all ranks share a round, and consecutive small pieces
-    are packed into one round while no rank's load exceeds ``bucket_elems``. A parameter that needs a
-    whole-parameter reduction first gets a round of its own with one ``full`` request for its designated
-    rank (``index % world``).
+    First one round per whole-parameter reduction (a ``full`` request for the designated rank,
+    ``index % world``, which then holds that one old parameter and nothing else). Then each rank's range of
+    each new parameter is cut into row-aligned pieces of at most ``bucket_elems`` elements, queued per rank
+    in parameter order, and dealt into rounds: a round takes from every rank's queue until that rank's load
+    would pass ``bucket_elems`` (always at least one piece). So every round keeps every rank busy, also under
+    ZeRO-1/2, where most parameters lie on one rank.
     """
     rounds: List[Round] = []
-    cur = Round(load=[0] * world)
-
-    def flush():
-        nonlocal cur
-        if cur.requests:
-            rounds.append(cur)
-        cur = Round(load=[0] * world)
-
+    for p, g in enumerate(growths):
+        if g.reductions:
+            d = p % world
+            rnd = Round(load=[0] * world)
+            rnd.requests.append(Request(p, d, "full", 0, 0, [(0, g.old_numel)], 1))
+            rnd.load[d] = g.old_numel
+            rounds.append(rnd)
+    queues: List[List[Tuple[int, int, int]]] = [[] for _ in range(world)]
     for p, g in enumerate(growths):
         row = g.D1 if g.mode == "rows" else max(g.new_numel, 1)
-        per_rank = []
         for r in range(world):
             s, e = rank_range(new_bounds[p], r)
-            per_rank.append(chunk_range(s, e, row, bucket_elems) if g.mode != "full" else ([(s, e)] if e > s else []))
-        n_pieces = max(len(x) for x in per_rank)
-        if g.reductions:  # a round of its own: the whole old parameter is the only thing held then
-            flush()
-            d = p % world
-            cur.requests.append(Request(p, d, "full", 0, 0, [(0, g.old_numel)], 1))
-            cur.load[d] += g.old_numel
-            flush()
-        for k in range(n_pieces):
-            reqs, load = [], [0] * world
-            for r in range(world):
-                if k < len(per_rank[r]):
-                    s, e = per_rank[r][k]
-                    reqs.append(Request(p, r, "piece", s, e, g.needs(s, e), g.channels))
-                    load[r] += e - s
-            if cur.requests and any(cur.load[r] + load[r] > bucket_elems for r in range(world)):
-                flush()
-            cur.requests.extend(reqs)
-            cur.load = [a + b for a, b in zip(cur.load, load)]
-    flush()
+            pieces = chunk_range(s, e, row, bucket_elems) if g.mode != "full" else ([(s, e)] if e > s else [])
+            queues[r].extend((p, a, b) for a, b in pieces)
+    pos = [0] * world
+    while any(pos[r] < len(queues[r]) for r in range(world)):
+        rnd = Round(load=[0] * world)
+        for r in range(world):
+            q = queues[r]
+            while pos[r] < len(q):
+                p, a, b = q[pos[r]]
+                if rnd.load[r] and rnd.load[r] + b - a > bucket_elems:
+                    break
+                g = growths[p]
+                rnd.requests.append(Request(p, r, "piece", a, b, g.needs(a, b), g.channels))
+                rnd.load[r] += b - a
+                pos[r] += 1
+        rounds.append(rnd)
     return rounds
 
 
