@@ -422,8 +422,9 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
     ``zero.Init``) and with its Adam state materialised. Every rank must call this (it is a collective).
     Fills, on every rank, its slices of the fp32 masters, ``exp_avg``, ``exp_avg_sq``; sets the Adam step
     (0 under the reset rule), DeepSpeed's step counters, and refreshes the low-precision weights.
-    ``old_engine`` is only read. ``bucket_elems``: new elements per rank per all-to-all (default
-    :func:`auto_bucket`); ``prefetch``: start the next round's all-to-all before computing this one (two
+    ``old_engine`` is only read. ``bucket_elems``: new elements per rank per round (default
+    :func:`auto_bucket`, halved until the exchange buffers every rank measures fit in 3/4 of the largest
+    fp32 parameter); ``prefetch``: start the next round's all-to-all before computing this one (two
     buckets in flight, half the size each; pays off when a core or a network link is free to overlap the
     transfer, not on a CPU box with one core per rank; ignored with the shared-memory transport, whose
     rounds are read in place). Returns this rank's :class:`GrowthStats`.
