@@ -376,7 +376,7 @@ def _share_reductions(requests, growths, data, old: ZeroLayout, cache: Dict[int,
 
 def auto_bucket(max_param_numel: int, local_new_numel: int, prefetch: bool = False) -> int:
     """First guess of the bucket (new elements per rank per round): a quarter of the largest new parameter
-    and an eighth of this rank's new slice (halved when two rounds are in flight); at least 4096 and at most
+    and an eighth of a rank's share of the new model (``local_new_numel``; the same on every rank) (halved when two rounds are in flight); at least 4096 and at most
     ``DEFAULT_BUCKET_ELEMS``. :func:`grow_engine` then halves it until the exchange buffers it measures fit
     (:func:`_transient`)."""
     b = min(max_param_numel // 4, local_new_numel // 8) // (2 if prefetch else 1)
@@ -443,7 +443,8 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
     max_param = max(g.new_numel for g in growths)
     auto = bucket_elems is None
     if auto:
-        bucket_elems = auto_bucket(max_param, new.local_numel(), prefetch)
+        # from global metadata only: the schedule must be the same on every rank
+        bucket_elems = auto_bucket(max_param, -(-sum(g.new_numel for g in growths) // new.world), prefetch)
     full = any(g.reductions for g in growths)  # whole-parameter rounds (the same at any bucket)
     on_cpu = all(v.device.type == "cpu" for sl in old.slots.values() for v in sl.views)
     # same host: shared memory instead of an all-to-all; not for plans with whole-parameter rounds, whose
