@@ -153,8 +153,7 @@ def worker(args):
                 rec[path].update(rounds=out.rounds, bytes_sent=out.bytes_sent, new_state_bytes=out.new_state_bytes,
                                  exchange_s=out.seconds_exchange, compute_s=out.seconds_compute,
                                  setup_s=out.seconds_setup, refresh_s=out.seconds_refresh,
-                                 transport=out.transport, pack_s=out.extra.get("pack_s", 0.0),
-                                 sync_s=out.extra.get("sync_s", 0.0))
+                                 transport=out.transport, pack_s=out.seconds_pack, sync_s=out.seconds_wait)
         nbytes = rec["executor"]["new_state_bytes"]
         rec["memcpy_seconds"] = min(memcpy_seconds(nbytes) for _ in range(3))
         gathered = [None] * ws

@@ -19,8 +19,8 @@ bit-identical to ``growth_ds.ops.grow`` on the full state, at any world size, Ze
 Memory per rank, besides the two engines' own partitions: the exchange buffers of one bucket
 (``bucket_elems`` new elements; their old sources in 1 or 3 channels are computed from in place), by
 default sized so that the buffers every rank measures stay under 3/4 of the largest fp32 parameter; float64
-work space for rows the exact slow path computes; O(sum of space sizes) index vectors, plus, only for parameters that need a whole-parameter reduction (GPT-2 mean rows of a
-non-integer ``d_model`` growth, HyperCloning's relative noise), that one old parameter in float64 on one
+work space for rows the exact slow path computes; O(sum of space sizes) index vectors, plus, only for
+parameters that need a whole-parameter reduction (GPT-2 mean rows of a non-integer ``d_model`` growth, HyperCloning's relative noise), that one old parameter in float64 on one
 designated rank, in a round of its own. Never the model.
 
 Old and new engine may differ in ZeRO stage (1, 2 or 3) and precision; they share the data-parallel group.
@@ -164,6 +164,8 @@ class GrowthStats:
     seconds_compute: float = 0.0
     seconds_setup: float = 0.0    # index math, schedule, transport set-up
     seconds_refresh: float = 0.0  # low-precision weights from the new masters
+    seconds_pack: float = 0.0     # (part of exchange) copying sent elements into the send buffer / segment
+    seconds_wait: float = 0.0     # (part of exchange) shared memory: waiting for every rank to have packed
     step: int = 0
     transport: str = "collective"  # or "shm" (same host, zero_shm)
     extra: Dict[str, float] = field(default_factory=dict)
@@ -188,10 +190,11 @@ class _Exchange:
     compute; :meth:`finish` returns ``{request index: OldData}`` for this rank's requests."""
 
     def __init__(self, requests, growths: Sequence[ParamGrowth], old: ZeroLayout, stats: GrowthStats,
-                 transport: Optional[ShmTransport] = None, outgoing=None):
+                 transport: Optional[ShmTransport], outgoing):
+        """``outgoing``: :func:`_outgoing` of this round (computed up front to size the buffers)."""
         self.old, self.stats, self.transport = old, stats, transport
         me, world = old.rank, old.world
-        outgoing, send_counts = outgoing or _outgoing(requests, growths, old)
+        outgoing, send_counts = outgoing
         # what this rank needs from itself is read from its own partitions in finish(), never sent
         self.local = {i: (slot, lo, pieces) for i, req, slot, lo, pieces in outgoing[me]}
         total = sum(send_counts)
@@ -219,10 +222,10 @@ class _Exchange:
                     recv_counts[p] += n * req.channels
         self.recv_counts, self.work, self.recv = recv_counts, None, None
         t1 = time.perf_counter()
-        stats.extra["pack_s"] = stats.extra.get("pack_s", 0.0) + t1 - t0
+        stats.seconds_pack += t1 - t0
         if transport is not None:
             transport.publish(send_counts)  # also the "every rank has packed" point
-            stats.extra["sync_s"] = stats.extra.get("sync_s", 0.0) + time.perf_counter() - t1
+            stats.seconds_wait += time.perf_counter() - t1
         elif world == 1:
             self.recv = send
         else:
@@ -376,8 +379,8 @@ def _share_reductions(requests, growths, data, old: ZeroLayout, cache: Dict[int,
 
 def auto_bucket(max_param_numel: int, local_new_numel: int, prefetch: bool = False) -> int:
     """First guess of the bucket (new elements per rank per round): a quarter of the largest new parameter
-    and an eighth of a rank's share of the new model (``local_new_numel``; the same on every rank) (halved when two rounds are in flight); at least 4096 and at most
-    ``DEFAULT_BUCKET_ELEMS``. :func:`grow_engine` then halves it until the exchange buffers it measures fit
+    and an eighth of a rank's share of the new model (``local_new_numel``, the same on every rank), halved
+    when two rounds are in flight; at least 4096 and at most ``DEFAULT_BUCKET_ELEMS``. :func:`grow_engine` then halves it until the exchange buffers it measures fit
     (:func:`_transient`)."""
     b = min(max_param_numel // 4, local_new_numel // 8) // (2 if prefetch else 1)
     return int(min(DEFAULT_BUCKET_ELEMS, max(4096, b)))
@@ -489,13 +492,13 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
                 data.clear()
         else:
             ex = pending if pending is not None else \
-                _Exchange(rnd.requests, growths, old, stats, transport, outgoing.pop(k, None))
+                _Exchange(rnd.requests, growths, old, stats, transport, outgoing.pop(k))
             pending = None
             data = ex.finish()
         _share_reductions(rnd.requests, growths, data, old, reductions)
         if prefetch and transport is None and k + 1 < len(rounds) and rounds[k + 1].requests[0].kind != "full":
             pending = _Exchange(rounds[k + 1].requests, growths, old, stats, transport,  # overlaps this compute
-                                outgoing.pop(k + 1, None))
+                                outgoing.pop(k + 1))
         t2 = time.perf_counter()
         for i, req in enumerate(rnd.requests):
             if req.rank != me or req.kind != "piece":

@@ -45,7 +45,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from growth_ds.models.schema import ParamSpec
-from growth_ds.ops.apply import _axes, _norm_scale, grow_moment, grow_value, is_identity_block, keyed_randn, source_name
+from growth_ds.ops.apply import (_axes, grow_moment, grow_value, is_identity_block, keyed_randn,
+                                 source_name)
 from growth_ds.ops.plan import GrowthPlan
 
 Interval = Tuple[int, int]
@@ -271,9 +272,10 @@ class SpaceSide:
             self._inv[key] = True if self.identity else _pow2(self.coef if what == "coef" else self.full()[1])
         return self._inv[key]
 
-    def kept_runs(self, max_runs: int = 256) -> Optional[List[Tuple[int, int, int, bool]]]:
-        """All new coordinates as runs ``(new start, old start, length, kept)``: kept runs copy consecutive
-        old coordinates, the others are new (``src < 0``); None if more than ``max_runs`` (cached)."""
+    def kept_runs(self, max_runs: int = 256) -> Optional[Tuple[List[Tuple[int, int, int, bool]], List[int]]]:
+        """All new coordinates as runs ``(new start, old start, length, kept)`` and the runs' new starts: kept
+        runs copy consecutive old coordinates, the others are new (``src < 0``); None if more than
+        ``max_runs`` (cached)."""
         if "kept" not in self._inv:
             src, keep = self.map.src, self.keep
             brk = torch.nonzero((keep[1:] != keep[:-1]) | (keep[1:] & (src[1:] != src[:-1] + 1))).flatten() + 1
@@ -283,8 +285,7 @@ class SpaceSide:
                 stops = starts[1:] + [src.numel()]
                 runs = [(a, o, b - a, k) for a, b, o, k in zip(starts, stops, src[starts].tolist(),
                                                                keep[starts].tolist())]
-            self._inv["kept"] = runs
-            self._inv["kept_starts"] = [r[0] for r in runs] if runs is not None else None
+            self._inv["kept"] = None if runs is None else (runs, [r[0] for r in runs])
         return self._inv["kept"]
 
     def inv_pow(self, power: int) -> Optional[torch.Tensor]:
@@ -307,7 +308,6 @@ class PlanCache:
     def __init__(self, plan: GrowthPlan):
         self.plan = plan
         self._sides: Dict[Tuple[str, str], SpaceSide] = {}
-        self.shared: Dict[tuple, object] = {}
 
     def side(self, space: str, side: str) -> SpaceSide:
         key = (space, side)
@@ -342,7 +342,7 @@ class ParamGrowth:
             self.mode = "rows"
         self.reductions: Tuple[str, ...] = ()
         self.old_has_zero: Optional[bool] = None  # whether the old value holds an exact 0 (None: check pieces)
-        self.cache = cache = cache or PlanCache(plan)
+        cache = cache or PlanCache(plan)
         self._block_runs: dict = {}
         if self.mode != "rows":
             return
@@ -403,8 +403,9 @@ class ParamGrowth:
                     parts.append((a, b, a * D1 - start, 0, (b - a) * D1))
                 if stop > b * D1:
                     parts.append((b, b + 1, b * D1 - start, 0, stop - b * D1))
-            K = self._K_rows(*self.rows_of(start, stop)) if self.K_g != 1 else None
-            rows = None
+            i0, i1 = self.rows_of(start, stop)
+            K = self._K_rows(i0, i1) if self.K_g != 1 else None
+            gathered = None  # the gathering path's (received rows, positions of rows [i0, i1)), on first need
             for c in range(3):
                 if c == 0 and self.value_zero or c > 0 and self.moment_zero:
                     views[c].zero_()
@@ -417,13 +418,13 @@ class ParamGrowth:
                     dst = views[c][off:off + n].view(r1 - r0, D1) if whole else \
                         torch.empty(r1 - r0, D1, dtype=torch.float32)
                     if not self._block_rows(r0, r1, old, c, dst):
-                        if rows is None:
-                            i0 = start // D1
+                        if gathered is None:
                             rows = _RowView(old, self.d1)
-                            want = torch.arange(i0, -(-stop // D1)) if self.a0.identity else \
-                                self.a0.map.src[i0:-(-stop // D1)].clamp(min=0)
-                            pos_all = rows.positions(want)
-                        pos = None if pos_all is None and (r0, r1) == self.rows_of(start, stop) else \
+                            want = torch.arange(i0, i1) if self.a0.identity else \
+                                self.a0.map.src[i0:i1].clamp(min=0)
+                            gathered = (rows, rows.positions(want))
+                        rows, pos_all = gathered
+                        pos = None if pos_all is None and (r0, r1) == (i0, i1) else \
                             (torch.arange(r0 - i0, r1 - i0) if pos_all is None else pos_all[r0 - i0:r1 - i0])
                         Kp = None if K is None else K[r0 - i0:r1 - i0]
                         self._fast_rows(r0, r1, rows, pos, Kp, c, dst)
@@ -457,9 +458,9 @@ class ParamGrowth:
         """Rows ``[i0, i1)`` of channel ``c`` into ``dst`` ``[i1 - i0, D1]`` as one strided multiply (or copy)
         per (row run, column run) block, straight from the old rows where they are (partitions, a peer's
         segment): one pass over the output. Runs that repeat the same old range (duplication tiles) are one
-        broadcast op, which reads each old row once per tile while it is in cache. Returns False (nothing written) when the map has too many runs,
-        an old row is missing, or (weights) an old value is an exact zero, whose sign the reference
-        normalises (the caller then takes the gathering path)."""
+        broadcast op, which reads each old row once per tile while it is in cache. Returns False (nothing
+        written) when the map has too many runs, an old row is missing, or (weights) an old value is an exact
+        zero, whose sign the reference normalises (the caller then takes the gathering path)."""
         runs = self._runs(c)
         if runs is None or old is None or not old.chunks:
             return False
@@ -577,9 +578,9 @@ class ParamGrowth:
         i0, i1 = self.rows_of(start, stop)
         if self.a0.identity:
             return [(i0 * self.d1, i1 * self.d1)]
-        runs = self.a0.kept_runs()
-        if runs is not None:  # a few runs (duplication): interval arithmetic, no tensors
-            starts = self.a0._inv["kept_starts"]
+        kept = self.a0.kept_runs()
+        if kept is not None:  # a few runs (duplication): interval arithmetic, no tensors
+            runs, starts = kept
             rows, new_rows = [], False
             k = bisect.bisect_right(starts, i0) - 1
             while k < len(runs) and runs[k][0] < i1:
@@ -656,27 +657,13 @@ class ParamGrowth:
         full = old.data
         w = full[0].reshape(self.old_shape)
         out: List[Optional[torch.Tensor]] = [None, None, None]
-        vec = self._vector_map() if len(self.old_shape) == 1 else None
         if not self.value_zero:
-            out[0] = (vec.value(w) if vec is not None else
-                      grow_value(self.plan, self.name, self.spec, w)).reshape(-1)[start:stop]
+            out[0] = grow_value(self.plan, self.name, self.spec, w).reshape(-1)[start:stop]
         if not self.moment_zero:
             for c, power in ((1, 1), (2, 2)):
-                m = full[c].reshape(self.old_shape)
-                out[c] = (vec.moment(m, power) if vec is not None else
-                          grow_moment(self.plan, self.name, self.spec, m, power)).reshape(-1)[start:stop]
+                out[c] = grow_moment(self.plan, self.name, self.spec, full[c].reshape(self.old_shape),
+                                     power).reshape(-1)[start:stop]
         return out
-
-    def _vector_map(self) -> Optional["_VectorMap"]:
-        """The 1-D reference (norms, biases) with its index and coefficient vectors built once per plan and
-        kind of parameter (every layer's norm shares them)."""
-        spec = self.spec
-        if spec.role not in ("norm", "norm_bias", "bias"):
-            return None
-        key = ("vector", spec.axes[0], spec.role, spec.final_norm)
-        if key not in self.cache.shared:
-            self.cache.shared[key] = _VectorMap(self.plan, spec)
-        return self.cache.shared[key]
 
     def _axis0(self, rows: "_RowView", pos, c: int, i0: int, i1: int, moment: bool) -> torch.Tensor:
         """Axis-0 map of rows ``[i0, i1)`` (before the mean replacement), float64 ``[i1 - i0, d1]``."""
@@ -707,51 +694,6 @@ class ParamGrowth:
         g = self.K_g
         match = (self.K_b[i0:i1, None] % g) == (self.K_a[None, :] % g)
         return match.to(F64) * g
-
-
-class _VectorMap:
-    """``ops.apply.grow_value`` / ``grow_moment`` of a 1-D parameter (norm gain or shift, bias), the same
-    float64 ops in the same order, with the space map's vectors prepared once."""
-
-    def __init__(self, plan: GrowthPlan, spec: ParamSpec):
-        (space, side), = _axes(spec)
-        m = plan.spaces[space]
-        self.norm, self.gain = spec.role in ("norm", "norm_bias"), spec.role == "norm"
-        self.identity = m.is_identity
-        keep = m.src >= 0
-        self.idx, self.keep = m.src.clamp(min=0), keep
-        self.coef = m.out_coef.to(F64)
-        self.keepf = keep.to(F64)
-        self.mean = m.residue == "mean" and not bool(keep.all())
-        self.scale = _norm_scale(plan, spec) if self.norm else 1.0
-        self.fill_keep = plan.spaces["model"].src >= 0
-        adj = torch.ones([], dtype=F64) * m.adjoint(True).view([m.new])
-        if self.norm:
-            adj = adj * self.scale
-        self.nz = adj != 0
-        self.safe = torch.where(self.nz, adj, torch.ones_like(adj))
-        self._pow: Dict[int, torch.Tensor] = {}
-
-    def value(self, w: torch.Tensor) -> torch.Tensor:
-        x = w.to(F64)
-        if not self.identity:
-            y = x.index_select(0, self.idx) * self.coef
-            if self.mean:
-                y = torch.where(self.keep, y, x.mean(dim=0, keepdim=True).expand_as(y))
-            x = y
-        if self.norm:
-            fill = torch.ones_like(x) if self.gain else torch.zeros_like(x)
-            x = torch.where(self.fill_keep, x, fill)
-            return (x * self.scale).to(w.dtype)
-        return x.to(w.dtype)
-
-    def moment(self, m: torch.Tensor, power: int) -> torch.Tensor:
-        x = m.to(F64)
-        if not self.identity:
-            x = x.index_select(0, self.idx) * self.keepf
-        if power not in self._pow:
-            self._pow[power] = self.safe ** power
-        return torch.where(self.nz, x / self._pow[power], torch.zeros_like(x)).to(m.dtype)
 
 
 def _pow2(t: torch.Tensor) -> bool:

@@ -17,6 +17,7 @@ coordinate has copies whose ``in_coef`` sum to one.
 from __future__ import annotations
 
 import math
+import functools
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -39,12 +40,15 @@ class SpaceMap:
     norm_scale: float = 1.0      # sqrt(s) gain on model-space norms (s = n*d/D)
     eps_scale: float = 1.0       # s, multiplies the norms' eps
 
-    @property
+    # Derived values below are computed once per map (a map is never modified after it is built; derive a
+    # new one with dataclasses.replace). Callers must not modify the tensors they return in place.
+
+    @functools.cached_property
     def is_identity(self) -> bool:
         return self.old == self.new and bool((self.src == torch.arange(self.old)).all()) and \
             bool((self.out_coef == 1).all()) and bool((self.in_coef == 1).all())
 
-    @property
+    @functools.cached_property
     def counts(self) -> torch.Tensor:
         """``[d]``: how many new coordinates copy each old one."""
         return torch.bincount(self.src[self.src >= 0], minlength=self.old)
@@ -70,12 +74,18 @@ class SpaceMap:
 
         The adjoint moment rule divides a copied moment by the product of these over a tensor's axes.
         """
-        coef = self.out_coef if out_side else self.in_coef
+        return self._adjoints[bool(out_side)]
+
+    @functools.cached_property
+    def _adjoints(self):
         cnt = self.counts.to(torch.float64)
-        adj = torch.zeros(self.new, dtype=torch.float64)
         keep = self.src >= 0
-        adj[keep] = cnt[self.src[keep]] * coef[keep]
-        return adj
+        out = {}
+        for side, coef in ((True, self.out_coef), (False, self.in_coef)):
+            adj = torch.zeros(self.new, dtype=torch.float64)
+            adj[keep] = cnt[self.src[keep]] * coef[keep]
+            out[side] = adj
+        return out
 
     def expand_units(self, unit: int) -> "SpaceMap":
         """Lift a map over units (heads) to coordinates (``unit`` = head_dim)."""
