@@ -121,7 +121,7 @@ def worker(args):
         for path in ("executor", "gather"):
             if path == "gather" and args.skip_gather:
                 continue
-            fn = (lambda: grow_engine(old, new, plan, prefetch=args.prefetch)) if path == "executor" else \
+            fn = (lambda: grow_engine(old, new, plan, prefetch=args.prefetch, bucket_elems=args.bucket)) if path == "executor" else \
                 (lambda: gather_grow(old, new, plan))
             gc.collect()
             malloc_trim()
@@ -137,7 +137,7 @@ def worker(args):
             with TensorAccountant() as acct:  # a second run, for the tensor accounting
                 fn()
             acct.finish()
-            if args.profile and path == "executor" and rank == 0:  # a third, under cProfile (rank 0's view)
+            if args.profile and path == "executor" and rank == int(os.environ.get("PROF_RANK", "0")):  # a third, under cProfile
                 import cProfile
                 import pstats
 
@@ -153,7 +153,8 @@ def worker(args):
                 rec[path].update(rounds=out.rounds, bytes_sent=out.bytes_sent, new_state_bytes=out.new_state_bytes,
                                  exchange_s=out.seconds_exchange, compute_s=out.seconds_compute,
                                  setup_s=out.seconds_setup, refresh_s=out.seconds_refresh,
-                                 transport=out.transport, pack_s=out.seconds_pack, sync_s=out.seconds_wait)
+                                 transport=out.transport, pack_s=out.seconds_pack, sync_s=out.seconds_wait,
+                                 bucket=int(out.extra.get("bucket_elems", 0)))
         nbytes = rec["executor"]["new_state_bytes"]
         rec["memcpy_seconds"] = min(memcpy_seconds(nbytes) for _ in range(3))
         gathered = [None] * ws
@@ -197,7 +198,7 @@ def report(per_rank):
             rf = max(r[path]["refresh_s"] for r in per_rank)
             pk = max(r[path]["pack_s"] for r in per_rank)
             sy = max(r[path]["sync_s"] for r in per_rank)
-            extra = (f"; {r0[path]['transport']} transport, rounds {r0[path]['rounds']}, setup {su:.2f}s, "
+            extra = (f"; {r0[path]['transport']} transport, rounds {r0[path]['rounds']} (bucket {r0[path]['bucket']}), setup {su:.2f}s, "
                      f"exchange {ex:.2f}s (pack {pk:.2f}s, waits {sy:.2f}s), compute {co:.2f}s, "
                      f"refresh {rf:.2f}s, sent {sent / mib:.0f} MiB")
         print(f"   {path:8s}: {secs:7.2f}s = {secs / memcpy:6.1f}x memcpy, {nbytes / secs / 2**30:.2f} GiB/s; "
@@ -218,6 +219,8 @@ def main():
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--skip-gather", action="store_true")
     ap.add_argument("--prefetch", action="store_true", help="executor: overlap the next all-to-all with compute")
+    ap.add_argument("--bucket", type=int, default=None, help="executor: new elements per rank per round "
+                    "(default: grow_engine's automatic bucket)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true", help="print rank 0's cProfile of one executor growth")
     args = ap.parse_args()
@@ -234,6 +237,7 @@ def main():
     forward = ["--sizes", args.sizes, "--method", args.method, "--stage", str(args.stage)]
     forward += [f"--{k.replace('_', '-')}" for k in ("skip_gather", "prefetch", "profile") if getattr(args, k)]
     forward += ["--json", args.json] if args.json else []
+    forward += ["--bucket", str(args.bucket)] if args.bucket else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port",
            str(port), os.path.abspath(__file__)] + forward
     sys.exit(subprocess.call(cmd, env=env, cwd=REPO))

@@ -267,7 +267,7 @@ class _Exchange:
                     slot, lo, pieces = self.local[i]
                     chunks.extend((a, b, slot.views, a - lo) for a, b in pieces)
                     continue
-                part = incoming[p][cursor[p]:cursor[p] + n * req.channels].view(req.channels, n)
+                part = incoming[p][cursor[p]:cursor[p] + n * req.channels].view(req.channels, n).unbind(0)
                 cursor[p] += n * req.channels
                 pos = 0
                 for a, b in clip_intervals(req.intervals, *self.bounds[i][p:p + 2]):
@@ -522,6 +522,8 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
             ex = None
         stats.seconds_exchange += t2 - t1 + time.perf_counter() - t3
         stats.seconds_compute += t3 - t2
+        if os.environ.get("ROUND_DEBUG"):
+            print(f"R{me} round {k}: ex {t2-t1:.4f} compute {t3-t2:.4f} n={sum(r.stop-r.start for r in rnd.requests if r.rank==me and r.kind=='piece')}", flush=True)
     stats.step = 0 if plan.moments == "reset" else dse.get_step(old_engine)
     dse.set_step(new_engine, stats.step)
     for attr in ("global_steps", "global_samples", "skipped_steps"):

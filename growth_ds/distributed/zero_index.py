@@ -45,8 +45,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from growth_ds.models.schema import ParamSpec
-from growth_ds.ops.apply import (_axes, grow_moment, grow_value, is_identity_block, keyed_randn,
-                                 source_name)
+from growth_ds.ops.apply import (_axes, _norm_scale, grow_moment, grow_value, is_identity_block,
+                                 keyed_randn, source_name)
 from growth_ds.ops.plan import GrowthPlan
 
 Interval = Tuple[int, int]
@@ -119,18 +119,25 @@ class OldData:
     """Old elements a rank holds for one piece: ``intervals`` (old flat, sorted, merged: what the piece
     needs) as *chunks* ``(start, stop, views, offset)`` in old flat order: chunk flat ``[start, stop)`` is
     ``views[c][offset:offset + stop - start]`` for channel ``c`` (0 the value, 1 ``exp_avg``, 2
-    ``exp_avg_sq``). Chunks let the executor compute straight from its own partitions and from what each
-    owner sent, with no copy. ``OldData(intervals, data)`` wraps one dense ``[channels, n]`` tensor;
+    ``exp_avg_sq``; ``views`` a sequence of 1-D tensors, made contiguous here if one is not). Chunks let the
+    executor compute straight from its own partitions and from what each owner sent, with no copy.
+    ``OldData(intervals, data)`` wraps one dense ``[channels, n]`` tensor (or ``channels`` 1-D ones);
     :attr:`data` assembles one (a copy) for the paths that need it."""
 
     def __init__(self, intervals: List[Interval], data: Optional[Sequence[torch.Tensor]] = None,
                  chunks: Optional[List[tuple]] = None, channels: Optional[int] = None):
         self.intervals = intervals
+        if data is not None:
+            data = list(data.unbind(0)) if isinstance(data, torch.Tensor) else list(data)
         if chunks is None:
             chunks, pos = [], 0
             for a, b in intervals:
                 chunks.append((a, b, data, pos))
                 pos += b - a
+        else:
+            for j, (a, b, v, o) in enumerate(chunks):
+                if any(t.dim() != 1 or t.stride(0) != 1 for t in v):
+                    chunks[j] = (a, b, [t.reshape(-1).contiguous() for t in v], o)
         self.chunks = chunks
         self.starts = [ch[0] for ch in chunks]
         if channels is None:
@@ -147,39 +154,41 @@ class OldData:
                           else torch.empty(0) for c in range(self.channels)]
         return self._data
 
-    def rows(self, c: int, r0: int, r1: int, d1: int) -> Optional[List[Tuple[int, torch.Tensor]]]:
-        """Old rows ``[r0, r1)`` (of width ``d1``) of channel ``c`` as ``[(first row, [k, d1] tensor)]``:
-        views where rows lie inside one chunk, a one-row copy where a row spans chunks (an owner boundary
-        inside the row); None if some element was not received."""
+    def row_spans(self, r0: int, r1: int, d1: int) -> Optional[List[tuple]]:
+        """Where old rows ``[r0, r1)`` (of width ``d1``) lie, for every channel at once: ``(first row, k, views,
+        offset)`` for ``k`` whole rows inside one chunk (rows ``views[c][offset:offset + k * d1]``), and ``(row,
+        1, None, [(views, offset, n), ...])`` for a row that spans chunks (an owner boundary inside the row);
+        None if some element was not received."""
         out, lo, hi = [], r0 * d1, r1 * d1
+        chunks = self.chunks
         j = bisect.bisect_right(self.starts, lo) - 1
         pos = lo
         while pos < hi:
-            if j < 0 or j >= len(self.chunks):
+            if j < 0 or j >= len(chunks):
                 return None
-            a, b, v, o = self.chunks[j]
+            a, b, v, o = chunks[j]
             if not a <= pos < b:
                 return None
             if pos % d1 == 0 and b - pos >= d1:  # whole rows inside this chunk
                 k = (min(b, hi) - pos) // d1
-                out.append((pos // d1, v[c][o + pos - a:o + pos - a + k * d1].view(k, d1)))
+                out.append((pos // d1, k, v, o + pos - a))
                 pos += k * d1
-            else:  # a row across chunks: assemble it
+            else:  # a row across chunks
                 row = pos // d1
                 end = (row + 1) * d1
                 parts = []
                 while pos < end:
-                    if j >= len(self.chunks):
+                    if j >= len(chunks):
                         return None
-                    a, b, v, o = self.chunks[j]
+                    a, b, v, o = chunks[j]
                     if not a <= pos < b:
                         return None
                     n = min(b, end) - pos
-                    parts.append(v[c][o + pos - a:o + pos - a + n])
+                    parts.append((v, o + pos - a, n))
                     pos += n
                     if pos >= b:
                         j += 1
-                out.append((row, torch.cat(parts).view(1, d1)))
+                out.append((row, 1, None, parts))
                 continue
             if pos >= b:
                 j += 1
@@ -242,26 +251,35 @@ class SpaceSide:
             self._inv["runs"] = runs if len(runs) <= max_runs else None
         return self._inv["runs"]
 
-    def block_runs(self, c: int, couple: int, D: int, max_runs: int = 64):
-        """This axis for channel ``c`` (0 value, 1 ``exp_avg``, 2 ``exp_avg_sq``) as runs ``(new start, old
-        start, length, factor, copy)``: consecutive old coordinates under one power-of-two factor (``coef``
-        for values, ``1 / adjoint**c`` for moments) and one copy index modulo ``couple`` (staged training's
-        block coupling; 0 when ``couple == 1``). Duplication gives one run per copy; None if more than
-        ``max_runs``. Cached: every parameter that maps an axis this way shares it."""
-        key = ("block", c, couple)
+    def factors(self, c: int) -> torch.Tensor:
+        """Channel ``c``'s float64 factor per new coordinate: ``coef`` for values, ``1 / adjoint**c`` for
+        moments (0 where the adjoint is 0); all ones on an identity map."""
+        if self.identity:
+            return torch.ones(self.map.new, dtype=F64)
+        return self.coef if c == 0 else self.inv_pow(c)
+
+    def block_runs(self, chans: Tuple[int, ...], couple: int, D: int, max_runs: int = 64):
+        """This axis as runs ``(new start, old start, length, factors, copy)``: consecutive old coordinates
+        under one factor per channel (``factors[c]`` for each ``c`` in ``chans``, from :meth:`factors`) and
+        one copy index modulo ``couple`` (staged training's block coupling; 0 when ``couple == 1``), so one
+        run serves every channel. Duplication gives one run per copy; None if more than ``max_runs``.
+        Cached: every parameter that maps an axis this way shares it."""
+        key = ("block", chans, couple)
         if key not in self._inv:
             copy = self.map.copy % couple if couple != 1 else torch.zeros(D, dtype=torch.long)
-            if self.identity:
-                src, m = torch.arange(D), torch.ones(D, dtype=F64)
-            else:
-                src, m = self.full()[0], self.coef if c == 0 else self.inv_pow(c)
-            brk = torch.nonzero((src[1:] != src[:-1] + 1) | (m[1:] != m[:-1]) | (copy[1:] != copy[:-1]))
+            src = torch.arange(D) if self.identity else self.full()[0]
+            ms = [self.factors(c) for c in range(3)]
+            brk = (src[1:] != src[:-1] + 1) | (copy[1:] != copy[:-1])
+            for c in chans:
+                brk |= ms[c][1:] != ms[c][:-1]
+            brk = torch.nonzero(brk)
             runs = None
             if brk.numel() < max_runs:
                 starts = [0] + (brk.flatten() + 1).tolist()
                 stops = starts[1:] + [D]
-                srcs, ms, cps = src[starts].tolist(), m[starts].tolist(), copy[starts].tolist()
-                runs = [(a, o, b - a, f, k) for a, b, o, f, k in zip(starts, stops, srcs, ms, cps)]
+                fs = list(zip(*[m[starts].tolist() for m in ms]))
+                runs = [(a, o, b - a, f, k) for a, b, o, f, k in zip(starts, stops, src[starts].tolist(), fs,
+                                                                     copy[starts].tolist())]
             self._inv[key] = runs
         return self._inv[key]
 
@@ -315,6 +333,70 @@ class PlanCache:
             self._sides[key] = SpaceSide(self.plan.spaces[space], side)
         return self._sides[key]
 
+    def vector(self, spec: ParamSpec) -> "VectorGrowth":
+        """The :class:`VectorGrowth` of a 1-D parameter (shared by every parameter of that kind)."""
+        norm = spec.role in ("norm", "norm_bias")
+        scale = _norm_scale(self.plan, spec) if norm else 1.0
+        key = ("vector", spec.axes[0], spec.role if norm else "bias", scale)
+        if key not in self._sides:
+            self._sides[key] = VectorGrowth(self.plan.spaces[spec.axes[0]], spec.role if norm else "bias", scale)
+        return self._sides[key]
+
+
+class VectorGrowth:
+    """A 1-D parameter's growth (biases, norms; ``ops.apply.grow_value`` / ``grow_moment`` on one axis, out
+    side) as, per channel, ``new = old[idx] * mult`` in float32, then ``new[fix] = value``: one gather and
+    one multiply instead of the reference's float64 ops. Built only where it is the reference bit for bit:
+    every factor is 0 or a power of two (so the float64 product is exact and both round the same real number
+    once); ``mult[c]`` is None for a channel where it is not (mean rows of a bias, a non-power-of-two norm
+    gain): the reference runs there.
+
+    Value: ``old[src] * coef`` (norms: times the gain ``scale``, new coordinates ``fill * scale``, 1 for a
+    gain, 0 for a shift). Moments: ``old[src] * keep / adj**power`` (``adj`` the out-side adjoint, times
+    ``scale`` on norms), +0 where ``adj == 0``."""
+
+    def __init__(self, m, role: str, scale: float):
+        keep = m.src >= 0
+        self.idx = m.src.clamp(min=0)
+        self.mult: List[Optional[torch.Tensor]] = [None, None, None]
+        self.ones = [False, False, False]
+        self.fix: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None, None, None]
+        norm = role in ("norm", "norm_bias")
+        s = torch.tensor([scale], dtype=F64)
+        s_ok = _pow2(s)
+        coef = m.out_coef.to(F64)
+        mean_rows = m.residue == "mean" and not bool(keep.all()) and not m.is_identity
+        if _pow2(coef) and (s_ok if norm else not mean_rows):
+            mult = coef * scale if norm else coef
+            fix = None
+            if norm and not bool(keep.all()):
+                fill = 1.0 if role == "norm" else 0.0
+                fix = (~keep, (torch.full((m.new,), fill, dtype=F64) * scale).to(torch.float32))
+            self._set(0, mult, fix)
+        adj = torch.ones([], dtype=F64) * m.adjoint(True)
+        if norm:
+            adj = adj * scale
+        if _pow2(m.adjoint(True)) and (s_ok or not norm):
+            nz = adj != 0
+            for c in (1, 2):
+                mult = torch.where(nz, keep.to(F64) / torch.where(nz, adj, torch.ones_like(adj)) ** c,
+                                   torch.zeros_like(adj))
+                self._set(c, mult, None if bool(nz.all()) else (~nz, torch.zeros(m.new, dtype=torch.float32)))
+
+    def _set(self, c: int, mult: torch.Tensor, fix) -> None:
+        m32 = mult.to(torch.float32)
+        if torch.equal(m32.to(F64), mult):  # (a factor outside float32's range is not exact)
+            self.mult[c], self.ones[c], self.fix[c] = m32, bool((mult == 1).all()), fix
+
+    def apply(self, c: int, old: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> None:
+        """New ``[start, stop)`` of channel ``c`` from the whole old vector ``old`` into ``out``."""
+        torch.index_select(old, 0, self.idx[start:stop], out=out)
+        if not self.ones[c]:
+            out.mul_(self.mult[c][start:stop])
+        if self.fix[c] is not None:
+            mask, val = self.fix[c][0][start:stop], self.fix[c][1][start:stop]
+            out[mask] = val[mask]
+
 
 class ParamGrowth:
     """How new parameter ``name`` is made from its source, any block of new rows at a time.
@@ -344,6 +426,7 @@ class ParamGrowth:
         self.old_has_zero: Optional[bool] = None  # whether the old value holds an exact 0 (None: check pieces)
         cache = cache or PlanCache(plan)
         self._block_runs: dict = {}
+        self.vec = cache.vector(spec) if self.mode == "full" else None
         if self.mode != "rows":
             return
         (s0, side0), (s1, side1) = _axes(spec)
@@ -387,11 +470,26 @@ class ParamGrowth:
                      views: Sequence[torch.Tensor]) -> None:
         """Write new flat ``[start, stop)`` of value, ``exp_avg``, ``exp_avg_sq`` into ``views`` (float32,
         length ``stop - start`` each). Same results as :meth:`compute`; takes the float32 fast path where
-        it is exact: whole rows are written in place, a partial row at either end through a one-row buffer."""
+        it is exact: whole rows are written in place, a partial row at either end through a one-row buffer;
+        1-D parameters as one gather and one multiply per channel (:class:`VectorGrowth`)."""
+        if self.mode == "full" and self.vec is not None:
+            self._vector_into(start, stop, old, views)
+            return
         if self.mode == "rows" and (self.fast_value or self.fast_moment):
             D1 = self.D1
             slow = None if self.fast_value and self.fast_moment else \
                 self.compute(start, stop, old, red, value=not self.fast_value, moments=not self.fast_moment)
+            chans = []
+            for c in range(3):
+                if c == 0 and self.value_zero or c > 0 and self.moment_zero:
+                    views[c].zero_()
+                elif not (self.fast_value if c == 0 else self.fast_moment):
+                    views[c].copy_(slow[c])
+                else:
+                    chans.append(c)
+            if not chans:
+                return
+            chans = tuple(chans)
             a, b = -(-start // D1), stop // D1  # whole rows [a, b)
             parts = []  # (row0, row1, offset of the written elements in the piece, first column, columns)
             if a > b:  # inside one row
@@ -403,33 +501,29 @@ class ParamGrowth:
                     parts.append((a, b, a * D1 - start, 0, (b - a) * D1))
                 if stop > b * D1:
                     parts.append((b, b + 1, b * D1 - start, 0, stop - b * D1))
-            i0, i1 = self.rows_of(start, stop)
-            K = self._K_rows(i0, i1) if self.K_g != 1 else None
-            gathered = None  # the gathering path's (received rows, positions of rows [i0, i1)), on first need
-            for c in range(3):
-                if c == 0 and self.value_zero or c > 0 and self.moment_zero:
-                    views[c].zero_()
-                    continue
-                if not (self.fast_value if c == 0 else self.fast_moment):
-                    views[c].copy_(slow[c])
-                    continue
-                for r0, r1, off, col, n in parts:
-                    whole = col == 0 and n == (r1 - r0) * D1
-                    dst = views[c][off:off + n].view(r1 - r0, D1) if whole else \
-                        torch.empty(r1 - r0, D1, dtype=torch.float32)
-                    if not self._block_rows(r0, r1, old, c, dst):
+            gathered = None  # the gathering path's (received rows, positions of rows [i0, i1), K), on first need
+            for r0, r1, off, col, n in parts:
+                whole = col == 0 and n == (r1 - r0) * D1
+                dsts = {c: (views[c], off) if whole else (torch.empty((r1 - r0) * D1, dtype=torch.float32), 0)
+                        for c in chans}
+                done = self._block_rows(r0, r1, old, chans, dsts)
+                for c in chans:
+                    if c not in done:
                         if gathered is None:
+                            i0, i1 = self.rows_of(start, stop)
                             rows = _RowView(old, self.d1)
                             want = torch.arange(i0, i1) if self.a0.identity else \
                                 self.a0.map.src[i0:i1].clamp(min=0)
-                            gathered = (rows, rows.positions(want))
-                        rows, pos_all = gathered
+                            gathered = (i0, i1, rows, rows.positions(want),
+                                        self._K_rows(i0, i1) if self.K_g != 1 else None)
+                        i0, i1, rows, pos_all, K = gathered
                         pos = None if pos_all is None and (r0, r1) == (i0, i1) else \
                             (torch.arange(r0 - i0, r1 - i0) if pos_all is None else pos_all[r0 - i0:r1 - i0])
                         Kp = None if K is None else K[r0 - i0:r1 - i0]
-                        self._fast_rows(r0, r1, rows, pos, Kp, c, dst)
+                        t, o = dsts[c]
+                        self._fast_rows(r0, r1, rows, pos, Kp, c, t[o:o + (r1 - r0) * D1].view(r1 - r0, D1))
                     if not whole:
-                        views[c][off:off + n].copy_(dst.view(-1)[col:col + n])
+                        views[c][off:off + n].copy_(dsts[c][0][col:col + n])
             return
         out = self.compute(start, stop, old, red)
         for c in range(3):
@@ -438,12 +532,27 @@ class ParamGrowth:
             else:
                 views[c].copy_(out[c])
 
-    def _runs(self, c: int):
-        """Channel ``c``'s map as blocks: ``(row runs, their new starts, column runs)`` (see
+    def _vector_into(self, start: int, stop: int, old: Optional[OldData], views: Sequence[torch.Tensor]) -> None:
+        """A 1-D parameter's new ``[start, stop)``: :class:`VectorGrowth` where a channel is exact in float32,
+        else the reference on the whole old vector."""
+        vec = self.vec
+        ref = None
+        for c in range(3):
+            if c == 0 and self.value_zero or c > 0 and self.moment_zero:
+                views[c].zero_()
+            elif vec.mult[c] is None:
+                if ref is None:
+                    ref = self._compute_full(start, stop, old)
+                views[c].copy_(ref[c])
+            else:
+                vec.apply(c, old.data[c], start, stop, views[c])
+
+    def _runs(self, chans: Tuple[int, ...]):
+        """The map as blocks for channels ``chans``: ``(row runs, their new starts, column tiles)`` (see
         :meth:`SpaceSide.block_runs`); None when either axis has too many runs (rows are then gathered)."""
-        if c not in self._block_runs:
-            rows = self.a0.block_runs(c, self.K_g, self.D0)
-            cols = self.a1.block_runs(c, self.K_g, self.D1)
+        if chans not in self._block_runs:
+            rows = self.a0.block_runs(chans, self.K_g, self.D0)
+            cols = self.a1.block_runs(chans, self.K_g, self.D1)
             tiles: List[list] = []  # column runs that repeat one old range side by side: (new start, copies)
             for ns, os_, n, f, k in cols or []:
                 t = tiles[-1] if tiles else None
@@ -451,63 +560,82 @@ class ParamGrowth:
                     t[3] += 1
                 else:
                     tiles.append([ns, os_, n, 1, f, k])
-            self._block_runs[c] = None if rows is None or cols is None else (rows, [r[0] for r in rows], tiles)
-        return self._block_runs[c]
+            self._block_runs[chans] = None if rows is None or cols is None else (rows, [r[0] for r in rows], tiles)
+        return self._block_runs[chans]
 
-    def _block_rows(self, i0: int, i1: int, old: Optional[OldData], c: int, dst: torch.Tensor) -> bool:
-        """Rows ``[i0, i1)`` of channel ``c`` into ``dst`` ``[i1 - i0, D1]`` as one strided multiply (or copy)
-        per (row run, column run) block, straight from the old rows where they are (partitions, a peer's
-        segment): one pass over the output. Runs that repeat the same old range (duplication tiles) are one
-        broadcast op, which reads each old row once per tile while it is in cache. Returns False (nothing
-        written) when the map has too many runs, an old row is missing, or (weights) an old value is an exact
+    def _block_rows(self, i0: int, i1: int, old: Optional[OldData], chans: Tuple[int, ...],
+                    dsts: Dict[int, Tuple[torch.Tensor, int]]) -> Tuple[int, ...]:
+        """Rows ``[i0, i1)`` of channels ``chans`` into ``dsts[c] = (t, off)``: row ``i0 + r`` is ``t[off + r * D1:
+        off + (r + 1) * D1]`` (``t`` 1-D, contiguous). Written as one strided multiply
+        (or copy) per (row run, column run) block, straight from the old rows where they are (partitions, a
+        peer's segment): one pass over each output. Runs that repeat the same old range (duplication tiles)
+        are one broadcast op, which reads each old row once per tile while it is in cache. Where the old
+        rows lie is worked out once for every channel. Returns the channels written: none when the map has
+        too many runs or an old row is missing, all but the value when (weights) an old value is an exact
         zero, whose sign the reference normalises (the caller then takes the gathering path)."""
-        runs = self._runs(c)
-        if runs is None or old is None or not old.chunks:
-            return False
+        if old is None or not old.chunks:
+            return ()
+        runs = self._runs(chans)
+        if runs is None:  # too many runs over all channels together: channel by channel
+            return tuple(c for c in chans if len(chans) > 1 and self._block_rows(i0, i1, old, (c,), dsts))
+        if 0 in chans and self.noisy and (self.old_has_zero if self.old_has_zero is not None else old.has_zero()):
+            chans = tuple(c for c in chans if c != 0)
+            if not chans:
+                return ()
         rruns, rstarts, cruns = runs
-        noisy = c == 0 and self.noisy
-        if noisy and (self.old_has_zero if self.old_has_zero is not None else old.has_zero()):
-            return False
-        blocks = []
+        d1 = self.d1
+        # where the old rows lie (once for every channel); row blocks that repeat the same old rows at a
+        # regular stride (duplication tiles) become one group, one op per channel and column tile
+        keyed: Dict[tuple, list] = {}
         k = max(bisect.bisect_right(rstarts, i0) - 1, 0)
         while k < len(rruns) and rruns[k][0] < i1:
             ns, os_, n, f0, k0 = rruns[k]
             a, b = max(ns, i0), min(ns + n, i1)
-            src = old.rows(c, os_ + a - ns, os_ + b - ns, self.d1)
-            if src is None:
-                return False
+            spans = old.row_spans(os_ + a - ns, os_ + b - ns, d1)
+            if spans is None:
+                return ()
             base = os_ + a - ns - (a - i0)  # old row of dst row 0 along this run
-            blocks.extend((r - base, x, f0, k0) for r, x in src)
+            for sp in spans:
+                key = (id(sp[2]), sp[3], sp[1], f0, k0) if sp[2] is not None else (id(sp),)
+                keyed.setdefault(key, []).append((sp[0] - base, sp, f0, k0))
             k += 1
-        # row blocks that repeat the same old rows at a regular stride (duplication tiles): one op each
-        keyed: Dict[tuple, list] = {}
-        for r0, x, f0, k0 in blocks:
-            keyed.setdefault((x.data_ptr(), tuple(x.shape), x.stride(), f0, k0), []).append((r0, x))
         groups = []
-        for (_, _, _, f0, k0), items in keyed.items():
-            nr = items[0][1].shape[0]
+        for items in keyed.values():
+            nr = items[0][1][1]
             step = items[1][0] - items[0][0] if len(items) > 1 else nr
-            if step >= nr and all(b[0] - a[0] == step for a, b in zip(items[:-1], items[1:])):
-                groups.append((items[0][0], step, len(items), items[0][1], f0, k0))
+            if step >= nr and all(q[0] - p[0] == step for p, q in zip(items[:-1], items[1:])):
+                groups.append((items[0][0], step, len(items)) + items[0][1:])
             else:
-                groups.extend((r0, nr, 1, x, f0, k0) for r0, x in items)
-        D1 = self.D1
-        for r0, step, gr, x, f0, k0 in groups:
-            nr = x.shape[0]
-            rows = dst.as_strided((gr, nr, D1), (step * D1, D1, 1), dst.storage_offset() + r0 * D1)
-            for ns, os_, n, gc, f1, k1 in cruns:  # (column tiles)
-                f = f0 * f1 if k0 == k1 else 0.0  # staged coupling: K = g on matching copies, else 0
-                if k0 == k1 and self.K_g != 1 and c == 0:
-                    f *= self.K_g
-                o = rows[:, :, ns:ns + gc * n].view(gr, nr, gc, n)
-                src = x[:, os_:os_ + n][None, :, None, :].expand(gr, nr, gc, n)
-                if f == 1.0:
-                    o.copy_(src)
-                elif f == 0.0 and (noisy or c > 0 and (f0 == 0.0 or f1 == 0.0)):
-                    o.zero_()  # +0: the reference adds its zero noise (weights) or writes 0 where adj = 0
-                else:  # (a factor of 0 elsewhere keeps the sign of the old value, as the reference does)
-                    torch.mul(src, f, out=o)
-        return True
+                groups.extend((r0, nr, 1, sp, f0, k0) for r0, sp, f0, k0 in items)
+        D1, Kg = self.D1, self.K_g
+        for c in chans:
+            dst, doff = dsts[c]
+            dbase = dst.storage_offset() + doff
+            noisy = c == 0 and self.noisy
+            for r0, step, gr, sp, f0s, k0 in groups:
+                _, nr, v, o = sp
+                if v is None:  # a row across chunks: assembled
+                    x = torch.cat([w[c][q:q + n] for w, q, n in o])
+                    xbase = 0
+                else:
+                    x = v[c]
+                    xbase = x.storage_offset() + o
+                f0 = f0s[c]
+                for ns, os_, n, gc, f1s, k1 in cruns:  # (column tiles)
+                    f1 = f1s[c]
+                    f = f0 * f1 if k0 == k1 else 0.0  # staged coupling: K = g on matching copies, else 0
+                    if k0 == k1 and Kg != 1 and c == 0:
+                        f *= Kg
+                    out = dst.as_strided((gr, nr, gc, n), (step * D1, D1, n, 1), dbase + r0 * D1 + ns)
+                    if f == 0.0 and (noisy or c > 0 and (f0 == 0.0 or f1 == 0.0)):
+                        out.zero_()  # +0: the reference adds its zero noise (weights) or writes 0 where adj = 0
+                        continue
+                    src = x.as_strided((gr, nr, gc, n), (0, d1, 0, 1), xbase + os_)
+                    if f == 1.0:
+                        out.copy_(src)
+                    else:  # (a factor of 0 elsewhere keeps the sign of the old value, as the reference does)
+                        torch.mul(src, f, out=out)
+        return chans
 
     def _fast_rows(self, i0, i1, rows: "_RowView", pos, K, c: int, dst: Optional[torch.Tensor]) -> torch.Tensor:
         """One channel of rows ``[i0, i1)`` in float32 with a single rounding per element: the gathered old
