@@ -522,8 +522,6 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
             ex = None
         stats.seconds_exchange += t2 - t1 + time.perf_counter() - t3
         stats.seconds_compute += t3 - t2
-        if os.environ.get("ROUND_DEBUG"):
-            print(f"R{me} round {k}: ex {t2-t1:.4f} compute {t3-t2:.4f} n={sum(r.stop-r.start for r in rnd.requests if r.rank==me and r.kind=='piece')}", flush=True)
     stats.step = 0 if plan.moments == "reset" else dse.get_step(old_engine)
     dse.set_step(new_engine, stats.step)
     for attr in ("global_steps", "global_samples", "skipped_steps"):
