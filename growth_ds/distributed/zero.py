@@ -452,7 +452,8 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
     on_cpu = all(v.device.type == "cpu" for sl in old.slots.values() for v in sl.views)
     # same host: shared memory instead of an all-to-all; not for plans with whole-parameter rounds, whose
     # one old parameter must be the only thing held then (a persistent segment would add to it)
-    shm = not full and want_shm(dist, old.group, old.world, on_cpu)  # (a collective: same on every rank)
+    stem = None if full else want_shm(dist, old.group, old.world, on_cpu)  # (a collective: same on every rank)
+    shm = stem is not None
     prefetch = prefetch and not shm
     while True:
         rounds = make_schedule(growths, new_bounds, new.world, bucket_elems)
@@ -472,7 +473,7 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
     transport = None
     if shm:
         capacity = max([sum(counts) for _, counts in outgoing.values()] or [0])
-        transport = ShmTransport(dist, old.group, old.rank, old.world, capacity)
+        transport = ShmTransport(dist, old.group, old.rank, old.world, capacity, stem)
         stats.transport = "shm"
     stats.extra["bucket_elems"] = bucket_elems
     compute_elems = max(4096, min(bucket_elems // 8, max_param // 64))  # float64 work of the exact slow path
@@ -481,47 +482,51 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
     reductions: Dict[int, Reductions] = {}
     me = new.rank
     pending: Optional[_Exchange] = None
-    for k, rnd in enumerate(rounds):
-        if kill is not None and kill == (me, k):
-            os.kill(os.getpid(), signal.SIGKILL)
-        t1 = time.perf_counter()
-        ex = None
-        if rnd.requests[0].kind == "full":  # a reduction round holds exactly one request
-            data = {0: _fetch_whole(rnd.requests[0], growths, old, stats)}
-            if data[0] is None:
-                data.clear()
-        else:
-            ex = pending if pending is not None else \
-                _Exchange(rnd.requests, growths, old, stats, transport, outgoing.pop(k))
-            pending = None
-            data = ex.finish()
-        _share_reductions(rnd.requests, growths, data, old, reductions)
-        if prefetch and transport is None and k + 1 < len(rounds) and rounds[k + 1].requests[0].kind != "full":
-            pending = _Exchange(rounds[k + 1].requests, growths, old, stats, transport,  # overlaps this compute
-                                outgoing.pop(k + 1))
-        t2 = time.perf_counter()
-        for i, req in enumerate(rnd.requests):
-            if req.rank != me or req.kind != "piece":
-                continue
-            g = growths[req.param]
-            olddata = data.pop(i)
-            slot = new.slots[g.name]
-            lo = slot.bounds[me]
-            # float64 work space is bounded by computing a piece a few rows at a time (the float32 fast path
-            # writes in place)
-            slow = g.mode == "rows" and not (g.fast_value and g.fast_moment)
-            subs = chunk_range(req.start, req.stop, g.D1, compute_elems) if slow else [(req.start, req.stop)]
-            for s, e in subs:
-                g.compute_into(s, e, olddata, reductions.get(req.param), [v[s - lo:e - lo] for v in slot.views])
-            del olddata
-            stats.new_elements += req.stop - req.start
-        del data
-        t3 = time.perf_counter()
-        if ex is not None:
-            ex.release()
+    try:
+        for k, rnd in enumerate(rounds):
+            if kill is not None and kill == (me, k):
+                os.kill(os.getpid(), signal.SIGKILL)
+            t1 = time.perf_counter()
             ex = None
-        stats.seconds_exchange += t2 - t1 + time.perf_counter() - t3
-        stats.seconds_compute += t3 - t2
+            if rnd.requests[0].kind == "full":  # a reduction round holds exactly one request
+                data = {0: _fetch_whole(rnd.requests[0], growths, old, stats)}
+                if data[0] is None:
+                    data.clear()
+            else:
+                ex = pending if pending is not None else \
+                    _Exchange(rnd.requests, growths, old, stats, transport, outgoing.pop(k))
+                pending = None
+                data = ex.finish()
+            _share_reductions(rnd.requests, growths, data, old, reductions)
+            if prefetch and transport is None and k + 1 < len(rounds) and rounds[k + 1].requests[0].kind != "full":
+                pending = _Exchange(rounds[k + 1].requests, growths, old, stats, transport,  # overlaps this compute
+                                    outgoing.pop(k + 1))
+            t2 = time.perf_counter()
+            for i, req in enumerate(rnd.requests):
+                if req.rank != me or req.kind != "piece":
+                    continue
+                g = growths[req.param]
+                olddata = data.pop(i)
+                slot = new.slots[g.name]
+                lo = slot.bounds[me]
+                # float64 work space is bounded by computing a piece a few rows at a time (the float32 fast path
+                # writes in place)
+                slow = g.mode == "rows" and not (g.fast_value and g.fast_moment)
+                subs = chunk_range(req.start, req.stop, g.D1, compute_elems) if slow else [(req.start, req.stop)]
+                for s, e in subs:
+                    g.compute_into(s, e, olddata, reductions.get(req.param), [v[s - lo:e - lo] for v in slot.views])
+                del olddata
+                stats.new_elements += req.stop - req.start
+            del data
+            t3 = time.perf_counter()
+            if ex is not None:
+                ex.release()
+                ex = None
+            stats.seconds_exchange += t2 - t1 + time.perf_counter() - t3
+            stats.seconds_compute += t3 - t2
+    finally:
+        if transport is not None:
+            transport.close()
     stats.step = 0 if plan.moments == "reset" else dse.get_step(old_engine)
     dse.set_step(new_engine, stats.step)
     for attr in ("global_steps", "global_samples", "skipped_steps"):

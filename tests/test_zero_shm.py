@@ -1,0 +1,82 @@
+"""The shared-memory transport of ZeRO growth on its own: rounds of packed data arrive intact through the
+header protocol (and through the all-gather fallback), segment names are gone after the first round, and
+a rank whose peer dies gets an error naming that rank instead of waiting forever."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from growth_ds.distributed import zero_shm
+from dist_utils import free_port
+
+
+def _payload(rnd: int, src: int, dst: int) -> torch.Tensor:
+    """What rank ``src`` sends rank ``dst`` in round ``rnd``: a length that varies, values that say where
+    they come from."""
+    n = 1 + (7 * rnd + 3 * src + dst) % 11
+    return torch.arange(n, dtype=torch.float32) + 1000 * rnd + 100 * src + 10 * dst
+
+
+def _worker(rank: int, world: int, port: int, fenced: bool, die: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    zero_shm.FENCED = fenced
+    os.environ[zero_shm.TRANSPORT_ENV] = "shm"
+    os.environ[zero_shm.TIMEOUT_ENV] = "60"
+    stem = zero_shm.want_shm(dist, None, world, True)
+    rounds = 6
+    cap = max(sum(_payload(k, rank, q).numel() for q in range(world) if q != rank) for k in range(rounds))
+    tr = zero_shm.ShmTransport(dist, None, rank, world, cap, stem)
+    log = []
+    try:
+        for k in range(rounds):
+            if rank == die and k == 2:
+                os._exit(0)  # a rank that vanishes mid-growth (no collective can tell the others)
+            counts, off = [0] * world, 0
+            for q in range(world):
+                if q != rank:
+                    p = _payload(k, rank, q)
+                    tr.buffer(off + p.numel())[off:].copy_(p)
+                    counts[q], off = p.numel(), off + p.numel()
+            tr.publish(counts)
+            if k == 1:  # every rank has finished publishing round 0, so has unlinked its name
+                log.append(("names", sorted(f for f in os.listdir(zero_shm.SHM_DIR) if f.startswith(stem))))
+            for p in range(world):
+                if p != rank:
+                    log.append(("ok", k, p, bool(torch.equal(tr.incoming(p), _payload(k, p, rank)))))
+            tr.next_round()
+    except RuntimeError as e:
+        log.append(("error", str(e)))
+    finally:
+        tr.close()
+    torch.save(log, f"{out}.{rank}")
+    if die < 0:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world,fenced", [(2, True), (3, True), (3, False)])
+def test_rounds_arrive_intact_and_names_are_unlinked(world, fenced, tmp_path):
+    if fenced and not zero_shm.FENCED:
+        pytest.skip("header protocol needs total store order (x86-64)")
+    out = str(tmp_path / "log")
+    mp.spawn(_worker, args=(world, free_port(), fenced, -1, out), nprocs=world, join=True)
+    for r in range(world):
+        log = torch.load(f"{out}.{r}")
+        assert ("names", []) in [e for e in log if e[0] == "names"], log[:1]  # gone once all have mapped
+        oks = [e for e in log if e[0] == "ok"]
+        assert len(oks) == 6 * (world - 1) and all(e[3] for e in oks), log
+
+
+def test_a_dead_peer_is_named_instead_of_a_hang(tmp_path):
+    if not zero_shm.FENCED:
+        pytest.skip("header protocol needs total store order (x86-64)")
+    out = str(tmp_path / "log")
+    ctx = mp.spawn(_worker, args=(2, free_port(), True, 1, out), nprocs=2, join=False)
+    while not ctx.join(timeout=60):
+        pass
+    log = torch.load(f"{out}.0")
+    errors = [e[1] for e in log if e[0] == "error"]
+    assert errors and "rank 1" in errors[0] and "exited" in errors[0], log
