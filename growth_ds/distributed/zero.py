@@ -86,6 +86,8 @@ class ZeroLayout:
         self.world = dist.get_world_size(group=self.group)
         self.slots: Dict[str, Slot] = {}
         self.partitions: List[torch.Tensor] = []
+        lp = zo.fp16_partitioned_groups_flat if self.stage == 3 else zo.bit16_groups_flat
+        self.lp_element_size = lp[0].element_size() if len(lp) else 0  # low-precision weights (bf16/fp16/fp32)
         self._zero_state: Dict[int, torch.Tensor] = {}
         if self.stage == 3:
             for sg, params in enumerate(zo.fp16_groups):
@@ -168,12 +170,19 @@ class GrowthStats:
     seconds_wait: float = 0.0     # (part of exchange) shared memory: waiting for every rank to have packed
     step: int = 0
     transport: str = "collective"  # or "shm" (same host, zero_shm)
+    lp_element_size: int = 0  # bytes per element of the low-precision weights refreshed (0: not refreshed)
     extra: Dict[str, float] = field(default_factory=dict)
 
     @property
-    def new_state_bytes(self) -> int:
-        """Bytes of new state this rank wrote: fp32 master + exp_avg + exp_avg_sq."""
+    def master_state_bytes(self) -> int:
+        """Bytes of fp32 master + exp_avg + exp_avg_sq this rank wrote."""
         return self.new_elements * 4 * 3
+
+    @property
+    def new_state_bytes(self) -> int:
+        """Bytes of new state this rank wrote: its slices of the fp32 master, exp_avg, exp_avg_sq and (when
+        refreshed) the low-precision weights (ZeRO-1/2 then all-gather those; that copy is not counted)."""
+        return self.new_elements * (4 * 3 + self.lp_element_size)
 
 
 def _kill_round() -> Optional[tuple]:
@@ -536,6 +545,7 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
         t1 = time.perf_counter()
         dse.refresh_low_precision(new_engine)
         stats.seconds_refresh = time.perf_counter() - t1
+        stats.lp_element_size = new.lp_element_size
     stats.seconds = time.perf_counter() - t0
     return stats
 
