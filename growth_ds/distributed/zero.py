@@ -27,6 +27,7 @@ Old and new engine may differ in ZeRO stage (1, 2 or 3) and precision; they shar
 """
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -55,15 +56,21 @@ KILL_ENV = "GROWTH_DS_KILL_IN_GROWTH"  # "RANK:ROUND": SIGKILL that rank at that
 
 @dataclass
 class Slot:
-    """One parameter of one engine: rank ``r`` holds flat ``[bounds[r], bounds[r + 1])``; ``views`` are
-    this rank's 1-D fp32 master, ``exp_avg`` and ``exp_avg_sq`` slices (writable views into DeepSpeed's
-    partitions)."""
+    """One parameter of one engine: rank ``r`` holds flat ``[bounds[r], bounds[r + 1])``, this rank's part
+    at ``[offset, offset + bounds[rank + 1] - bounds[rank])`` of ``flats``: DeepSpeed's 1-D fp32 master,
+    ``exp_avg`` and ``exp_avg_sq`` partitions. ``views`` are those slices (writable)."""
 
     name: str
     shape: tuple
     numel: int
     bounds: List[int]
-    views: List[torch.Tensor]
+    flats: List[torch.Tensor]
+    offset: int
+    local: int
+
+    @functools.cached_property
+    def views(self) -> List[torch.Tensor]:
+        return [f.narrow(0, self.offset, self.local) for f in self.flats]
 
 
 class ZeroLayout:
@@ -94,28 +101,27 @@ class ZeroLayout:
                 part = zo.fp32_partitioned_groups_flat[sg]
                 state = self._state(part, need_state)
                 self.partitions.append(part)
+                flats = [part.detach()] + [state[key] for key in KEYS[1:]]
                 for p in params:
                     _, off, pn = zo.grad_position[zo.get_param_id(p)]
                     n = int(p.ds_numel)
                     bounds = [min(r * pn, n) for r in range(self.world)] + [n]
                     k = bounds[self.rank + 1] - bounds[self.rank]
-                    views = [part.detach().narrow(0, off, k)] + [state[key].narrow(0, off, k) for key in KEYS[1:]]
-                    self._add(names[p], tuple(p.ds_shape), n, bounds, views)
+                    self._add(names[p], tuple(p.ds_shape), n, bounds, flats, off, k)
         else:
             for g, params in enumerate(zo.round_robin_bit16_groups):
                 flat, part = zo.bit16_groups_flat[g], zo.single_partition_of_fp32_groups[g]
                 ps = zo.partition_size[g]
                 state = self._state(part, need_state)
                 self.partitions.append(part)
+                flats = [part.detach()] + [state[key] for key in KEYS[1:]]
                 for p in params:
                     off = (p.data_ptr() - flat.data_ptr()) // p.element_size()
                     n = p.numel()
                     bounds = [min(max(r * ps - off, 0), n) for r in range(self.world)] + [n]
                     lo, hi = bounds[self.rank], bounds[self.rank + 1]
                     loc = off + lo - self.rank * ps if hi > lo else 0
-                    views = [part.detach().narrow(0, loc, hi - lo)] + \
-                        [state[key].narrow(0, loc, hi - lo) for key in KEYS[1:]]
-                    self._add(names[p], tuple(p.shape), n, bounds, views)
+                    self._add(names[p], tuple(p.shape), n, bounds, flats, loc, hi - lo)
 
     def _state(self, part: torch.Tensor, need: bool) -> Dict[str, torch.Tensor]:
         st = self.base.state.get(part, {})
@@ -127,8 +133,8 @@ class ZeroLayout:
         zeros = self._zero_state.setdefault(part.numel(), torch.zeros(part.numel(), dtype=torch.float32))
         return {"exp_avg": zeros, "exp_avg_sq": zeros}  # never stepped: zero moments
 
-    def _add(self, name, shape, numel, bounds, views):
-        self.slots[name] = Slot(name, shape, numel, bounds, views)
+    def _add(self, name, shape, numel, bounds, flats, offset, local):
+        self.slots[name] = Slot(name, shape, numel, bounds, flats, offset, local)
 
     def local_numel(self) -> int:
         return sum(s.bounds[self.rank + 1] - s.bounds[self.rank] for s in self.slots.values())
@@ -274,7 +280,7 @@ class _Exchange:
                     continue
                 if p == me:  # straight from this rank's partitions
                     slot, lo, pieces = self.local[i]
-                    chunks.extend((a, b, slot.views, a - lo) for a, b in pieces)
+                    chunks.extend((a, b, slot.flats, a - lo + slot.offset) for a, b in pieces)
                     continue
                 part = incoming[p][cursor[p]:cursor[p] + n * req.channels].view(req.channels, n).unbind(0)
                 cursor[p] += n * req.channels
@@ -317,12 +323,12 @@ def _pack(seg: torch.Tensor, channels: int, slot: Slot, lo: int, pieces) -> torc
         for c in range(channels):
             pos = 0
             for s, e in pieces:
-                seg[c, pos:pos + e - s].copy_(slot.views[c][s - lo:e - lo])
+                seg[c, pos:pos + e - s].copy_(slot.flats[c][s - lo + slot.offset:e - lo + slot.offset])
                 pos += e - s
     else:  # many short runs (permuted heads, GQA groups): one gather per channel
-        idx = interval_index(pieces, lo)
+        idx = interval_index(pieces, lo - slot.offset)
         for c in range(channels):
-            torch.index_select(slot.views[c], 0, idx, out=seg[c])
+            torch.index_select(slot.flats[c], 0, idx, out=seg[c])
     return seg
 
 
@@ -415,7 +421,7 @@ def _zero_flags(growths: Sequence[ParamGrowth], old: ZeroLayout) -> None:
     sources = sorted({g.source for g in growths if g.mode == "rows" and g.noisy})
     if not sources:
         return
-    flags = torch.tensor([float(int(torch.count_nonzero(old.slots[n].views[0])) < old.slots[n].views[0].numel())
+    flags = torch.tensor([float(int(torch.count_nonzero(old.slots[n].views[0])) < old.slots[n].local)
                           for n in sources])
     if old.world > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=old.group)
@@ -458,7 +464,7 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
         # from global metadata only: the schedule must be the same on every rank
         bucket_elems = auto_bucket(max_param, -(-sum(g.new_numel for g in growths) // new.world), prefetch)
     full = any(g.reductions for g in growths)  # whole-parameter rounds (the same at any bucket)
-    on_cpu = all(v.device.type == "cpu" for sl in old.slots.values() for v in sl.views)
+    on_cpu = all(f.device.type == "cpu" for sl in old.slots.values() for f in sl.flats)
     # same host: shared memory instead of an all-to-all; not for plans with whole-parameter rounds, whose
     # one old parameter must be the only thing held then (a persistent segment would add to it)
     stem = None if full else want_shm(dist, old.group, old.world, on_cpu)  # (a collective: same on every rank)
@@ -517,13 +523,13 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
                 g = growths[req.param]
                 olddata = data.pop(i)
                 slot = new.slots[g.name]
-                lo = slot.bounds[me]
+                lo = slot.bounds[me] - slot.offset  # (flat index of partition element 0)
                 # float64 work space is bounded by computing a piece a few rows at a time (the float32 fast path
                 # writes in place)
                 slow = g.mode == "rows" and not (g.fast_value and g.fast_moment)
                 subs = chunk_range(req.start, req.stop, g.D1, compute_elems) if slow else [(req.start, req.stop)]
                 for s, e in subs:
-                    g.compute_into(s, e, olddata, reductions.get(req.param), [v[s - lo:e - lo] for v in slot.views])
+                    g.compute_into(s, e, olddata, reductions.get(req.param), [f[s - lo:e - lo] for f in slot.flats])
                 del olddata
                 stats.new_elements += req.stop - req.start
             del data
