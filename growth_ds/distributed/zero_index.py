@@ -460,7 +460,7 @@ class ParamGrowth:
             (plan.noise == "zero_sum" and plan.noise_std > 0 and not a.identity)
             or (not a.all_keep and a.map.residue in ("zero", "mean") and plan.random_std > 0)
             or (not b.all_keep and b.map.residue == "random"))
-        k_ok = self.K_g == 1 or _pow2(torch.tensor([float(self.K_g)], dtype=F64))
+        k_ok = self.K_g & (self.K_g - 1) == 0  # (a positive int)
         value = self.value_zero or (not b.mean and not a.mean and not noise and k_ok and b.pow2("coef")
                                     and a.pow2("coef"))
         moment = self.moment_zero or (k_ok and b.pow2("adj") and a.pow2("adj"))
@@ -826,11 +826,9 @@ class ParamGrowth:
 
 def _pow2(t: torch.Tensor) -> bool:
     """Every element is 0 or a positive power of two."""
-    nz = t[t != 0]
-    if nz.numel() == 0:
-        return True
-    mant, _ = torch.frexp(nz.to(F64))
-    return bool((nz > 0).all()) and bool((mant == 0.5).all())
+    t = t.to(F64)
+    mant, _ = torch.frexp(t)
+    return bool(((t == 0) | ((t > 0) & (mant == 0.5))).all())
 
 
 class _RowView:
