@@ -206,8 +206,10 @@ def digest(got, names):
     return h.hexdigest()[:16]
 
 
-def lp_mismatch(engine):
-    """Low-precision weights == their dtype of the local fp32 master slice (0 when consistent)."""
+def lp_mismatch(engine, full=None):
+    """Low-precision weights == their dtype of the local fp32 master slice (0 when consistent); with
+    ``full`` (:func:`gather_exact`), also every rank's whole ZeRO-1/2 low-precision parameter (what the
+    refresh's all-gather wrote) against the whole master."""
     from growth_ds.distributed.zero import ZeroLayout
 
     lay = ZeroLayout(engine)
@@ -221,6 +223,8 @@ def lp_mismatch(engine):
         else:
             lp = p.data.reshape(-1)[lo:hi]
         bad += bit_diff(lp.float(), slot.views[0].to(lp.dtype).float())
+        if full is not None and not hasattr(p, "ds_tensor"):
+            bad += bit_diff(p.data.float(), full["params"][name].to(p.dtype).float())
     return bad
 
 
@@ -346,7 +350,7 @@ def task_cases(out_dir, opts):
                 rec.update(compare(got, ref))
                 if label in MINI:  # DeepSpeed's own gather agrees (in value: it sums)
                     rec["ds_gather_value_diff"] = value_diff(gather_state(new, shape), ref)
-                rec["lp_mismatch"] = lp_mismatch(new)
+                rec["lp_mismatch"] = lp_mismatch(new, got)
                 rec["digest"] = digest(got, list(parameter_schema(shape)))
                 rec["rounds"] = stats.rounds
                 rec["transport"], rec["full_rounds"] = stats.transport, stats.full_rounds

@@ -431,6 +431,45 @@ def _zero_flags(growths: Sequence[ParamGrowth], old: ZeroLayout) -> None:
             g.old_has_zero = bool(has[g.source])
 
 
+def _shm_refresh_plan(engine, layout: ZeroLayout, max_param: int) -> Optional[int]:
+    """Bytes per round of the shared-memory refresh of a ZeRO-1/2 engine's low-precision weights, or None
+    when DeepSpeed's own refresh must run (ZeRO-3, whose refresh is a local copy; another optimizer; other
+    groups). A function of global metadata only, so every rank runs the same rounds; a round's two
+    segment halves stay under 3/4 of the largest fp32 parameter, as the exchange's do."""
+    zo = engine.optimizer
+    need = ("parallel_partitioned_bit16_groups", "single_partition_of_fp32_groups", "real_dp_process_group")
+    if layout.stage == 3 or not all(hasattr(zo, a) for a in need) or not zo.parallel_partitioned_bit16_groups:
+        return None
+    for parts, grp in zip(zo.parallel_partitioned_bit16_groups, zo.real_dp_process_group):
+        if len(parts) != layout.world or dist.get_world_size(group=grp) != layout.world or \
+                dist.get_rank(group=grp) != layout.rank:
+            return None
+    return max(4096, (3 * max_param // 8) // 1024 * 1024) * 4
+
+
+def _shm_refresh(engine, layout: ZeroLayout, transport: ShmTransport, chunk_bytes: int) -> None:
+    """ZeRO-1/2 low-precision weights from the new fp32 masters, as DeepSpeed's ``update_lp_params`` does
+    (own partition from the master, then an all-gather of every partition into every rank's flat buffer),
+    with the all-gather through the shared segments: each round every rank publishes one chunk of its
+    partition and copies every peer's chunk straight into its own flat buffer."""
+    zo = engine.optimizer
+    me = layout.rank
+    for parts, master in zip(zo.parallel_partitioned_bit16_groups, zo.single_partition_of_fp32_groups):
+        parts[me].data.copy_(master.data)
+        size = parts[me].element_size()
+        step = chunk_bytes // size
+        for a in range(0, parts[me].numel(), step):
+            b = min(parts[me].numel(), a + step)
+            nbytes = (b - a) * size
+            n32 = -(-nbytes // 4)
+            transport.buffer(n32).view(torch.uint8)[:nbytes].copy_(parts[me].data[a:b].view(torch.uint8))
+            transport.publish([0 if q == me else n32 for q in range(layout.world)])
+            for p in range(layout.world):
+                if p != me:
+                    parts[p].data[a:b].view(torch.uint8).copy_(transport.shared(p).view(torch.uint8)[:nbytes])
+            transport.next_round()
+
+
 def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optional[int] = None,
                 prefetch: bool = False, refresh: bool = True) -> GrowthStats:
     """Grow ``old_engine``'s whole training state into ``new_engine``, rank by rank, no gather.
@@ -486,8 +525,11 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
     _zero_flags(growths, old)
     stats = GrowthStats(rounds=len(rounds), full_rounds=sum(r.requests[0].kind == "full" for r in rounds))
     transport = None
+    lp_chunk = _shm_refresh_plan(new_engine, new, max_param) if shm and refresh else None
     if shm:
         capacity = max([sum(counts) for _, counts in outgoing.values()] or [0])
+        if lp_chunk is not None:
+            capacity = max(capacity, lp_chunk // 4)
         transport = ShmTransport(dist, old.group, old.rank, old.world, capacity, stem)
         stats.transport = "shm"
     stats.extra["bucket_elems"] = bucket_elems
@@ -539,19 +581,22 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
                 ex = None
             stats.seconds_exchange += t2 - t1 + time.perf_counter() - t3
             stats.seconds_compute += t3 - t2
+        stats.step = 0 if plan.moments == "reset" else dse.get_step(old_engine)
+        dse.set_step(new_engine, stats.step)
+        for attr in ("global_steps", "global_samples", "skipped_steps"):
+            if hasattr(old_engine, attr):
+                setattr(new_engine, attr, getattr(old_engine, attr))
+        if refresh:
+            t1 = time.perf_counter()
+            if lp_chunk is not None:
+                _shm_refresh(new_engine, new, transport, lp_chunk)
+            else:
+                dse.refresh_low_precision(new_engine)
+            stats.seconds_refresh = time.perf_counter() - t1
+            stats.lp_element_size = new.lp_element_size
     finally:
         if transport is not None:
             transport.close()
-    stats.step = 0 if plan.moments == "reset" else dse.get_step(old_engine)
-    dse.set_step(new_engine, stats.step)
-    for attr in ("global_steps", "global_samples", "skipped_steps"):
-        if hasattr(old_engine, attr):
-            setattr(new_engine, attr, getattr(old_engine, attr))
-    if refresh:
-        t1 = time.perf_counter()
-        dse.refresh_low_precision(new_engine)
-        stats.seconds_refresh = time.perf_counter() - t1
-        stats.lp_element_size = new.lp_element_size
     stats.seconds = time.perf_counter() - t0
     return stats
 

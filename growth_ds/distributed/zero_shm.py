@@ -173,6 +173,11 @@ class ShmTransport:
         start = sum(row[:self.rank])
         return self._half(owner)[start:start + row[self.rank]]
 
+    def shared(self, owner: int) -> torch.Tensor:
+        """``owner``'s whole half segment this round (what it packed once for every rank: a broadcast),
+        valid as :meth:`incoming`."""
+        return self._half(owner)
+
     def next_round(self) -> None:
         """This rank is done with the round (no collective: the next publish says so to the others)."""
         self.round += 1
