@@ -32,7 +32,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -414,17 +414,17 @@ def _transient(rounds, outgoing, me: int, shm: bool, prefetch: bool) -> int:
     return worst
 
 
-def _zero_flags(growths: Sequence[ParamGrowth], old: ZeroLayout) -> None:
-    """Tell each growth whether its old value holds an exact zero anywhere (the float32 fast path of a
-    weight must then normalise signed zeros as the reference does): every rank scans its own old slices
-    once, one all-reduce; instead of every piece scanning the old rows it received."""
+def _zero_flags(growths: Sequence[ParamGrowth], old: ZeroLayout) -> Tuple[List[str], torch.Tensor]:
+    """Whether each old value that a noisy weight grows from holds an exact zero anywhere (the float32 fast
+    path of a weight must then normalise signed zeros as the reference does): every rank scans its own old
+    slices once (instead of every piece scanning the old rows it received). Returns the source names and
+    this rank's flags (int64, 1 = a zero), to be all-reduced with MAX and given to :func:`_set_zero_flags`."""
     sources = sorted({g.source for g in growths if g.mode == "rows" and g.noisy})
-    if not sources:
-        return
-    flags = torch.tensor([float(int(torch.count_nonzero(old.slots[n].views[0])) < old.slots[n].local)
-                          for n in sources])
-    if old.world > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=old.group)
+    return sources, torch.tensor([int(int(torch.count_nonzero(old.slots[n].views[0])) < old.slots[n].local)
+                                  for n in sources], dtype=torch.int64)
+
+
+def _set_zero_flags(growths: Sequence[ParamGrowth], sources: List[str], flags: torch.Tensor) -> None:
     has = dict(zip(sources, flags.tolist()))
     for g in growths:
         if g.source in has:
@@ -509,20 +509,29 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
     stem = None if full else want_shm(dist, old.group, old.world, on_cpu)  # (a collective: same on every rank)
     shm = stem is not None
     prefetch = prefetch and not shm
+    sources, flags = _zero_flags(growths, old)
+    reduced = old.world == 1
     while True:
         rounds = make_schedule(growths, new_bounds, new.world, bucket_elems)
         outgoing = {k: _outgoing(r.requests, growths, old) for k, r in enumerate(rounds)
                     if r.requests[0].kind != "full"}
         if not auto or bucket_elems <= 4096:
             break
-        # the exchange buffers, measured on every rank, must stay under 3/4 of one fp32 parameter
+        # the exchange buffers, measured on every rank, must stay under 3/4 of one fp32 parameter (the first
+        # all-reduce also carries the zero flags)
         need = torch.tensor([_transient(rounds, outgoing, old.rank, shm, prefetch)], dtype=torch.int64)
-        if old.world > 1:
+        if not reduced:
+            need = torch.cat([need, flags])
+            dist.all_reduce(need, op=dist.ReduceOp.MAX, group=old.group)
+            flags, need, reduced = need[1:], need[:1], True
+        elif old.world > 1:
             dist.all_reduce(need, op=dist.ReduceOp.MAX, group=old.group)
         if int(need) <= 3 * max_param // 4:
             break
         bucket_elems = max(4096, bucket_elems // 2)
-    _zero_flags(growths, old)
+    if not reduced and len(sources):
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=old.group)
+    _set_zero_flags(growths, sources, flags)
     stats = GrowthStats(rounds=len(rounds), full_rounds=sum(r.requests[0].kind == "full" for r in rounds))
     transport = None
     lp_chunk = _shm_refresh_plan(new_engine, new, max_param) if shm and refresh else None

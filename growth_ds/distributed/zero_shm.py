@@ -24,6 +24,7 @@ says so), so a crash leaves nothing behind but the segments of a crash during se
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import secrets
@@ -57,19 +58,23 @@ def _host_id() -> str:
 
 def want_shm(dist, group, world: int, on_cpu: bool) -> Optional[str]:
     """The shared segments' name stem when :class:`ShmTransport` can be used, else None (a collective:
-    every rank must call it; the result is the same on every rank)."""
+    every rank must call it; the result is the same on every rank). One all-gather of (host, usable, pid,
+    nonce) per rank: the stem is rank 0's pid and nonce."""
     mode = os.environ.get(TRANSPORT_ENV, "auto")
     if mode not in ("auto", "shm", "collective"):
         raise ValueError(f"{TRANSPORT_ENV}: auto, shm or collective, got {mode!r}")
     if world == 1 or mode == "collective":
         return None
-    hosts: List[Optional[tuple]] = [None] * world
-    mine = (_host_id(), on_cpu and os.path.isdir(SHM_DIR), f"growth-ds-{os.getpid()}-{secrets.token_hex(6)}")
-    dist.all_gather_object(hosts, mine, group=group)
-    ok = len({h for h, _, _ in hosts}) == 1 and all(c for _, c, _ in hosts)
+    host = int.from_bytes(hashlib.sha1(_host_id().encode()).digest()[:8], "little", signed=True)
+    usable = int(on_cpu and os.path.isdir(SHM_DIR))
+    mine = torch.tensor([host, usable, os.getpid(), secrets.randbits(62)], dtype=torch.int64)
+    every = torch.empty(world * 4, dtype=torch.int64)
+    dist.all_gather_into_tensor(every, mine, group=group)
+    rows = every.view(world, 4).tolist()
+    ok = len({r[0] for r in rows}) == 1 and all(r[1] for r in rows)
     if mode == "shm" and not ok:
         raise RuntimeError(f"{TRANSPORT_ENV}=shm: the ranks are not all on one host with host-memory partitions")
-    return hosts[0][2] if ok else None
+    return f"growth-ds-{rows[0][2]}-{rows[0][3]:x}" if ok else None
 
 
 class ShmTransport:
