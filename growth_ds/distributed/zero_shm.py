@@ -69,7 +69,7 @@ def want_shm(dist, group, world: int, on_cpu: bool) -> Optional[str]:
     usable = int(on_cpu and os.path.isdir(SHM_DIR))
     mine = torch.tensor([host, usable, os.getpid(), secrets.randbits(62)], dtype=torch.int64)
     every = torch.empty(world * 4, dtype=torch.int64)
-    dist.all_gather_into_tensor(every, mine, group=group)
+    _all_gather(dist)(every, mine, group=group)
     rows = every.view(world, 4).tolist()
     ok = len({r[0] for r in rows}) == 1 and all(r[1] for r in rows)
     if mode == "shm" and not ok:
@@ -133,7 +133,7 @@ class ShmTransport:
         k, w = self.round, self.world
         if not FENCED:
             counts = torch.zeros(w * w, dtype=torch.int64)
-            self.dist.all_gather_into_tensor(counts, torch.tensor(send_counts, dtype=torch.int64), group=self.group)
+            _all_gather(self.dist)(counts, torch.tensor(send_counts, dtype=torch.int64), group=self.group)
             self.counts = counts.view(w, w).tolist()
         else:
             me = self.headers[self.rank]
@@ -197,6 +197,11 @@ class ShmTransport:
     def close(self) -> None:
         """Remove this rank's segment name if no round was published (the mappings go with the tensors)."""
         self._unlink()
+
+
+def _all_gather(dist):
+    """``all_gather_single`` (torch >= 2.13), else ``all_gather_into_tensor`` (same signature)."""
+    return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _alive(pid: int) -> bool:
