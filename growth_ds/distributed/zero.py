@@ -478,7 +478,8 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
     ``plan.grown_shape`` with the same ZeRO stage family and data-parallel group, built (ZeRO-3: under
     ``zero.Init``) and with its Adam state materialised. Every rank must call this (it is a collective).
     Fills, on every rank, its slices of the fp32 masters, ``exp_avg``, ``exp_avg_sq``; sets the Adam step
-    (0 under the reset rule), DeepSpeed's step counters, and refreshes the low-precision weights.
+    (0 under the reset rule), DeepSpeed's step counters, and refreshes the low-precision weights (ZeRO-1/2
+    on one host: all-gathered through the shared segments, :func:`_shm_refresh`; else DeepSpeed's own way).
     ``old_engine`` is only read. ``bucket_elems``: new elements per rank per round (default
     :func:`auto_bucket`, halved until the exchange buffers every rank measures fit in 3/4 of the largest
     fp32 parameter); ``prefetch``: start the next round's all-to-all before computing this one (two
