@@ -33,7 +33,8 @@ bit-identical to the reference:
   and never materialises (or skips through) a whole random matrix.
 
 1-D parameters (biases, norms) are tiny: a rank owning part of one receives the whole old vector
-and runs the reference itself (``mode == "full"``), which is exact by construction.
+(``mode == "full"``) and computes its part as one gather and one multiply per channel
+(:class:`VectorGrowth`) where that is exact, else runs the reference itself.
 """
 from __future__ import annotations
 
