@@ -511,26 +511,23 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
     shm = stem is not None
     prefetch = prefetch and not shm
     sources, flags = _zero_flags(growths, old)
-    reduced = old.world == 1
+    reduced = old.world == 1  # whether flags hold every rank's (MAX)
     while True:
         rounds = make_schedule(growths, new_bounds, new.world, bucket_elems)
         outgoing = {k: _outgoing(r.requests, growths, old) for k, r in enumerate(rounds)
                     if r.requests[0].kind != "full"}
         if not auto or bucket_elems <= 4096:
             break
-        # the exchange buffers, measured on every rank, must stay under 3/4 of one fp32 parameter (the first
-        # all-reduce also carries the zero flags)
-        need = torch.tensor([_transient(rounds, outgoing, old.rank, shm, prefetch)], dtype=torch.int64)
-        if not reduced:
-            need = torch.cat([need, flags])
+        # the exchange buffers, measured on every rank, must stay under 3/4 of one fp32 parameter (the zero
+        # flags ride along: one all-reduce for both)
+        need = torch.cat([torch.tensor([_transient(rounds, outgoing, old.rank, shm, prefetch)]), flags])
+        if old.world > 1:
             dist.all_reduce(need, op=dist.ReduceOp.MAX, group=old.group)
-            flags, need, reduced = need[1:], need[:1], True
-        elif old.world > 1:
-            dist.all_reduce(need, op=dist.ReduceOp.MAX, group=old.group)
-        if int(need) <= 3 * max_param // 4:
+        flags, reduced = need[1:], True
+        if int(need[0]) <= 3 * max_param // 4:
             break
         bucket_elems = max(4096, bucket_elems // 2)
-    if not reduced and len(sources):
+    if not reduced and sources:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=old.group)
     _set_zero_flags(growths, sources, flags)
     stats = GrowthStats(rounds=len(rounds), full_rounds=sum(r.requests[0].kind == "full" for r in rounds))

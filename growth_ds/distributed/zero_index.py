@@ -327,6 +327,7 @@ class PlanCache:
     def __init__(self, plan: GrowthPlan):
         self.plan = plan
         self._sides: Dict[Tuple[str, str], SpaceSide] = {}
+        self._vectors: Dict[tuple, VectorGrowth] = {}
 
     def side(self, space: str, side: str) -> SpaceSide:
         key = (space, side)
@@ -338,10 +339,10 @@ class PlanCache:
         """The :class:`VectorGrowth` of a 1-D parameter (shared by every parameter of that kind)."""
         norm = spec.role in ("norm", "norm_bias")
         scale = _norm_scale(self.plan, spec) if norm else 1.0
-        key = ("vector", spec.axes[0], spec.role if norm else "bias", scale)
-        if key not in self._sides:
-            self._sides[key] = VectorGrowth(self.plan.spaces[spec.axes[0]], spec.role if norm else "bias", scale)
-        return self._sides[key]
+        key = (spec.axes[0], spec.role if norm else "bias", scale)
+        if key not in self._vectors:
+            self._vectors[key] = VectorGrowth(self.plan.spaces[spec.axes[0]], key[1], scale)
+        return self._vectors[key]
 
 
 class VectorGrowth:
@@ -417,6 +418,7 @@ class ParamGrowth:
         self.value_zero = ident and spec.residual_out
         self.moment_zero = plan.moments == "reset" or ident
         self.channels = 1 if self.moment_zero else 3
+        self.zero = (self.value_zero, self.moment_zero, self.moment_zero)  # per channel: exactly zero
         if self.value_zero and self.moment_zero:
             self.mode = "none"
         elif len(spec.axes) == 1:
@@ -473,7 +475,7 @@ class ParamGrowth:
         length ``stop - start`` each). Same results as :meth:`compute`; takes the float32 fast path where
         it is exact: whole rows are written in place, a partial row at either end through a one-row buffer;
         1-D parameters as one gather and one multiply per channel (:class:`VectorGrowth`)."""
-        if self.mode == "full" and self.vec is not None:
+        if self.vec is not None:
             self._vector_into(start, stop, old, views)
             return
         if self.mode == "rows" and (self.fast_value or self.fast_moment):
@@ -482,7 +484,7 @@ class ParamGrowth:
                 self.compute(start, stop, old, red, value=not self.fast_value, moments=not self.fast_moment)
             chans = []
             for c in range(3):
-                if c == 0 and self.value_zero or c > 0 and self.moment_zero:
+                if self.zero[c]:
                     views[c].zero_()
                 elif not (self.fast_value if c == 0 else self.fast_moment):
                     views[c].copy_(slow[c])
@@ -539,7 +541,7 @@ class ParamGrowth:
         vec = self.vec
         ref = None
         for c in range(3):
-            if c == 0 and self.value_zero or c > 0 and self.moment_zero:
+            if self.zero[c]:
                 views[c].zero_()
             elif vec.mult[c] is None:
                 if ref is None:

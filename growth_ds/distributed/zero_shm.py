@@ -98,7 +98,6 @@ class ShmTransport:
             raise
         self.headers = [s[:self.hdr_elems].view(torch.int64).numpy() for s in self.segments]
         self.headers[rank][1] = os.getpid()
-        self.pids: List[int] = [0] * world
         self.round = 0
         self.counts: Optional[List[List[int]]] = None
 
@@ -143,7 +142,7 @@ class ShmTransport:
             self._wait(k + 1)
             self.counts = [h[base:base + w].tolist() for h in self.headers]
         if k == 0:  # every rank has mapped every segment: the names can go
-            self._unlink()
+            self.close()
 
     def _wait(self, k: int) -> None:
         """Until every rank's published round count is at least ``k``."""
@@ -188,15 +187,13 @@ class ShmTransport:
         self.round += 1
         self.counts = None
 
-    def _unlink(self) -> None:
+    def close(self) -> None:
+        """Remove this rank's segment name (done after the first round; idempotent). The mappings go with the
+        tensors."""
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
-
-    def close(self) -> None:
-        """Remove this rank's segment name if no round was published (the mappings go with the tensors)."""
-        self._unlink()
 
 
 def _all_gather(dist):
