@@ -80,3 +80,11 @@ def test_a_dead_peer_is_named_instead_of_a_hang(tmp_path):
     log = torch.load(f"{out}.0")
     errors = [e[1] for e in log if e[0] == "error"]
     assert errors and "rank 1" in errors[0] and "exited" in errors[0], log
+
+
+def test_a_bad_timeout_is_refused_before_any_segment_exists(monkeypatch):
+    monkeypatch.setenv(zero_shm.TIMEOUT_ENV, "soon")
+    before = set(os.listdir(zero_shm.SHM_DIR))
+    with pytest.raises(ValueError, match=zero_shm.TIMEOUT_ENV):
+        zero_shm.ShmTransport(None, None, 0, 2, 16, "growth-ds-test-bad-timeout")
+    assert set(os.listdir(zero_shm.SHM_DIR)) == before

@@ -86,10 +86,10 @@ class ShmTransport:
         self.dist, self.group, self.rank, self.world = dist, group, rank, world
         self.hdr_elems = -(-2 * (2 + 2 * world) // _ALIGN) * _ALIGN  # int64 header, padded to a page
         half = -(-max(int(capacity), 1) // _ALIGN) * _ALIGN
+        self.timeout = _timeout()
         self.path = os.path.join(SHM_DIR, f"{stem}-{rank}")
         with open(self.path, "wb") as f:
             f.truncate(4 * (self.hdr_elems + 2 * half))
-        self.timeout = float(os.environ.get(TIMEOUT_ENV, "1800"))
         try:
             self.dist.barrier(group=group)  # every segment exists
             self.segments = [self._map(os.path.join(SHM_DIR, f"{stem}-{r}"), peer=r != rank) for r in range(world)]
@@ -194,6 +194,17 @@ class ShmTransport:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def _timeout() -> float:
+    raw = os.environ.get(TIMEOUT_ENV, "1800")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{TIMEOUT_ENV}: a positive number of seconds, got {raw!r}")
+    return value
 
 
 def _all_gather(dist):
