@@ -204,10 +204,10 @@ def report(per_rank):
             pk = max(r[path]["pack_s"] for r in per_rank)
             sy = max(r[path]["sync_s"] for r in per_rank)
             extra = (f"; {secs / (memcpy * master / nbytes):.1f}x a memcpy of master + moments alone"
-                     f"; {r0[path]['transport']} transport, rounds {r0[path]['rounds']} (bucket {r0[path]['bucket']}), setup {su:.2f}s, "
-                     f"exchange {ex:.2f}s (pack {pk:.2f}s, waits {sy:.2f}s), compute {co:.2f}s, "
-                     f"refresh {rf:.2f}s, sent {sent / mib:.0f} MiB")
-        print(f"   {path:8s}: {secs:7.2f}s = {secs / memcpy:6.1f}x memcpy, {nbytes / secs / 2**30:.2f} GiB/s; "
+                     f"; {r0[path]['transport']} transport, rounds {r0[path]['rounds']} (bucket {r0[path]['bucket']}), setup {su:.3f}s, "
+                     f"exchange {ex:.3f}s (pack {pk:.3f}s, waits {sy:.3f}s), compute {co:.3f}s, "
+                     f"refresh {rf:.3f}s, sent {sent / mib:.0f} MiB")
+        print(f"   {path:8s}: {secs:7.3f}s = {secs / memcpy:6.1f}x memcpy, {nbytes / secs / 2**30:.2f} GiB/s; "
               f"peak = slices + {tracked / mib:.1f} MiB allocated = {ratio:.3f}x (old+new slices) "
               f"[target <= 1.5x]; RSS peak/before {rss_ratio:.3f}{extra}", flush=True)
     if "gather" in r0:

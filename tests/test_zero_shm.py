@@ -26,10 +26,14 @@ def _worker(rank: int, world: int, port: int, fenced: bool, die: int, out: str) 
     zero_shm.FENCED = fenced
     os.environ[zero_shm.TRANSPORT_ENV] = "shm"
     os.environ[zero_shm.TIMEOUT_ENV] = "60"
-    stem = zero_shm.want_shm(dist, None, world, True)
     rounds = 6
     cap = max(sum(_payload(k, rank, q).numel() for q in range(world) if q != rank) for k in range(rounds))
-    tr = zero_shm.ShmTransport(dist, None, rank, world, cap, stem)
+    offer = zero_shm.ShmOffer(world, True, cap)
+    every = torch.empty(world * offer.ROW, dtype=torch.int64)
+    zero_shm._all_gather(dist)(every, torch.tensor(offer.row, dtype=torch.int64))
+    rows = every.view(world, offer.ROW).tolist()
+    assert offer.agreed(rows)
+    tr = offer.open(dist, None, rank, rows)
     log = []
     try:
         for k in range(rounds):
@@ -43,7 +47,7 @@ def _worker(rank: int, world: int, port: int, fenced: bool, die: int, out: str) 
                     counts[q], off = p.numel(), off + p.numel()
             tr.publish(counts)
             if k == 1:  # every rank has finished publishing round 0, so has unlinked its name
-                log.append(("names", sorted(f for f in os.listdir(zero_shm.SHM_DIR) if f.startswith(stem))))
+                log.append(("names", [p for p in tr.paths if os.path.exists(p)]))
             for p in range(world):
                 if p != rank:
                     log.append(("ok", k, p, bool(torch.equal(tr.incoming(p), _payload(k, p, rank)))))
@@ -86,5 +90,28 @@ def test_a_bad_timeout_is_refused_before_any_segment_exists(monkeypatch):
     monkeypatch.setenv(zero_shm.TIMEOUT_ENV, "soon")
     before = set(os.listdir(zero_shm.SHM_DIR))
     with pytest.raises(ValueError, match=zero_shm.TIMEOUT_ENV):
-        zero_shm.ShmTransport(None, None, 0, 2, 16, "growth-ds-test-bad-timeout")
+        zero_shm.ShmOffer(2, True, 16)
     assert set(os.listdir(zero_shm.SHM_DIR)) == before
+
+
+def test_an_offer_across_hosts_is_declined_and_leaves_no_segment(monkeypatch):
+    """Ranks on two hosts (or one without usable shared memory) fall back to the all-to-all: the offer is not
+    agreed and its segment is gone after withdraw; forcing shm then is an error that says why."""
+    monkeypatch.setenv(zero_shm.TRANSPORT_ENV, "auto")
+    offer = zero_shm.ShmOffer(2, True, 1000)
+    assert offer.path is not None and os.path.exists(offer.path)
+    other_host = [offer.row[0] + 1] + offer.row[1:]
+    no_shm = [offer.row[0], 0] + offer.row[2:]
+    assert not offer.agreed([offer.row, other_host]) and not offer.agreed([offer.row, no_shm])
+    assert offer.agreed([offer.row, offer.row])
+    offer.withdraw()
+    assert not os.path.exists(offer.path)
+    monkeypatch.setenv(zero_shm.TRANSPORT_ENV, "shm")
+    forced = zero_shm.ShmOffer(2, True, 1000)
+    try:
+        with pytest.raises(RuntimeError, match="not all on one host"):
+            forced.agreed([forced.row, other_host])
+    finally:
+        forced.withdraw()
+    monkeypatch.setenv(zero_shm.TRANSPORT_ENV, "collective")
+    assert zero_shm.ShmOffer(2, True, 1000).path is None  # nothing created

@@ -34,13 +34,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
-from growth_ds.models.schema import param_shape, parameter_schema
+from growth_ds.models.schema import parameter_schema
 from growth_ds.ops.apply import grow_moment, grow_value, source_name
 from growth_ds.ops.plan import GrowthPlan
 from growth_ds.train import deepspeed_engine as dse
-from growth_ds.distributed.zero_shm import ShmTransport, want_shm
+from growth_ds.distributed.zero_shm import ShmOffer, ShmTransport, _all_gather
 from growth_ds.distributed.zero_index import (OldData, ParamGrowth, PlanCache, Reductions,
                                               chunk_range, clip_intervals, interval_index, intervals_numel,
                                               make_schedule)
@@ -58,7 +59,8 @@ KILL_ENV = "GROWTH_DS_KILL_IN_GROWTH"  # "RANK:ROUND": SIGKILL that rank at that
 class Slot:
     """One parameter of one engine: rank ``r`` holds flat ``[bounds[r], bounds[r + 1])``, this rank's part
     at ``[offset, offset + bounds[rank + 1] - bounds[rank])`` of ``flats``: DeepSpeed's 1-D fp32 master,
-    ``exp_avg`` and ``exp_avg_sq`` partitions. ``views`` are those slices (writable)."""
+    ``exp_avg`` and ``exp_avg_sq`` partitions. ``views`` are those slices (writable). ``host``: the exchange
+    copies many small pieces, which numpy does for ~1 us each where a torch copy costs ~10 us here."""
 
     name: str
     shape: tuple
@@ -67,10 +69,12 @@ class Slot:
     flats: List[torch.Tensor]
     offset: int
     local: int
+    host: Optional[List[np.ndarray]] = None  # ``flats`` as numpy arrays of the same memory (float32 on the CPU)
 
     @functools.cached_property
     def views(self) -> List[torch.Tensor]:
         return [f.narrow(0, self.offset, self.local) for f in self.flats]
+
 
 
 class ZeroLayout:
@@ -80,7 +84,9 @@ class ZeroLayout:
         zo = engine.optimizer
         self.engine = engine
         self.base = dse.base_optimizer(engine)
-        names = {p: n for n, p in engine.module.named_parameters()}
+        names = getattr(engine, "param_names", None)  # (DeepSpeed's own {param: name}: no module walk)
+        if not isinstance(names, dict) or any(p not in names for g in self._groups(zo) for p in g):
+            names = {p: n for n, p in engine.module.named_parameters()}
         if hasattr(zo, "fp32_partitioned_groups_flat"):
             self.stage = 3
         elif hasattr(zo, "single_partition_of_fp32_groups") and hasattr(zo, "bit16_groups_flat"):
@@ -96,6 +102,7 @@ class ZeroLayout:
         lp = zo.fp16_partitioned_groups_flat if self.stage == 3 else zo.bit16_groups_flat
         self.lp_element_size = lp[0].element_size() if len(lp) else 0  # low-precision weights (bf16/fp16/fp32)
         self._zero_state: Dict[int, torch.Tensor] = {}
+        self._host: Dict[tuple, Optional[List[np.ndarray]]] = {}
         if self.stage == 3:
             for sg, params in enumerate(zo.fp16_groups):
                 part = zo.fp32_partitioned_groups_flat[sg]
@@ -123,6 +130,11 @@ class ZeroLayout:
                     loc = off + lo - self.rank * ps if hi > lo else 0
                     self._add(names[p], tuple(p.shape), n, bounds, flats, loc, hi - lo)
 
+    @staticmethod
+    def _groups(zo) -> list:
+        return zo.fp16_groups if hasattr(zo, "fp32_partitioned_groups_flat") else \
+            getattr(zo, "round_robin_bit16_groups", [])
+
     def _state(self, part: torch.Tensor, need: bool) -> Dict[str, torch.Tensor]:
         st = self.base.state.get(part, {})
         if "exp_avg" in st and "exp_avg_sq" in st:
@@ -134,18 +146,24 @@ class ZeroLayout:
         return {"exp_avg": zeros, "exp_avg_sq": zeros}  # never stepped: zero moments
 
     def _add(self, name, shape, numel, bounds, flats, offset, local):
-        self.slots[name] = Slot(name, shape, numel, bounds, flats, offset, local)
+        key = tuple(id(f) for f in flats)
+        if key not in self._host:
+            host = all(f.device.type == "cpu" and f.dtype == torch.float32 for f in flats)
+            self._host[key] = [f.numpy() for f in flats] if host else None
+        self.slots[name] = Slot(name, shape, numel, bounds, flats, offset, local, self._host[key])
 
     def local_numel(self) -> int:
         return sum(s.bounds[self.rank + 1] - s.bounds[self.rank] for s in self.slots.values())
 
-    def check(self, shape, label: str) -> None:
-        """``ValueError`` naming the first parameter whose name or shape does not fit ``shape``."""
-        schema = parameter_schema(shape)
+    def check(self, shape, label: str, schema=None) -> None:
+        """``ValueError`` naming the first parameter whose name or shape does not fit ``shape`` (``schema``: its
+        ``parameter_schema``, if the caller has it)."""
+        schema = schema if schema is not None else parameter_schema(shape)
+        dims = {}
         for name, spec in schema.items():
             if name not in self.slots:
                 raise ValueError(f"{label} engine has no parameter {name!r} (expected for {shape.describe()})")
-            want = param_shape(shape, spec)
+            want = tuple(dims[a] if a in dims else dims.setdefault(a, shape.space_dim(a)) for a in spec.axes)
             if tuple(self.slots[name].shape) != want:
                 raise ValueError(f"{label} engine parameter {name}: shape {tuple(self.slots[name].shape)} does not "
                                  f"match {want} of {shape.describe()}")
@@ -216,14 +234,19 @@ class _Exchange:
         t0 = time.perf_counter()
         self.send = send = transport.buffer(total) if transport is not None else \
             torch.empty(total, dtype=torch.float32)
+        send_np = send.numpy() if send.device.type == "cpu" else None
         off = 0
         for q in range(world):
             if q == me:
                 continue
             for i, req, slot, lo, pieces in outgoing[q]:
                 n = intervals_numel(pieces)
-                _pack(send[off:off + n * req.channels].view(req.channels, n), req.channels, slot, lo, pieces)
-                off += n * req.channels
+                k = n * req.channels
+                if send_np is not None and slot.host is not None:
+                    _pack_host(send_np[off:off + k].reshape(req.channels, n), slot, lo, pieces)
+                else:
+                    _pack(send[off:off + k].view(req.channels, n), req.channels, slot, lo, pieces)
+                off += k
         self.mine = [(i, req) for i, req in enumerate(requests) if req.rank == me]
         self.counts = {}  # (request index, owner) -> elements
         recv_counts = [0] * world
@@ -288,7 +311,7 @@ class _Exchange:
                 for a, b in clip_intervals(req.intervals, *self.bounds[i][p:p + 2]):
                     chunks.append((a, b, part, pos))
                     pos += b - a
-            out[i] = OldData(req.intervals, chunks=chunks, channels=req.channels)
+            out[i] = OldData(req.intervals, chunks=chunks, channels=req.channels, contiguous=True)  # (1-D flats, rows)
             self.stats.old_elements += sum(b - a for a, b, _, _ in chunks)
         return out
 
@@ -330,6 +353,21 @@ def _pack(seg: torch.Tensor, channels: int, slot: Slot, lo: int, pieces) -> torc
         for c in range(channels):
             torch.index_select(slot.flats[c], 0, idx, out=seg[c])
     return seg
+
+
+def _pack_host(seg: np.ndarray, slot: Slot, lo: int, pieces) -> None:
+    """:func:`_pack` on numpy views of host memory (``seg`` ``[channels, n]``)."""
+    base = slot.offset - lo
+    if len(pieces) <= 8:
+        for c in range(seg.shape[0]):
+            flat, row, pos = slot.host[c], seg[c], 0
+            for s, e in pieces:
+                row[pos:pos + e - s] = flat[s + base:e + base]
+                pos += e - s
+    else:  # many short runs (permuted heads, GQA groups): one gather per channel
+        idx = interval_index(pieces, -base).numpy()
+        for c in range(seg.shape[0]):
+            np.take(slot.host[c], idx, out=seg[c], mode="clip")  # (in range; "clip" writes out in place)
 
 
 def _fetch_whole(req, growths, old: ZeroLayout, stats: GrowthStats) -> Optional[torch.Tensor]:
@@ -424,8 +462,12 @@ def _zero_flags(growths: Sequence[ParamGrowth], old: ZeroLayout) -> Tuple[List[s
                                   for n in sources], dtype=torch.int64)
 
 
-def _set_zero_flags(growths: Sequence[ParamGrowth], sources: List[str], flags: torch.Tensor) -> None:
-    has = dict(zip(sources, flags.tolist()))
+def _all_gather_single(out: torch.Tensor, t: torch.Tensor, group) -> None:
+    _all_gather(dist)(out, t, group=group)
+
+
+def _set_zero_flags(growths: Sequence[ParamGrowth], sources: List[str], flags: List[int]) -> None:
+    has = dict(zip(sources, flags))
     for g in growths:
         if g.source in has:
             g.old_has_zero = bool(has[g.source])
@@ -492,11 +534,11 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
     if (old.world, old.rank) != (new.world, new.rank):
         raise ValueError(f"old and new engines differ in data-parallel layout: rank {old.rank}/{old.world} vs "
                          f"{new.rank}/{new.world}")
-    old.check(plan.small, "the old")
-    new.check(plan.grown_shape, "the new")
     schema = parameter_schema(plan.grown_shape)
+    old.check(plan.small, "the old")
+    new.check(plan.grown_shape, "the new", schema)
     cache = PlanCache(plan)
-    growths = [ParamGrowth(plan, name, spec, cache) for name, spec in schema.items()]
+    growths = [cache.growth(name, spec) for name, spec in schema.items()]
     new_bounds = [new.slots[g.name].bounds for g in growths]
     max_param = max(g.new_numel for g in growths)
     auto = bucket_elems is None
@@ -505,40 +547,59 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
         bucket_elems = auto_bucket(max_param, -(-sum(g.new_numel for g in growths) // new.world), prefetch)
     full = any(g.reductions for g in growths)  # whole-parameter rounds (the same at any bucket)
     on_cpu = all(f.device.type == "cpu" for sl in old.slots.values() for f in sl.flats)
-    # same host: shared memory instead of an all-to-all; not for plans with whole-parameter rounds, whose
-    # one old parameter must be the only thing held then (a persistent segment would add to it)
-    stem = None if full else want_shm(dist, old.group, old.world, on_cpu)  # (a collective: same on every rank)
-    shm = stem is not None
-    prefetch = prefetch and not shm
     sources, flags = _zero_flags(growths, old)
-    reduced = old.world == 1  # whether flags hold every rank's (MAX)
-    while True:
-        rounds = make_schedule(growths, new_bounds, new.world, bucket_elems)
-        outgoing = {k: _outgoing(r.requests, growths, old) for k, r in enumerate(rounds)
-                    if r.requests[0].kind != "full"}
-        if not auto or bucket_elems <= 4096:
-            break
-        # the exchange buffers, measured on every rank, must stay under 3/4 of one fp32 parameter (the zero
-        # flags ride along: one all-reduce for both)
-        need = torch.cat([torch.tensor([_transient(rounds, outgoing, old.rank, shm, prefetch)]), flags])
+    lp_chunk = _shm_refresh_plan(new_engine, new, max_param) if refresh else None
+    limit = 3 * max_param // 4  # the exchange buffers every rank measures must stay under this (auto bucket)
+
+    def schedule(bucket):
+        rounds = make_schedule(growths, new_bounds, new.world, bucket)
+        return rounds, {k: _outgoing(r.requests, growths, old) for k, r in enumerate(rounds)
+                        if r.requests[0].kind != "full"}
+
+    def capacity(outgoing):  # elements of this rank's shared segment half
+        return max([sum(counts) for _, counts in outgoing.values()] + [lp_chunk // 4 if lp_chunk else 0])
+
+    rounds, outgoing = schedule(bucket_elems)
+    # same host: shared memory instead of an all-to-all; not for plans with whole-parameter rounds, whose one
+    # old parameter must be the only thing held then (a persistent segment would add to it). One all-gather
+    # decides everything every rank must agree on: the transport, the zero flags (MAX) and whether the
+    # exchange buffers fit (MAX).
+    offer = None if full else ShmOffer(old.world, on_cpu, capacity(outgoing))
+    transport: Optional[ShmTransport] = None
+    try:
+        mine = (offer.row if offer is not None else [0] * ShmOffer.ROW) + \
+            [_transient(rounds, outgoing, old.rank, True, False), _transient(rounds, outgoing, old.rank, False, prefetch)] \
+            + flags.tolist()
         if old.world > 1:
-            dist.all_reduce(need, op=dist.ReduceOp.MAX, group=old.group)
-        flags, reduced = need[1:], True
-        if int(need[0]) <= 3 * max_param // 4:
-            break
-        bucket_elems = max(4096, bucket_elems // 2)
-    if not reduced and sources:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=old.group)
+            every = torch.empty(old.world * len(mine), dtype=torch.int64)
+            _all_gather_single(every, torch.tensor(mine, dtype=torch.int64), old.group)
+            rows = every.view(old.world, len(mine)).tolist()
+        else:
+            rows = [mine]
+        k = ShmOffer.ROW
+        shm = offer is not None and offer.agreed([r[:k] for r in rows])
+        prefetch = prefetch and not shm
+        worst = max(r[k if shm else k + 1] for r in rows)
+        flags = [max(r[k + 2 + i] for r in rows) for i in range(len(sources))]
+        while auto and worst > limit and bucket_elems > 4096:  # rare: halve the bucket until the buffers fit
+            bucket_elems = max(4096, bucket_elems // 2)
+            rounds, outgoing = schedule(bucket_elems)
+            if shm:
+                offer.resize(capacity(outgoing))
+            need = torch.tensor([_transient(rounds, outgoing, old.rank, shm, prefetch)])
+            if old.world > 1:
+                dist.all_reduce(need, op=dist.ReduceOp.MAX, group=old.group)
+            worst = int(need)
+        transport = offer.open(dist, old.group, old.rank, [r[:k] for r in rows]) if shm else None
+    finally:
+        if offer is not None and transport is None:
+            offer.withdraw()  # (an opened transport removes the names itself, after the first round)
     _set_zero_flags(growths, sources, flags)
     stats = GrowthStats(rounds=len(rounds), full_rounds=sum(r.requests[0].kind == "full" for r in rounds))
-    transport = None
-    lp_chunk = _shm_refresh_plan(new_engine, new, max_param) if shm and refresh else None
     if shm:
-        capacity = max([sum(counts) for _, counts in outgoing.values()] or [0])
-        if lp_chunk is not None:
-            capacity = max(capacity, lp_chunk // 4)
-        transport = ShmTransport(dist, old.group, old.rank, old.world, capacity, stem)
         stats.transport = "shm"
+    else:
+        lp_chunk = None
     stats.extra["bucket_elems"] = bucket_elems
     compute_elems = max(4096, min(bucket_elems // 8, max_param // 64))  # float64 work of the exact slow path
     stats.seconds_setup = time.perf_counter() - t0

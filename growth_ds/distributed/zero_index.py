@@ -39,10 +39,13 @@ bit-identical to the reference:
 from __future__ import annotations
 
 import bisect
+import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from growth_ds.models.schema import ParamSpec
@@ -126,7 +129,8 @@ class OldData:
     :attr:`data` assembles one (a copy) for the paths that need it."""
 
     def __init__(self, intervals: List[Interval], data: Optional[Sequence[torch.Tensor]] = None,
-                 chunks: Optional[List[tuple]] = None, channels: Optional[int] = None):
+                 chunks: Optional[List[tuple]] = None, channels: Optional[int] = None, contiguous: bool = False):
+        """``contiguous``: the caller guarantees every chunk view is 1-D and contiguous (not checked)."""
         self.intervals = intervals
         if data is not None:
             data = list(data.unbind(0)) if isinstance(data, torch.Tensor) else list(data)
@@ -135,7 +139,7 @@ class OldData:
             for a, b in intervals:
                 chunks.append((a, b, data, pos))
                 pos += b - a
-        else:
+        elif not contiguous:
             for j, (a, b, v, o) in enumerate(chunks):
                 if any(t.dim() != 1 or t.stride(0) != 1 for t in v):
                     chunks[j] = (a, b, [t.reshape(-1).contiguous() for t in v], o)
@@ -212,16 +216,21 @@ class Reductions:
 
 class SpaceSide:
     """One space map used on one side (out: ``S``, in: ``T``), shared by every parameter that maps an axis
-    that way. Holds O(D) bytes; the float64 vectors an axis needs in full are built lazily once."""
+    that way. Holds O(D) bytes; the float64 vectors an axis needs in full are built lazily once. The index
+    math (runs, power-of-two checks) runs on numpy views of the map's vectors: these are small vectors and
+    every torch op costs 5-10 us here, which added up to milliseconds per growth; the arithmetic paths get
+    torch tensors sharing the same memory (:attr:`keep`, :attr:`coef`, :meth:`full`, :meth:`inv_pow`)."""
 
     def __init__(self, m, side: str):
         self.map, self.side = m, side
         self.identity = m.is_identity
-        self.keep = m.src >= 0
-        self.all_keep = bool(self.keep.all())
-        self.coef = (m.out_coef if side == "out" else m.in_coef).to(F64)
+        self._src = m.src.numpy()  # int64, -1 for a new coordinate
+        self._keep = self._src >= 0
+        self.all_keep = bool(self._keep.all())
+        self._coef = np.ascontiguousarray((m.out_coef if side == "out" else m.in_coef).to(F64).numpy())
+        self.keep, self.coef = torch.from_numpy(self._keep), torch.from_numpy(self._coef)
         self.mean = (not self.identity) and side == "out" and m.residue == "mean" and not self.all_keep
-        self._full: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._full: Optional[Tuple[np.ndarray, np.ndarray]] = None
         self._inv: dict = {}
 
     def adj(self, i0: int, i1: int) -> torch.Tensor:
@@ -230,53 +239,59 @@ class SpaceSide:
             return torch.ones(i1 - i0, dtype=F64)
         return self.full()[1][i0:i1]
 
+    def _full_np(self) -> Tuple[np.ndarray, np.ndarray]:
+        if self._full is None:
+            cnt = self.map.counts.to(F64).numpy()
+            keep = self._keep
+            adj = np.zeros(self.map.new, dtype=np.float64)
+            adj[keep] = cnt[self._src[keep]] * self._coef[keep]
+            self._full = (np.maximum(self._src, 0), adj)
+        return self._full
+
     def full(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(clamped src, adjoint) over all new coordinates: 16 bytes per coordinate, built once."""
-        if self._full is None:
-            cnt = self.map.counts.to(F64)
-            adj = torch.zeros(self.map.new, dtype=F64)
-            adj[self.keep] = cnt[self.map.src[self.keep]] * self.coef[self.keep]
-            self._full = (self.map.src.clamp(min=0), adj)
-        return self._full
+        src, adj = self._full_np()
+        return torch.from_numpy(src), torch.from_numpy(adj)
 
     def runs(self, max_runs: int = 64) -> Optional[List[Tuple[int, int, int]]]:
         """The clamped source index as runs of consecutive old coordinates: ``(new start, old start, length)``
         covering all new coordinates (duplication: one run per copy); None if there are more than
         ``max_runs`` (then the columns are gathered by index)."""
         if "runs" not in self._inv:
-            src = self.full()[0]
-            brk = (torch.nonzero(src[1:] != src[:-1] + 1).flatten() + 1).tolist()
+            src = self._full_np()[0]
+            brk = (np.flatnonzero(src[1:] != src[:-1] + 1) + 1).tolist()
             starts = [0] + brk
-            stops = brk + [src.numel()]
-            runs = [(a, int(src[a]), b - a) for a, b in zip(starts, stops)]
+            stops = brk + [src.size]
+            runs = [(a, o, b - a) for a, b, o in zip(starts, stops, src[starts].tolist())]
             self._inv["runs"] = runs if len(runs) <= max_runs else None
         return self._inv["runs"]
 
-    def factors(self, c: int) -> torch.Tensor:
+    def _factors(self, c: int) -> np.ndarray:
         """Channel ``c``'s float64 factor per new coordinate: ``coef`` for values, ``1 / adjoint**c`` for
         moments (0 where the adjoint is 0); all ones on an identity map."""
         if self.identity:
-            return torch.ones(self.map.new, dtype=F64)
-        return self.coef if c == 0 else self.inv_pow(c)
+            return np.ones(self.map.new, dtype=np.float64)
+        return self._coef if c == 0 else self._inv_pow(c)
 
     def block_runs(self, chans: Tuple[int, ...], couple: int, D: int, max_runs: int = 64):
         """This axis as runs ``(new start, old start, length, factors, copy)``: consecutive old coordinates
-        under one factor per channel (``factors[c]`` for each ``c`` in ``chans``, from :meth:`factors`) and
-        one copy index modulo ``couple`` (staged training's block coupling; 0 when ``couple == 1``), so one
-        run serves every channel. Duplication gives one run per copy; None if more than ``max_runs``.
-        Cached: every parameter that maps an axis this way shares it."""
+        under one factor per channel (``factors[c]`` for each ``c`` in ``chans``: ``coef`` for values,
+        ``1 / adjoint**c`` for moments, 0 where the adjoint is, all ones on an identity map) and one copy index
+        modulo ``couple`` (staged training's block coupling; 0 when ``couple == 1``), so one run serves every
+        channel. Duplication gives one run per copy; None if more than ``max_runs``. Cached: every parameter
+        that maps an axis this way shares it."""
         key = ("block", chans, couple)
         if key not in self._inv:
-            copy = self.map.copy % couple if couple != 1 else torch.zeros(D, dtype=torch.long)
-            src = torch.arange(D) if self.identity else self.full()[0]
-            ms = [self.factors(c) for c in range(3)]
+            copy = self.map.copy.numpy() % couple if couple != 1 else np.zeros(D, dtype=np.int64)
+            src = np.arange(D) if self.identity else self._full_np()[0]
+            ms = [self._factors(c) for c in range(3)]
             brk = (src[1:] != src[:-1] + 1) | (copy[1:] != copy[:-1])
             for c in chans:
                 brk |= ms[c][1:] != ms[c][:-1]
-            brk = torch.nonzero(brk)
+            brk = np.flatnonzero(brk)
             runs = None
-            if brk.numel() < max_runs:
-                starts = [0] + (brk.flatten() + 1).tolist()
+            if brk.size < max_runs:
+                starts = [0] + (brk + 1).tolist()
                 stops = starts[1:] + [D]
                 fs = list(zip(*[m[starts].tolist() for m in ms]))
                 runs = [(a, o, b - a, f, k) for a, b, o, f, k in zip(starts, stops, src[starts].tolist(), fs,
@@ -288,7 +303,7 @@ class SpaceSide:
         """Whether every ``coef`` (or adjoint, ``what == "adj"``) is 0 or a power of two (cached)."""
         key = ("pow2", what)
         if key not in self._inv:
-            self._inv[key] = True if self.identity else _pow2(self.coef if what == "coef" else self.full()[1])
+            self._inv[key] = True if self.identity else _pow2(self._coef if what == "coef" else self._full_np()[1])
         return self._inv[key]
 
     def kept_runs(self, max_runs: int = 256) -> Optional[Tuple[List[Tuple[int, int, int, bool]], List[int]]]:
@@ -296,29 +311,32 @@ class SpaceSide:
         runs copy consecutive old coordinates, the others are new (``src < 0``); None if more than
         ``max_runs`` (cached)."""
         if "kept" not in self._inv:
-            src, keep = self.map.src, self.keep
-            brk = torch.nonzero((keep[1:] != keep[:-1]) | (keep[1:] & (src[1:] != src[:-1] + 1))).flatten() + 1
+            src, keep = self._src, self._keep
+            brk = np.flatnonzero((keep[1:] != keep[:-1]) | (keep[1:] & (src[1:] != src[:-1] + 1))) + 1
             runs = None
-            if brk.numel() < max_runs:
+            if brk.size < max_runs:
                 starts = [0] + brk.tolist()
-                stops = starts[1:] + [src.numel()]
+                stops = starts[1:] + [src.size]
                 runs = [(a, o, b - a, k) for a, b, o, k in zip(starts, stops, src[starts].tolist(),
                                                                keep[starts].tolist())]
             self._inv["kept"] = None if runs is None else (runs, [r[0] for r in runs])
         return self._inv["kept"]
 
+    def _inv_pow(self, power: int) -> np.ndarray:
+        key = f"inv{power}"
+        if key not in self._inv:
+            adj = self._full_np()[1]
+            nz = adj != 0
+            self._inv[key] = np.where(nz, 1.0 / np.where(nz, adj, 1.0) ** power, 0.0)
+        return self._inv[key]
+
     def inv_pow(self, power: int) -> Optional[torch.Tensor]:
         """``1 / adjoint**power`` where the adjoint is non-zero, else 0 (float64; exact when the adjoint is a
         power of two, which the fast path checks); None on an identity map (all ones)."""
-        if self.identity:
-            return None
-        key = f"inv{power}"
-        if key not in self._inv:
-            adj = self.full()[1]
-            nz = adj != 0
-            self._inv[key] = torch.where(nz, 1.0 / torch.where(nz, adj, torch.ones_like(adj)) ** power,
-                                         torch.zeros_like(adj))
-        return self._inv[key]
+        return None if self.identity else torch.from_numpy(self._inv_pow(power))
+
+
+_KIND_FIELDS = tuple(f.name for f in dataclasses.fields(ParamSpec) if f.name != "layer")
 
 
 class PlanCache:
@@ -328,6 +346,18 @@ class PlanCache:
         self.plan = plan
         self._sides: Dict[Tuple[str, str], SpaceSide] = {}
         self._vectors: Dict[tuple, VectorGrowth] = {}
+        self._growths: Dict[tuple, ParamGrowth] = {}
+
+    def growth(self, name: str, spec: ParamSpec) -> "ParamGrowth":
+        """``ParamGrowth(plan, name, spec)``, cheaply: parameters of one kind (the same spec but for the layer,
+        and the same identity-block status: every copied layer's ``attn.q``) share everything derived from the
+        plan (space sides, fast-path checks, block runs, needed-row intervals); only names differ."""
+        key = tuple(getattr(spec, f) for f in _KIND_FIELDS) + (is_identity_block(self.plan, name),)
+        proto = self._growths.get(key)
+        if proto is None:
+            proto = self._growths[key] = ParamGrowth(self.plan, name, spec, self)
+            return proto
+        return proto.renamed(name, spec)
 
     def side(self, space: str, side: str) -> SpaceSide:
         key = (space, side)
@@ -358,46 +388,57 @@ class VectorGrowth:
     ``scale`` on norms), +0 where ``adj == 0``."""
 
     def __init__(self, m, role: str, scale: float):
-        keep = m.src >= 0
-        self.idx = m.src.clamp(min=0)
-        self.mult: List[Optional[torch.Tensor]] = [None, None, None]
+        src = m.src.numpy()
+        keep = src >= 0
+        self._idx = np.maximum(src, 0)
+        self.idx = torch.from_numpy(self._idx)
+        self.mult: List[Optional[np.ndarray]] = [None, None, None]
         self.ones = [False, False, False]
-        self.fix: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None, None, None]
+        self.fix: List[Optional[Tuple[np.ndarray, np.ndarray]]] = [None, None, None]
         norm = role in ("norm", "norm_bias")
-        s = torch.tensor([scale], dtype=F64)
-        s_ok = _pow2(s)
-        coef = m.out_coef.to(F64)
+        s_ok = _pow2(np.array([scale], dtype=np.float64))
+        coef = m.out_coef.to(F64).numpy()
         mean_rows = m.residue == "mean" and not bool(keep.all()) and not m.is_identity
         if _pow2(coef) and (s_ok if norm else not mean_rows):
             mult = coef * scale if norm else coef
             fix = None
             if norm and not bool(keep.all()):
                 fill = 1.0 if role == "norm" else 0.0
-                fix = (~keep, (torch.full((m.new,), fill, dtype=F64) * scale).to(torch.float32))
+                fix = (~keep, (np.full(m.new, fill, dtype=np.float64) * scale).astype(np.float32))
             self._set(0, mult, fix)
-        adj = torch.ones([], dtype=F64) * m.adjoint(True)
-        if norm:
-            adj = adj * scale
-        if _pow2(m.adjoint(True)) and (s_ok or not norm):
+        adj0 = m.adjoint(True).to(F64).numpy()
+        adj = adj0 * scale if norm else adj0
+        if _pow2(adj0) and (s_ok or not norm):
             nz = adj != 0
             for c in (1, 2):
-                mult = torch.where(nz, keep.to(F64) / torch.where(nz, adj, torch.ones_like(adj)) ** c,
-                                   torch.zeros_like(adj))
-                self._set(c, mult, None if bool(nz.all()) else (~nz, torch.zeros(m.new, dtype=torch.float32)))
+                mult = np.where(nz, keep.astype(np.float64) / np.where(nz, adj, 1.0) ** c, 0.0)
+                self._set(c, mult, None if bool(nz.all()) else (~nz, np.zeros(m.new, dtype=np.float32)))
 
-    def _set(self, c: int, mult: torch.Tensor, fix) -> None:
-        m32 = mult.to(torch.float32)
-        if torch.equal(m32.to(F64), mult):  # (a factor outside float32's range is not exact)
+    def _set(self, c: int, mult: np.ndarray, fix) -> None:
+        m32 = mult.astype(np.float32)
+        if np.array_equal(m32.astype(np.float64), mult):  # (a factor outside float32's range is not exact)
             self.mult[c], self.ones[c], self.fix[c] = m32, bool((mult == 1).all()), fix
 
     def apply(self, c: int, old: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> None:
-        """New ``[start, stop)`` of channel ``c`` from the whole old vector ``old`` into ``out``."""
-        torch.index_select(old, 0, self.idx[start:stop], out=out)
+        """New ``[start, stop)`` of channel ``c`` from the whole old vector ``old`` into ``out``. On the CPU
+        through numpy views of the same memory (the same float32 gather and multiply, at a fraction of torch's
+        per-op cost on vectors this small), elsewhere torch."""
+        host = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (old, out))
+        if host:
+            o = out.numpy()
+            np.take(old.numpy(), self._idx[start:stop], out=o, mode="clip")  # (indices are in range)
+            if not self.ones[c]:
+                np.multiply(o, self.mult[c][start:stop], out=o)
+            if self.fix[c] is not None:
+                mask = self.fix[c][0][start:stop]
+                o[mask] = self.fix[c][1][start:stop][mask]
+            return
+        torch.index_select(old, 0, self.idx[start:stop].to(old.device), out=out)
         if not self.ones[c]:
-            out.mul_(self.mult[c][start:stop])
+            out.mul_(torch.from_numpy(self.mult[c][start:stop]).to(out.device))
         if self.fix[c] is not None:
-            mask, val = self.fix[c][0][start:stop], self.fix[c][1][start:stop]
-            out[mask] = val[mask]
+            mask = torch.from_numpy(self.fix[c][0][start:stop]).to(out.device)
+            out[mask] = torch.from_numpy(self.fix[c][1][start:stop]).to(out.device)[mask]
 
 
 class ParamGrowth:
@@ -428,7 +469,8 @@ class ParamGrowth:
         self.reductions: Tuple[str, ...] = ()
         self.old_has_zero: Optional[bool] = None  # whether the old value holds an exact 0 (None: check pieces)
         cache = cache or PlanCache(plan)
-        self._block_runs: dict = {}
+        self._block_runs: dict = {}  # (shared by every parameter of the kind: PlanCache.growth)
+        self._needs: Dict[Interval, List[Interval]] = {}
         self.vec = cache.vector(spec) if self.mode == "full" else None
         if self.mode != "rows":
             return
@@ -451,6 +493,13 @@ class ParamGrowth:
             red.append("std")
         self.reductions = tuple(red)
         self.fast_value, self.fast_moment = self._fast_paths(plan)
+
+    def renamed(self, name: str, spec: ParamSpec) -> "ParamGrowth":
+        """The same growth for parameter ``name`` of the same kind (see :meth:`PlanCache.growth`): a shallow copy
+        sharing the derived data and its caches."""
+        g = copy.copy(self)
+        g.name, g.spec, g.source, g.old_has_zero = name, spec, source_name(self.plan, name), None
+        return g
 
     def _fast_paths(self, plan: GrowthPlan) -> Tuple[bool, bool]:
         """Whether values / moments can be computed in float32 with one multiply per element and still equal
@@ -637,7 +686,7 @@ class ParamGrowth:
                     if f == 1.0:
                         out.copy_(src)
                     else:  # (a factor of 0 elsewhere keeps the sign of the old value, as the reference does)
-                        torch.mul(src, f, out=out)
+                        torch.mul(src, _scalar(f), out=out)
         return chans
 
     def _fast_rows(self, i0, i1, rows: "_RowView", pos, K, c: int, dst: Optional[torch.Tensor]) -> torch.Tensor:
@@ -701,7 +750,14 @@ class ParamGrowth:
         return start // self.D1, -(-stop // self.D1)
 
     def needs(self, start: int, stop: int) -> List[Interval]:
-        """Old flat intervals (sorted, merged) that new flat range ``[start, stop)`` is computed from."""
+        """Old flat intervals (sorted, merged) that new flat range ``[start, stop)`` is computed from (cached,
+        shared by the parameters of a kind: do not modify)."""
+        key = (start, stop)
+        if key not in self._needs:
+            self._needs[key] = self._find_needs(start, stop)
+        return self._needs[key]
+
+    def _find_needs(self, start: int, stop: int) -> List[Interval]:
         if stop <= start or self.mode == "none":
             return []
         if self.mode == "full":
@@ -827,11 +883,26 @@ class ParamGrowth:
         return match.to(F64) * g
 
 
-def _pow2(t: torch.Tensor) -> bool:
-    """Every element is 0 or a positive power of two."""
-    t = t.to(F64)
-    mant, _ = torch.frexp(t)
-    return bool(((t == 0) | ((t > 0) & (mant == 0.5))).all())
+_SCALARS: Dict[float, torch.Tensor] = {}
+
+
+def _scalar(f: float) -> torch.Tensor:
+    """``f`` as a 0-dim float32 CPU tensor, cached: ``torch.mul(x, t)`` computes what ``torch.mul(x, f)`` does
+    on a float32 ``x`` (the factor in float32, one rounding) without wrapping a Python number on every call,
+    which is half of a small multiply's cost here."""
+    t = _SCALARS.get(f)
+    if t is None:
+        t = torch.tensor(f, dtype=torch.float32)
+        if len(_SCALARS) < 4096:
+            _SCALARS[f] = t
+    return t
+
+
+def _pow2(t) -> bool:
+    """Every element (of a tensor or numpy array) is 0 or a positive power of two."""
+    a = (t.to(F64).numpy() if isinstance(t, torch.Tensor) else t).astype(np.float64, copy=False)
+    mant, _ = np.frexp(a)
+    return bool(((a == 0) | ((a > 0) & (mant == 0.5))).all())
 
 
 class _RowView:

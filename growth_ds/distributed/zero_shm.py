@@ -56,46 +56,91 @@ def _host_id() -> str:
     return f"{socket.gethostname()}/{boot}/{ns}"
 
 
-def want_shm(dist, group, world: int, on_cpu: bool) -> Optional[str]:
-    """The shared segments' name stem when :class:`ShmTransport` can be used, else None (a collective:
-    every rank must call it; the result is the same on every rank). One all-gather of (host, usable, pid,
-    nonce) per rank: the stem is rank 0's pid and nonce."""
-    mode = os.environ.get(TRANSPORT_ENV, "auto")
-    if mode not in ("auto", "shm", "collective"):
-        raise ValueError(f"{TRANSPORT_ENV}: auto, shm or collective, got {mode!r}")
-    if world == 1 or mode == "collective":
-        return None
-    host = int.from_bytes(hashlib.sha1(_host_id().encode()).digest()[:8], "little", signed=True)
-    usable = int(on_cpu and os.path.isdir(SHM_DIR))
-    mine = torch.tensor([host, usable, os.getpid(), secrets.randbits(62)], dtype=torch.int64)
-    every = torch.empty(world * 4, dtype=torch.int64)
-    _all_gather(dist)(every, mine, group=group)
-    rows = every.view(world, 4).tolist()
-    ok = len({r[0] for r in rows}) == 1 and all(r[1] for r in rows)
-    if mode == "shm" and not ok:
-        raise RuntimeError(f"{TRANSPORT_ENV}=shm: the ranks are not all on one host with host-memory partitions")
-    return f"growth-ds-{rows[0][2]}-{rows[0][3]:x}" if ok else None
+class ShmOffer:
+    """This rank's half of setting the transport up, before the one collective that decides it (the caller's:
+    it all-gathers :attr:`row` with whatever else it needs to agree on). Creating an offer creates this rank's
+    segment (a name of its own, from its pid and a nonce), so once every rank's row has arrived every segment
+    exists and can be mapped with no barrier. :meth:`agreed` says whether every rank can use shared memory
+    (one host, host-memory partitions); then :meth:`open` maps the segments, else :meth:`withdraw` removes
+    this rank's."""
+
+    ROW = 4  # int64s per rank: host, usable, pid, nonce
+
+    def __init__(self, world: int, on_cpu: bool, capacity: int):
+        self.mode = os.environ.get(TRANSPORT_ENV, "auto")
+        if self.mode not in ("auto", "shm", "collective"):
+            raise ValueError(f"{TRANSPORT_ENV}: auto, shm or collective, got {self.mode!r}")
+        self.timeout = _timeout()
+        self.world = world
+        usable = world > 1 and self.mode != "collective" and on_cpu and os.path.isdir(SHM_DIR)
+        host = int.from_bytes(hashlib.sha1(_host_id().encode()).digest()[:8], "little", signed=True)
+        nonce = secrets.randbits(62)
+        self.row = [host, int(usable), os.getpid(), nonce]
+        self.path: Optional[str] = None
+        if usable:
+            self.path = _segment_path(os.getpid(), nonce)
+            self.half = 0
+            with open(self.path, "wb"):
+                pass
+            self.resize(capacity)
+
+    def resize(self, capacity: int) -> None:
+        """Make this rank's segment hold rounds of ``capacity`` elements (never shrinks; before :meth:`open`)."""
+        half = -(-max(int(capacity), 1) // _ALIGN) * _ALIGN
+        if self.path is not None and half > self.half:
+            self.half = half
+            os.truncate(self.path, 4 * (_header_elems(self.world) + 2 * half))
+
+    def agreed(self, rows: List[List[int]]) -> bool:
+        """Whether every rank can use the transport (``rows``: every rank's :attr:`row`, in rank order)."""
+        ok = self.world > 1 and len({r[0] for r in rows}) == 1 and all(r[1] for r in rows)
+        if self.mode == "shm" and not ok:
+            raise RuntimeError(f"{TRANSPORT_ENV}=shm: the ranks are not all on one host with host-memory partitions")
+        return ok
+
+    def open(self, dist, group, rank: int, rows: List[List[int]]) -> "ShmTransport":
+        """Map every rank's segment (after :meth:`agreed`, and after every rank's last :meth:`resize`)."""
+        try:
+            return ShmTransport(dist, group, rank, self.world, [_segment_path(r[2], r[3]) for r in rows],
+                                self.timeout)
+        except BaseException:
+            self.withdraw()
+            raise
+
+    def withdraw(self) -> None:
+        """Remove this rank's segment name (idempotent)."""
+        if self.path is not None:
+            _unlink(self.path)
+
+
+def _segment_path(pid: int, nonce: int) -> str:
+    return os.path.join(SHM_DIR, f"growth-ds-{pid}-{nonce:x}")
+
+
+def _header_elems(world: int) -> int:
+    """float32 elements of a segment's int64 header (round, pid, per half one count per rank), padded to a page."""
+    return -(-2 * (2 + 2 * world) // _ALIGN) * _ALIGN
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class ShmTransport:
-    """One shared float32 segment per rank: a header, then two halves of ``capacity`` elements (the largest
+    """One shared float32 segment per rank: a header, then two halves of equal size (at least the largest
     round it sends). Every rank calls :meth:`publish` once per round, in the same order, then
-    :meth:`next_round` when it is done reading; :meth:`close` at the end."""
+    :meth:`next_round` when it is done reading; :meth:`close` at the end. Built by :meth:`ShmOffer.open`."""
 
-    def __init__(self, dist, group, rank: int, world: int, capacity: int, stem: str):
+    def __init__(self, dist, group, rank: int, world: int, paths: List[str], timeout: float):
         self.dist, self.group, self.rank, self.world = dist, group, rank, world
-        self.hdr_elems = -(-2 * (2 + 2 * world) // _ALIGN) * _ALIGN  # int64 header, padded to a page
-        half = -(-max(int(capacity), 1) // _ALIGN) * _ALIGN
-        self.timeout = _timeout()
-        self.path = os.path.join(SHM_DIR, f"{stem}-{rank}")
-        with open(self.path, "wb") as f:
-            f.truncate(4 * (self.hdr_elems + 2 * half))
-        try:
-            self.dist.barrier(group=group)  # every segment exists
-            self.segments = [self._map(os.path.join(SHM_DIR, f"{stem}-{r}"), peer=r != rank) for r in range(world)]
-        except BaseException:
-            self.close()
-            raise
+        self.hdr_elems = _header_elems(world)
+        self.timeout = timeout
+        self.paths = paths
+        self.path = paths[rank]
+        self.segments = [self._map(path, peer=r != rank) for r, path in enumerate(paths)]
         self.headers = [s[:self.hdr_elems].view(torch.int64).numpy() for s in self.segments]
         self.headers[rank][1] = os.getpid()
         self.round = 0
@@ -190,10 +235,7 @@ class ShmTransport:
     def close(self) -> None:
         """Remove this rank's segment name (done after the first round; idempotent). The mappings go with the
         tensors."""
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        _unlink(self.path)
 
 
 def _timeout() -> float:
@@ -222,4 +264,4 @@ def _alive(pid: int) -> bool:
     return True
 
 
-__all__ = ["FENCED", "SHM_DIR", "ShmTransport", "TIMEOUT_ENV", "TRANSPORT_ENV", "want_shm"]
+__all__ = ["FENCED", "SHM_DIR", "ShmOffer", "ShmTransport", "TIMEOUT_ENV", "TRANSPORT_ENV"]

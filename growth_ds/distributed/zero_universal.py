@@ -273,7 +273,7 @@ def grow_universal_checkpoint(src: str | Path, large: ModelShape, out_dir: str |
         cache = PlanCache(plan)
         n_done, bytes_written = 0, 0
         for name, spec in parameter_schema(grown).items():
-            g = ParamGrowth(plan, name, spec, cache)
+            g = cache.growth(name, spec)
             keys = KEYS[:g.channels] if has_moments else KEYS[:1]
             old = [read_param(udir, g.source, k, small_shapes[g.source], "source checkpoint") for k in keys]
             if len(old) < 3 and g.channels == 3:
