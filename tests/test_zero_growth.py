@@ -197,6 +197,29 @@ def test_tiled_maps_take_the_one_pass_block_path(width, depth, monkeypatch):
     assert rows >= 8 and not gathered, gathered
 
 
+@pytest.mark.parametrize("pieces", [[(12, 20), (31, 40)], [(s, s + 2) for s in range(10, 58, 4)]])
+def test_packing_on_numpy_and_torch_agree_on_channel_major_planes(pieces):
+    """The exchange packs host memory through numpy views and other devices through torch views; both write
+    the same elements into a channel-major plane (channel c at c * plane stride), for few and many runs."""
+    import numpy as np
+
+    from growth_ds.distributed.zero import Slot, _pack, _pack_host
+
+    flats = [torch.randn(80) for _ in range(3)]
+    lo, offset = 8, 5  # this rank holds flat [8, 70) of the parameter at offset 5 of its partitions
+    slot = Slot("w", (7, 10), 70, [0, 8, 70], flats, offset, 62, [f.numpy() for f in flats])
+    n = sum(e - s for s, e in pieces)
+    want = torch.cat([torch.cat([f[s - lo + offset:e - lo + offset] for s, e in pieces]) for f in flats])
+    for stride in (n, n + 7):  # a plane of exactly this request, and one shared with others
+        a, b = torch.full((3 * stride + 3,), float("nan")), torch.full((3 * stride + 3,), float("nan"))
+        _pack_host(np.ndarray((3, n), np.float32, a.numpy(), 4 * 2, (4 * stride, 4)), slot, lo, pieces)
+        _pack(b.as_strided((3, n), (stride, 1), 2), 3, slot, lo, pieces)
+        for t in (a, b):
+            got = torch.cat([t[2 + c * stride:2 + c * stride + n] for c in range(3)])
+            assert torch.equal(got, want)
+        assert torch.equal(a.isnan(), b.isnan()) and int(a.isnan().sum()) == 3 * stride + 3 - 3 * n
+
+
 def test_schedule_serves_every_new_element_exactly_once():
     small = small_shape("llama")
     plan = make_plan(small, dataclasses.replace(small, d_model=48, n_heads=6, n_kv_heads=3, d_ffn=80, n_layers=3),

@@ -159,6 +159,19 @@ class OldData:
                           else torch.empty(0) for c in range(self.channels)]
         return self._data
 
+    def host_data(self, c: int) -> Optional[np.ndarray]:
+        """Channel ``c`` of :attr:`data` as a numpy array when every chunk is float32 in host memory (a view
+        when there is one chunk, else one concatenation), else None."""
+        parts = []
+        for a, b, v, o in self.chunks:
+            t = v[c]
+            if t.device.type != "cpu" or t.dtype != torch.float32:
+                return None
+            parts.append(t.numpy()[o:o + b - a])
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
     def row_spans(self, r0: int, r1: int, d1: int) -> Optional[List[tuple]]:
         """Where old rows ``[r0, r1)`` (of width ``d1``) lie, for every channel at once: ``(first row, k, views,
         offset)`` for ``k`` whole rows inside one chunk (rows ``views[c][offset:offset + k * d1]``), and ``(row,
@@ -419,21 +432,23 @@ class VectorGrowth:
         if np.array_equal(m32.astype(np.float64), mult):  # (a factor outside float32's range is not exact)
             self.mult[c], self.ones[c], self.fix[c] = m32, bool((mult == 1).all()), fix
 
-    def apply(self, c: int, old: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> None:
-        """New ``[start, stop)`` of channel ``c`` from the whole old vector ``old`` into ``out``. On the CPU
-        through numpy views of the same memory (the same float32 gather and multiply, at a fraction of torch's
-        per-op cost on vectors this small), elsewhere torch."""
-        host = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (old, out))
-        if host:
+    def apply(self, c: int, old, start: int, stop: int, out: torch.Tensor) -> None:
+        """New ``[start, stop)`` of channel ``c`` from the whole old vector ``old`` (a tensor, or a numpy array
+        of host memory) into ``out``. On the CPU through numpy views of the same memory (the same float32
+        gather and multiply, at a fraction of torch's per-op cost on vectors this small), elsewhere torch."""
+        if out.device.type == "cpu" and out.dtype == torch.float32 and (
+                isinstance(old, np.ndarray) or old.device.type == "cpu" and old.dtype == torch.float32):
             o = out.numpy()
-            np.take(old.numpy(), self._idx[start:stop], out=o, mode="clip")  # (indices are in range)
+            np.take(old if isinstance(old, np.ndarray) else old.numpy(), self._idx[start:stop], out=o,
+                    mode="clip")  # (indices are in range; "clip" writes out in place)
             if not self.ones[c]:
                 np.multiply(o, self.mult[c][start:stop], out=o)
             if self.fix[c] is not None:
                 mask = self.fix[c][0][start:stop]
                 o[mask] = self.fix[c][1][start:stop][mask]
             return
-        torch.index_select(old, 0, self.idx[start:stop].to(old.device), out=out)
+        old = torch.from_numpy(old) if isinstance(old, np.ndarray) else old
+        torch.index_select(old.to(out.device), 0, self.idx[start:stop].to(out.device), out=out)
         if not self.ones[c]:
             out.mul_(torch.from_numpy(self.mult[c][start:stop]).to(out.device))
         if self.fix[c] is not None:
@@ -597,7 +612,8 @@ class ParamGrowth:
                     ref = self._compute_full(start, stop, old)
                 views[c].copy_(ref[c])
             else:
-                vec.apply(c, old.data[c], start, stop, views[c])
+                host = old.host_data(c)
+                vec.apply(c, host if host is not None else old.data[c], start, stop, views[c])
 
     def _runs(self, chans: Tuple[int, ...]):
         """The map as blocks for channels ``chans``: ``(row runs, their new starts, column tiles)`` (see

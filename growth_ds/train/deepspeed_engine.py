@@ -196,8 +196,9 @@ def refresh_low_precision(engine) -> None:
         for sg in range(len(opt.fp16_partitioned_groups_flat)):
             opt.fp16_partitioned_groups_flat[sg].data.copy_(opt.fp32_partitioned_groups_flat[sg].data)
             opt._unflatten_partitioned_parameters(sg)
-        # gathered copies (persistent small params, or left by a forward) are stale: drop them, regather
-        stale = [p for p in engine.module.parameters() if p.ds_status == ZeroParamStatus.AVAILABLE]
+        # gathered copies (persistent small params, or left by a forward) are stale: drop them, regather (only
+        # the optimizer's parameters were rewritten)
+        stale = [p for group in opt.fp16_groups for p in group if p.ds_status == ZeroParamStatus.AVAILABLE]
         if stale:
             stale[0].partition(stale)
         if getattr(opt, "persistent_parameters", None):
