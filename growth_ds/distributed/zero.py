@@ -471,6 +471,10 @@ def _zero_flags(growths: Sequence[ParamGrowth], old: ZeroLayout) -> Tuple[List[s
     slices once (instead of every piece scanning the old rows it received). Returns the source names and
     this rank's flags (int64, 1 = a zero), to be all-reduced with MAX and given to :func:`_set_zero_flags`."""
     sources = sorted({g.source for g in growths if g.mode == "rows" and g.noisy})
+    flats = {id(old.slots[n].flats[0]): old.slots[n] for n in sources}
+    if all(sl.host is not None for sl in flats.values()) and \
+            all(np.count_nonzero(sl.host[0]) == sl.host[0].size for sl in flats.values()):
+        return sources, torch.zeros(len(sources), dtype=torch.int64)  # (trained weights: no zero anywhere)
     flags = []
     for n in sources:
         slot = old.slots[n]

@@ -39,8 +39,6 @@ bit-identical to the reference:
 from __future__ import annotations
 
 import bisect
-import copy
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -349,9 +347,6 @@ class SpaceSide:
         return None if self.identity else torch.from_numpy(self._inv_pow(power))
 
 
-_KIND_FIELDS = tuple(f.name for f in dataclasses.fields(ParamSpec) if f.name != "layer")
-
-
 class PlanCache:
     """Shared, per-plan derived data (one per executor run), so per-parameter state is O(1)."""
 
@@ -365,7 +360,7 @@ class PlanCache:
         """``ParamGrowth(plan, name, spec)``, cheaply: parameters of one kind (the same spec but for the layer,
         and the same identity-block status: every copied layer's ``attn.q``) share everything derived from the
         plan (space sides, fast-path checks, block runs, needed-row intervals); only names differ."""
-        key = tuple(getattr(spec, f) for f in _KIND_FIELDS) + (is_identity_block(self.plan, name),)
+        key = tuple(v for k, v in vars(spec).items() if k != "layer") + (is_identity_block(self.plan, name),)
         proto = self._growths.get(key)
         if proto is None:
             proto = self._growths[key] = ParamGrowth(self.plan, name, spec, self)
@@ -512,7 +507,8 @@ class ParamGrowth:
     def renamed(self, name: str, spec: ParamSpec) -> "ParamGrowth":
         """The same growth for parameter ``name`` of the same kind (see :meth:`PlanCache.growth`): a shallow copy
         sharing the derived data and its caches."""
-        g = copy.copy(self)
+        g = object.__new__(ParamGrowth)  # (copy.copy, without its generic protocol: ~20x faster)
+        g.__dict__.update(self.__dict__)
         g.name, g.spec, g.source, g.old_has_zero = name, spec, source_name(self.plan, name), None
         return g
 
