@@ -17,8 +17,12 @@ machines each round's counts go through an all-gather instead (:data:`FENCED`). 
 yields the core (ranks may outnumber cores), then sleeps; it fails with an error naming the rank when a
 peer's process is gone or after ``GROWTH_DS_SHM_TIMEOUT`` seconds (default 1800) without progress.
 
-Segments are files in ``/dev/shm`` that each rank unlinks once every rank has mapped it (the first publish
-says so), so a crash leaves nothing behind but the segments of a crash during set-up.
+Set-up costs no collective of its own: each rank creates its segment (:class:`ShmOffer`, a name from its pid
+and a nonce) before the one all-gather in which the executor agrees on everything else, and that all-gather
+carries every rank's (host, usable, pid, nonce) row; so when it returns every segment exists and can be
+mapped. Segments are files in ``/dev/shm`` that each rank unlinks once every rank has mapped it (the first
+publish says so), or at once when the ranks do not agree on shared memory, so a crash leaves nothing behind
+but the segments of a crash during set-up.
 ``GROWTH_DS_ZERO_TRANSPORT`` = ``auto`` (default: shared memory when possible), ``shm`` or ``collective``
 (always the all-to-all).
 """
