@@ -102,7 +102,7 @@ def test_piecewise_growth_equals_reference_bit_for_bit(flavour, width, depth, ch
     rng = random.Random(0)
     cache = PlanCache(plan)
     for name, spec in parameter_schema(plan.grown_shape).items():
-        g = ParamGrowth(plan, name, spec, cache)
+        g = cache.growth(name, spec)  # (parameters of one kind share derived data; names key the noise)
         src = source_name(plan, name)
         old = [state.params[src], state.exp_avg[src], state.exp_avg_sq[src]]
         cuts = sorted({0, g.new_numel, *(rng.randrange(g.new_numel) for _ in range(2))})
