@@ -86,8 +86,9 @@ def batch_for(shape, seed=0, B=2):
     return t[:, :-1], t[:, 1:]
 
 
-def random_state(shape, seed, step=3):
-    """A training state with random norms, biases and moments (same on every rank)."""
+def random_state(shape, seed, step=3, signed_zeros=True):
+    """A training state with random norms, biases and moments (same on every rank); ``signed_zeros``: a +0 and a
+    -0 near the end of every ``attn.q`` and the embedding (value and ``exp_avg``)."""
     from growth_ds.models.schema import param_shape, parameter_schema
     from growth_ds.ops.state import TrainingState
 
@@ -103,7 +104,7 @@ def random_state(shape, seed, step=3):
             params[name] = 0.1 * torch.randn(shp, generator=g)
         m[name] = 1e-3 * torch.randn(shp, generator=g)
         v[name] = 1e-6 * torch.rand(shp, generator=g)
-        if name.endswith("attn.q.weight") or name == "tok_emb.weight":
+        if signed_zeros and (name.endswith("attn.q.weight") or name == "tok_emb.weight"):
             # signed zeros near the end (the last rank's slice): the executor's fast path must normalise them as
             # the reference does, which it learns from zero flags reduced over every rank
             for t in (params[name], m[name]):
