@@ -34,7 +34,9 @@ def _worker(rank: int, world: int, port: int, fenced: bool, die: int, out: str) 
     rows = every.view(world, offer.ROW).tolist()
     assert offer.agreed(rows)
     tr = offer.open(dist, None, rank, rows)
-    log = []
+    from growth_ds.train.deepspeed_engine import comm_device
+
+    log = [("comm_device", str(comm_device(None)))]  # gloo moves host tensors (NCCL would need the GPU)
     try:
         for k in range(rounds):
             if rank == die and k == 2:
@@ -72,6 +74,7 @@ def test_rounds_arrive_intact_and_names_are_unlinked(world, fenced, tmp_path):
         assert ("names", []) in [e for e in log if e[0] == "names"], log[:1]  # gone once all have mapped
         oks = [e for e in log if e[0] == "ok"]
         assert len(oks) == 6 * (world - 1) and all(e[3] for e in oks), log
+        assert ("comm_device", "cpu") in log
 
 
 def test_a_dead_peer_is_named_instead_of_a_hang(tmp_path):

@@ -76,7 +76,6 @@ class Slot:
         return [f.narrow(0, self.offset, self.local) for f in self.flats]
 
 
-
 class ZeroLayout:
     """The ZeRO partition layout of an engine (stage 1, 2 or 3), read from DeepSpeed's optimizer."""
 
@@ -97,6 +96,9 @@ class ZeroLayout:
         self.group = zo.dp_process_group
         self.rank = dist.get_rank(group=self.group)
         self.world = dist.get_world_size(group=self.group)
+        # collective buffers live on comm_device (host under gloo, the GPU under NCCL); computed data on the
+        # partitions' device (the GPU, or host memory under ZeRO-Offload)
+        self.comm_device = dse.comm_device(self.group) if self.world > 1 else torch.device("cpu")
         self.slots: Dict[str, Slot] = {}
         self.partitions: List[torch.Tensor] = []
         lp = zo.fp16_partitioned_groups_flat if self.stage == 3 else zo.bit16_groups_flat
@@ -232,8 +234,9 @@ class _Exchange:
         self.local = {i: (slot, lo, pieces) for i, req, slot, lo, pieces in outgoing[me]}
         total = sum(send_counts)
         t0 = time.perf_counter()
+        self.device = old.partitions[0].device if old.partitions else torch.device("cpu")
         self.send = send = transport.buffer(total) if transport is not None else \
-            torch.empty(total, dtype=torch.float32)
+            torch.empty(total, dtype=torch.float32, device=old.comm_device if world > 1 else self.device)
         send_np = send.numpy() if send.device.type == "cpu" else None
         base = 0
         for q in range(world):  # what goes to q, channel-major (_planes): three planes, then one
@@ -271,7 +274,7 @@ class _Exchange:
         elif world == 1:
             self.recv = send
         else:
-            self.recv = torch.empty(sum(recv_counts), dtype=torch.float32)
+            self.recv = torch.empty(sum(recv_counts), dtype=torch.float32, device=old.comm_device)
             self.work = dist.all_to_all_single(self.recv, send, recv_counts, send_counts, group=old.group,
                                                async_op=True)
         stats.bytes_sent += 4 * (sum(send_counts) - send_counts[me])
@@ -303,6 +306,8 @@ class _Exchange:
         buffer, or the owner's shared segment), valid until :meth:`release`."""
         if self.work is not None:
             self.work.wait()
+            if self.recv.device != self.device:  # (NCCL with host partitions: ZeRO-Offload)
+                self.recv = self.recv.to(self.device)
         self.send = None
         me, world = self.old.rank, self.old.world
         planes = [None if p == me else self._planes(p) for p in range(world)]
@@ -390,12 +395,13 @@ def _fetch_whole(req, growths, old: ZeroLayout, stats: GrowthStats) -> Optional[
     slot = old.slots[growths[req.param].source]
     me, d = old.rank, req.rank
     lo, hi = slot.bounds[me], slot.bounds[me + 1]
+    dev = old.comm_device
     if me != d:
         if hi > lo:
-            dist.send(slot.views[0].to(torch.float64), dst=dist.get_global_rank(old.group, d), group=old.group)
+            dist.send(slot.views[0].to(dev, torch.float64), dst=dist.get_global_rank(old.group, d), group=old.group)
             stats.bytes_sent += 8 * (hi - lo)
         return None
-    full = torch.empty(1, slot.numel, dtype=torch.float64)
+    full = torch.empty(1, slot.numel, dtype=torch.float64, device=dev)
     full[0, lo:hi] = slot.views[0]
     works = []
     for p in range(old.world):
@@ -405,7 +411,7 @@ def _fetch_whole(req, growths, old: ZeroLayout, stats: GrowthStats) -> Optional[
             stats.bytes_received += 8 * (b - a)
     for w in works:
         w.wait()
-    return full
+    return full.cpu()  # (reduced on the host, as the reference does)
 
 
 def _share_reductions(requests, growths, data, old: ZeroLayout, cache: Dict[int, Reductions]) -> None:
@@ -417,7 +423,7 @@ def _share_reductions(requests, growths, data, old: ZeroLayout, cache: Dict[int,
     for _, req in full:
         g = growths[req.param]
         sizes.append((g.d1 if "col_mean" in g.reductions else 0) + (1 if "std" in g.reductions else 0))
-    vec = torch.zeros(sum(sizes), dtype=torch.float64)
+    vec = torch.zeros(sum(sizes), dtype=torch.float64, device=old.comm_device)
     off = 0
     for (i, req), n in zip(full, sizes):
         if req.rank == old.rank:
@@ -436,7 +442,7 @@ def _share_reductions(requests, growths, data, old: ZeroLayout, cache: Dict[int,
         g, v = growths[req.param], gathered[req.rank][off:off + n]
         red = Reductions()
         if "col_mean" in g.reductions:
-            red.col_mean = v[:g.d1].clone()
+            red.col_mean = v[:g.d1].to(old.partitions[0].device if old.partitions else "cpu", copy=True)
         if "std" in g.reductions:
             red.std = float(v[-1])
         cache[req.param] = red
@@ -592,11 +598,11 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
     transport: Optional[ShmTransport] = None
     try:
         mine = (offer.row if offer is not None else [0] * ShmOffer.ROW) + \
-            [_transient(rounds, outgoing, old.rank, True, False), _transient(rounds, outgoing, old.rank, False, prefetch)] \
-            + flags.tolist()
+            [_transient(rounds, outgoing, old.rank, True, False),
+             _transient(rounds, outgoing, old.rank, False, prefetch)] + flags.tolist()
         if old.world > 1:
-            every = torch.empty(old.world * len(mine), dtype=torch.int64)
-            _all_gather_single(every, torch.tensor(mine, dtype=torch.int64), old.group)
+            every = torch.empty(old.world * len(mine), dtype=torch.int64, device=old.comm_device)
+            _all_gather_single(every, torch.tensor(mine, dtype=torch.int64, device=old.comm_device), old.group)
             rows = every.view(old.world, len(mine)).tolist()
         else:
             rows = [mine]
@@ -610,11 +616,12 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
             rounds, outgoing = schedule(bucket_elems)
             if shm:
                 offer.resize(capacity(outgoing))
-            need = torch.tensor([_transient(rounds, outgoing, old.rank, shm, prefetch)])
+            need = torch.tensor([_transient(rounds, outgoing, old.rank, shm, prefetch)], device=old.comm_device)
             if old.world > 1:
                 dist.all_reduce(need, op=dist.ReduceOp.MAX, group=old.group)
             worst = int(need)
-        transport = offer.open(dist, old.group, old.rank, [r[:k] for r in rows]) if shm else None
+        transport = offer.open(dist, old.group, old.rank, [r[:k] for r in rows], old.comm_device) if shm \
+            else None
     finally:
         if offer is not None and transport is None:
             offer.withdraw()  # (an opened transport removes the names itself, after the first round)

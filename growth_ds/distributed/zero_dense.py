@@ -89,11 +89,13 @@ def grow_dense_engine(old_engine, new_engine, maps: Dict[str, DenseMap], keep_mo
             a, b = slot.bounds[r], slot.bounds[r + 1]
             buf[r, :b - a] = full[a:b]
         del full
-        mine = torch.empty(width, dtype=F64)
         if world > 1:
+            buf = buf.to(new.comm_device)  # (host under gloo, the GPU under NCCL)
+            mine = torch.empty(width, dtype=F64, device=new.comm_device)
             dist.reduce_scatter_tensor(mine, buf.view(-1), group=new.group)
+            mine = mine.cpu()
         else:
-            mine.copy_(buf[0])
+            mine = buf[0].clone()
         del buf
         lo, hi = slot.bounds[me], slot.bounds[me + 1]
         slot.views[0].copy_(m.finish(mine[:hi - lo], lo, hi))

@@ -102,11 +102,12 @@ class ShmOffer:
             raise RuntimeError(f"{TRANSPORT_ENV}=shm: the ranks are not all on one host with host-memory partitions")
         return ok
 
-    def open(self, dist, group, rank: int, rows: List[List[int]]) -> "ShmTransport":
-        """Map every rank's segment (after :meth:`agreed`, and after every rank's last :meth:`resize`)."""
+    def open(self, dist, group, rank: int, rows: List[List[int]], device=None) -> "ShmTransport":
+        """Map every rank's segment (after :meth:`agreed`, and after every rank's last :meth:`resize`).
+        ``device``: where the all-gather fallback's tensors must live (default: host memory)."""
         try:
             return ShmTransport(dist, group, rank, self.world, [_segment_path(r[2], r[3]) for r in rows],
-                                self.timeout)
+                                self.timeout, device)
         except BaseException:
             self.withdraw()
             raise
@@ -138,8 +139,9 @@ class ShmTransport:
     round it sends). Every rank calls :meth:`publish` once per round, in the same order, then
     :meth:`next_round` when it is done reading; :meth:`close` at the end. Built by :meth:`ShmOffer.open`."""
 
-    def __init__(self, dist, group, rank: int, world: int, paths: List[str], timeout: float):
+    def __init__(self, dist, group, rank: int, world: int, paths: List[str], timeout: float, device=None):
         self.dist, self.group, self.rank, self.world = dist, group, rank, world
+        self.device = device if device is not None else torch.device("cpu")  # (of the all-gather fallback)
         self.hdr_elems = _header_elems(world)
         self.timeout = timeout
         self.paths = paths
@@ -180,8 +182,9 @@ class ShmTransport:
         wait until every rank has done so for this round."""
         k, w = self.round, self.world
         if not FENCED:
-            counts = torch.zeros(w * w, dtype=torch.int64)
-            _all_gather(self.dist)(counts, torch.tensor(send_counts, dtype=torch.int64), group=self.group)
+            counts = torch.zeros(w * w, dtype=torch.int64, device=self.device)
+            _all_gather(self.dist)(counts, torch.tensor(send_counts, dtype=torch.int64, device=self.device),
+                                   group=self.group)
             self.counts = counts.view(w, w).tolist()
         else:
             me = self.headers[self.rank]

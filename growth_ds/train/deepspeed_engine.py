@@ -24,6 +24,16 @@ from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_s
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
+def comm_device(group=None) -> torch.device:
+    """Where tensors handed to collectives on ``group`` must live: host memory under gloo (or MPI), else the
+    accelerator DeepSpeed runs on (NCCL moves device tensors only)."""
+    if str(dist.get_backend(group)).lower() in ("gloo", "mpi"):
+        return torch.device("cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
 def init_distributed() -> None:
     """Initialise torch.distributed (gloo on CPU) from launcher env; a single process works without one."""
     if dist.is_initialized():
