@@ -76,6 +76,13 @@ class Slot:
         return [f.narrow(0, self.offset, self.local) for f in self.flats]
 
 
+def _host_arrays(flats: List[torch.Tensor]) -> Optional[List[np.ndarray]]:
+    """``flats`` as numpy arrays of the same memory when all are float32 in host memory, else None."""
+    if all(f.device.type == "cpu" and f.dtype == torch.float32 for f in flats):
+        return [f.numpy() for f in flats]
+    return None
+
+
 class ZeroLayout:
     """The ZeRO partition layout of an engine (stage 1, 2 or 3), read from DeepSpeed's optimizer."""
 
@@ -104,19 +111,19 @@ class ZeroLayout:
         lp = zo.fp16_partitioned_groups_flat if self.stage == 3 else zo.bit16_groups_flat
         self.lp_element_size = lp[0].element_size() if len(lp) else 0  # low-precision weights (bf16/fp16/fp32)
         self._zero_state: Dict[int, torch.Tensor] = {}
-        self._host: Dict[tuple, Optional[List[np.ndarray]]] = {}
         if self.stage == 3:
             for sg, params in enumerate(zo.fp16_groups):
                 part = zo.fp32_partitioned_groups_flat[sg]
                 state = self._state(part, need_state)
                 self.partitions.append(part)
                 flats = [part.detach()] + [state[key] for key in KEYS[1:]]
+                host = _host_arrays(flats)
                 for p in params:
                     _, off, pn = zo.grad_position[zo.get_param_id(p)]
                     n = int(p.ds_numel)
                     bounds = [min(r * pn, n) for r in range(self.world)] + [n]
                     k = bounds[self.rank + 1] - bounds[self.rank]
-                    self._add(names[p], tuple(p.ds_shape), n, bounds, flats, off, k)
+                    self.slots[names[p]] = Slot(names[p], tuple(p.ds_shape), n, bounds, flats, off, k, host)
         else:
             for g, params in enumerate(zo.round_robin_bit16_groups):
                 flat, part = zo.bit16_groups_flat[g], zo.single_partition_of_fp32_groups[g]
@@ -124,13 +131,15 @@ class ZeroLayout:
                 state = self._state(part, need_state)
                 self.partitions.append(part)
                 flats = [part.detach()] + [state[key] for key in KEYS[1:]]
+                host = _host_arrays(flats)
                 for p in params:
                     off = (p.data_ptr() - flat.data_ptr()) // p.element_size()
                     n = p.numel()
                     bounds = [min(max(r * ps - off, 0), n) for r in range(self.world)] + [n]
                     lo, hi = bounds[self.rank], bounds[self.rank + 1]
                     loc = off + lo - self.rank * ps if hi > lo else 0
-                    self._add(names[p], tuple(p.shape), n, bounds, flats, loc, hi - lo)
+                    self.slots[names[p]] = Slot(names[p], tuple(p.shape), n, bounds, flats, loc, hi - lo, host)
+        self.device = self.partitions[0].device if self.partitions else torch.device("cpu")  # (of the partitions)
 
     @staticmethod
     def _groups(zo) -> list:
@@ -146,13 +155,6 @@ class ZeroLayout:
                              "growth_ds.train.deepspeed_engine.materialise_optimizer_state(engine, batch) first")
         zeros = self._zero_state.setdefault(part.numel(), torch.zeros(part.numel(), dtype=torch.float32))
         return {"exp_avg": zeros, "exp_avg_sq": zeros}  # never stepped: zero moments
-
-    def _add(self, name, shape, numel, bounds, flats, offset, local):
-        key = tuple(id(f) for f in flats)
-        if key not in self._host:
-            host = all(f.device.type == "cpu" and f.dtype == torch.float32 for f in flats)
-            self._host[key] = [f.numpy() for f in flats] if host else None
-        self.slots[name] = Slot(name, shape, numel, bounds, flats, offset, local, self._host[key])
 
     def local_numel(self) -> int:
         return sum(s.bounds[self.rank + 1] - s.bounds[self.rank] for s in self.slots.values())
@@ -234,7 +236,7 @@ class _Exchange:
         self.local = {i: (slot, lo, pieces) for i, req, slot, lo, pieces in outgoing[me]}
         total = sum(send_counts)
         t0 = time.perf_counter()
-        self.device = old.partitions[0].device if old.partitions else torch.device("cpu")
+        self.device = old.device
         self.send = send = transport.buffer(total) if transport is not None else \
             torch.empty(total, dtype=torch.float32, device=old.comm_device if world > 1 else self.device)
         send_np = send.numpy() if send.device.type == "cpu" else None
@@ -442,7 +444,7 @@ def _share_reductions(requests, growths, data, old: ZeroLayout, cache: Dict[int,
         g, v = growths[req.param], gathered[req.rank][off:off + n]
         red = Reductions()
         if "col_mean" in g.reductions:
-            red.col_mean = v[:g.d1].to(old.partitions[0].device if old.partitions else "cpu", copy=True)
+            red.col_mean = v[:g.d1].to(old.device, copy=True)
         if "std" in g.reductions:
             red.std = float(v[-1])
         cache[req.param] = red
@@ -471,16 +473,16 @@ def _transient(rounds, outgoing, me: int, shm: bool, prefetch: bool) -> int:
     return worst
 
 
-def _zero_flags(growths: Sequence[ParamGrowth], old: ZeroLayout) -> Tuple[List[str], torch.Tensor]:
+def _zero_flags(growths: Sequence[ParamGrowth], old: ZeroLayout) -> Tuple[List[str], List[int]]:
     """Whether each old value that a noisy weight grows from holds an exact zero anywhere (the float32 fast
     path of a weight must then normalise signed zeros as the reference does): every rank scans its own old
     slices once (instead of every piece scanning the old rows it received). Returns the source names and
-    this rank's flags (int64, 1 = a zero), to be all-reduced with MAX and given to :func:`_set_zero_flags`."""
+    this rank's flags (1 = a zero), to be reduced over ranks with MAX and given to :func:`_set_zero_flags`."""
     sources = sorted({g.source for g in growths if g.mode == "rows" and g.noisy})
     flats = {id(old.slots[n].flats[0]): old.slots[n] for n in sources}
     if all(sl.host is not None for sl in flats.values()) and \
             all(np.count_nonzero(sl.host[0]) == sl.host[0].size for sl in flats.values()):
-        return sources, torch.zeros(len(sources), dtype=torch.int64)  # (trained weights: no zero anywhere)
+        return sources, [0] * len(sources)  # (trained weights: no zero anywhere)
     flags = []
     for n in sources:
         slot = old.slots[n]
@@ -489,11 +491,7 @@ def _zero_flags(growths: Sequence[ParamGrowth], old: ZeroLayout) -> Tuple[List[s
         else:
             nz = int(torch.count_nonzero(slot.views[0]))
         flags.append(int(nz < slot.local))
-    return sources, torch.tensor(flags, dtype=torch.int64)
-
-
-def _all_gather_single(out: torch.Tensor, t: torch.Tensor, group) -> None:
-    _all_gather(dist)(out, t, group=group)
+    return sources, flags
 
 
 def _set_zero_flags(growths: Sequence[ParamGrowth], sources: List[str], flags: List[int]) -> None:
@@ -576,7 +574,7 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
         # from global metadata only: the schedule must be the same on every rank
         bucket_elems = auto_bucket(max_param, -(-sum(g.new_numel for g in growths) // new.world), prefetch)
     full = any(g.reductions for g in growths)  # whole-parameter rounds (the same at any bucket)
-    on_cpu = all(f.device.type == "cpu" for sl in old.slots.values() for f in sl.flats)
+    on_cpu = all(p.device.type == "cpu" for p in old.partitions)  # (moments live with their partitions)
     sources, flags = _zero_flags(growths, old)
     lp_chunk = _shm_refresh_plan(new_engine, new, max_param) if refresh else None
     limit = 3 * max_param // 4  # the exchange buffers every rank measures must stay under this (auto bucket)
@@ -599,10 +597,10 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
     try:
         mine = (offer.row if offer is not None else [0] * ShmOffer.ROW) + \
             [_transient(rounds, outgoing, old.rank, True, False),
-             _transient(rounds, outgoing, old.rank, False, prefetch)] + flags.tolist()
+             _transient(rounds, outgoing, old.rank, False, prefetch)] + flags
         if old.world > 1:
             every = torch.empty(old.world * len(mine), dtype=torch.int64, device=old.comm_device)
-            _all_gather_single(every, torch.tensor(mine, dtype=torch.int64, device=old.comm_device), old.group)
+            _all_gather(dist)(every, torch.tensor(mine, dtype=torch.int64, device=old.comm_device), group=old.group)
             rows = every.view(old.world, len(mine)).tolist()
         else:
             rows = [mine]

@@ -242,6 +242,7 @@ class SpaceSide:
         self.keep, self.coef = torch.from_numpy(self._keep), torch.from_numpy(self._coef)
         self.mean = (not self.identity) and side == "out" and m.residue == "mean" and not self.all_keep
         self._full: Optional[Tuple[np.ndarray, np.ndarray]] = None
+        self._full_t: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self._inv: dict = {}
 
     def adj(self, i0: int, i1: int) -> torch.Tensor:
@@ -261,8 +262,9 @@ class SpaceSide:
 
     def full(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(clamped src, adjoint) over all new coordinates: 16 bytes per coordinate, built once."""
-        src, adj = self._full_np()
-        return torch.from_numpy(src), torch.from_numpy(adj)
+        if self._full_t is None:
+            self._full_t = tuple(torch.from_numpy(a) for a in self._full_np())
+        return self._full_t
 
     def runs(self, max_runs: int = 64) -> Optional[List[Tuple[int, int, int]]]:
         """The clamped source index as runs of consecutive old coordinates: ``(new start, old start, length)``
@@ -399,10 +401,10 @@ class VectorGrowth:
         src = m.src.numpy()
         keep = src >= 0
         self._idx = np.maximum(src, 0)
-        self.idx = torch.from_numpy(self._idx)
         self.mult: List[Optional[np.ndarray]] = [None, None, None]
         self.ones = [False, False, False]
         self.fix: List[Optional[Tuple[np.ndarray, np.ndarray]]] = [None, None, None]
+        self._on: Dict[torch.device, tuple] = {}  # (idx, mult, fix) as tensors on a device (torch path)
         norm = role in ("norm", "norm_bias")
         s_ok = _pow2(np.array([scale], dtype=np.float64))
         coef = m.out_coef.to(F64).numpy()
@@ -442,13 +444,21 @@ class VectorGrowth:
                 mask = self.fix[c][0][start:stop]
                 o[mask] = self.fix[c][1][start:stop][mask]
             return
+        idx, mult, fix = self._tensors(out.device)
         old = torch.from_numpy(old) if isinstance(old, np.ndarray) else old
-        torch.index_select(old.to(out.device), 0, self.idx[start:stop].to(out.device), out=out)
+        torch.index_select(old.to(out.device), 0, idx[start:stop], out=out)
         if not self.ones[c]:
-            out.mul_(torch.from_numpy(self.mult[c][start:stop]).to(out.device))
-        if self.fix[c] is not None:
-            mask = torch.from_numpy(self.fix[c][0][start:stop]).to(out.device)
-            out[mask] = torch.from_numpy(self.fix[c][1][start:stop]).to(out.device)[mask]
+            out.mul_(mult[c][start:stop])
+        if fix[c] is not None:
+            mask = fix[c][0][start:stop]
+            out[mask] = fix[c][1][start:stop][mask]
+
+    def _tensors(self, device: torch.device) -> tuple:
+        if device not in self._on:
+            t = lambda a: None if a is None else torch.from_numpy(a).to(device)  # noqa: E731
+            self._on[device] = (t(self._idx), [t(m) for m in self.mult],
+                                [None if f is None else (t(f[0]), t(f[1])) for f in self.fix])
+        return self._on[device]
 
 
 class ParamGrowth:
@@ -895,24 +905,25 @@ class ParamGrowth:
         return match.to(F64) * g
 
 
-_SCALARS: Dict[float, torch.Tensor] = {}
+_SCALARS: Dict[Tuple[float, float], torch.Tensor] = {}
 
 
 def _scalar(f: float) -> torch.Tensor:
     """``f`` as a 0-dim float32 CPU tensor, cached: ``torch.mul(x, t)`` computes what ``torch.mul(x, f)`` does
     on a float32 ``x`` (the factor in float32, one rounding) without wrapping a Python number on every call,
     which is half of a small multiply's cost here."""
-    t = _SCALARS.get(f)
+    key = (f, math.copysign(1.0, f))  # (+0.0 == -0.0 as keys; as factors they differ)
+    t = _SCALARS.get(key)
     if t is None:
         t = torch.tensor(f, dtype=torch.float32)
         if len(_SCALARS) < 4096:
-            _SCALARS[f] = t
+            _SCALARS[key] = t
     return t
 
 
-def _pow2(t) -> bool:
-    """Every element (of a tensor or numpy array) is 0 or a positive power of two."""
-    a = (t.to(F64).numpy() if isinstance(t, torch.Tensor) else t).astype(np.float64, copy=False)
+def _pow2(a: np.ndarray) -> bool:
+    """Every element is 0 or a positive power of two."""
+    a = a.astype(np.float64, copy=False)
     mant, _ = np.frexp(a)
     return bool(((a == 0) | ((a > 0) & (mant == 0.5))).all())
 
