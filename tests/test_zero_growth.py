@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from dist_utils import REPO, free_port
-from growth_ds.distributed.zero_index import (OldData, ParamGrowth, PlanCache, chunk_range, clip_intervals,
-                                              grow_rows_reference, intervals_numel, make_schedule, owner_pieces,
-                                              runs_to_intervals)
+from growth_ds.distributed.zero_index import (OldData, ParamGrowth, PlanCache, _strided_runs, chunk_range,
+                                              clip_intervals, grow_rows_reference, intervals_numel, make_schedule,
+                                              owner_pieces, runs_to_intervals)
 from growth_ds.models.schema import parameter_schema
 from growth_ds.ops import grow, make_plan
 from growth_ds.ops.apply import source_name
@@ -218,6 +218,73 @@ def test_packing_on_numpy_and_torch_agree_on_channel_major_planes(pieces):
             got = torch.cat([t[2 + c * stride:2 + c * stride + n] for c in range(3)])
             assert torch.equal(got, want)
         assert torch.equal(a.isnan(), b.isnan()) and int(a.isnan().sum()) == 3 * stride + 3 - 3 * n
+
+
+@pytest.mark.parametrize("flavour,width,depth,changes", PURE_CASES,
+                         ids=[f"{c[0]}-{c[1]}+{c[2]}" for c in PURE_CASES])
+def test_stacked_kinds_equal_reference_bit_for_bit(flavour, width, depth, changes):
+    """ParamGrowth.stack_into (one op per block for every layer of a kind, a leading layer dimension over
+    parameters laid out at a stride in shared memory, as under ZeRO-3) writes what growth_ds.ops.grow does,
+    bit for bit; members off the stride (a gap in the layout) are split into their own ops; where it declines
+    (returns False) it has written nothing the per-parameter path does not rewrite."""
+    small = small_shape(flavour, tied_embeddings=flavour == "gpt2")
+    plan = make_plan(small, dataclasses.replace(small, **changes), width=width, depth=depth, seed=3,
+                     moments="adjoint")
+    state = _state(small, signed_zeros=False)
+    ref = grow(state, plan)
+    cache = PlanCache(plan)
+    schema = parameter_schema(plan.grown_shape)
+    growths = [cache.growth(n, s) for n, s in schema.items()]
+    kinds = {}
+    for g in growths:
+        kinds.setdefault(g.kind, []).append(g)
+    olds = sorted({g.source for g in growths})  # every old parameter at its own place in one flat per channel
+    where, pos = {}, 0
+    for n in olds:
+        where[n] = pos
+        pos += state.params[n].numel() + 5
+    old_flats = [torch.cat([torch.cat([getattr(state, f)[n].reshape(-1), torch.zeros(5)]) for n in olds])
+                 for f in ("params", "exp_avg", "exp_avg_sq")]
+    rng = random.Random(1)
+    stacked = 0
+    for members in kinds.values():
+        g0 = members[0]
+        if len(members) < 2 or g0.mode != "rows":
+            continue
+        for g in members:
+            g.old_has_zero = bool((state.params[g.source] == 0).any())
+        rows = sorted({0, g0.D0, rng.randrange(g0.D0)})
+        for r0, r1 in zip(rows[:-1], rows[1:]):
+            a, b = r0 * g0.D1, r1 * g0.D1
+            n = b - a
+            # new slices at a stride, with a gap before the last member (that one needs an op of its own)
+            starts = [m * (n + 3) + (7 if m == len(members) - 1 else 0) for m in range(len(members))]
+            new_flats = [torch.full((starts[-1] + n + 4,), float("nan")) for _ in range(3)]
+            group = []
+            for g, st in zip(members, starts):
+                ivs = g.needs(a, b)
+                chunks = [(u, v, old_flats, where[g.source] + u) for u, v in ivs]
+                group.append((g, OldData(ivs, chunks=chunks, contiguous=True), [f[st:st + n] for f in new_flats]))
+            done = g0.stack_into(a, b, group)
+            stacked += done
+            for g, old, views in group:
+                if not done:
+                    red = g.reduce(state.params[g.source].reshape(-1)) if g.reductions else None
+                    g.compute_into(a, b, old, red, views)
+                for c, field in enumerate(("params", "exp_avg", "exp_avg_sq")):
+                    want = getattr(ref, field)[g.name].reshape(-1)[a:b]
+                    assert torch.equal(_bits(views[c]), _bits(want)), (g.name, field, a, b, done)
+            untouched = torch.ones(new_flats[0].numel(), dtype=torch.bool)
+            for st in starts:
+                untouched[st:st + n] = False
+            assert all(bool(f[untouched].isnan().all()) for f in new_flats)  # nothing outside the slices
+    if width in ("duplicate", "staged"):  # (the float32 block path: every factor a power of two, no noise)
+        assert stacked > 0, "the stacked path never ran"
+    # members at one stride in one storage become one op; a gap, a negative stride or another storage cut
+    a, b = torch.zeros(100), torch.zeros(100)
+    assert _strided_runs([a] * 4, [0, 10, 20, 37], [5, 5, 5, 9]) == [(0, 3, 10, 0), (3, 4, 0, 0)]
+    assert _strided_runs([a, a, b], [20, 10, 30], [0, 4, 8]) == [(0, 1, 0, 0), (1, 2, 0, 0), (2, 3, 0, 0)]
+    assert _strided_runs([a, a, a], [0, 10, 20], [8, 4, 0]) == [(0, 1, 0, 0), (1, 2, 0, 0), (2, 3, 0, 0)]
 
 
 def test_schedule_serves_every_new_element_exactly_once():

@@ -313,10 +313,14 @@ class _Exchange:
         self.send = None
         me, world = self.old.rank, self.old.world
         planes = [None if p == me else self._planes(p) for p in range(world)]
+        # the same memory as numpy arrays (host float32), for the paths that compute through numpy
+        hplanes = [None if pl is None or not all(t.device.type == "cpu" and t.dtype == torch.float32
+                                                  for t in pl[0] + pl[1])
+                   else tuple([t.numpy() for t in part] for part in pl) for pl in planes]
         cursor = [[0, 0] for _ in range(world)]  # per owner, per plane
         out = {}
         for i, req in self.mine:
-            chunks = []
+            chunks, hosts = [], []
             for p in range(world):  # owners in rank order = old flat order
                 n = self.counts[i, p]
                 if not n:
@@ -324,14 +328,18 @@ class _Exchange:
                 if p == me:  # straight from this rank's partitions
                     slot, lo, pieces = self.local[i]
                     chunks.extend((a, b, slot.flats, a - lo + slot.offset) for a, b in pieces)
+                    hosts.extend([slot.host] * len(pieces))
                     continue
                 k = req.channels != 3
                 part, pos = planes[p][k], cursor[p][k]
+                hpart = hplanes[p][k] if hplanes[p] is not None else None
                 cursor[p][k] += n
                 for a, b in clip_intervals(req.intervals, *self.bounds[i][p:p + 2]):
                     chunks.append((a, b, part, pos))
+                    hosts.append(hpart)
                     pos += b - a
-            out[i] = OldData(req.intervals, chunks=chunks, channels=req.channels, contiguous=True)  # (1-D flats, rows)
+            out[i] = OldData(req.intervals, chunks=chunks, channels=req.channels, contiguous=True,  # (1-D, rows)
+                             hosts=hosts)
             self.stats.old_elements += sum(b - a for a, b, _, _ in chunks)
         return out
 
@@ -480,17 +488,16 @@ def _zero_flags(growths: Sequence[ParamGrowth], old: ZeroLayout) -> Tuple[List[s
     this rank's flags (1 = a zero), to be reduced over ranks with MAX and given to :func:`_set_zero_flags`."""
     sources = sorted({g.source for g in growths if g.mode == "rows" and g.noisy})
     flats = {id(old.slots[n].flats[0]): old.slots[n] for n in sources}
-    if all(sl.host is not None for sl in flats.values()) and \
-            all(np.count_nonzero(sl.host[0]) == sl.host[0].size for sl in flats.values()):
+    # (np.all: a vectorised scan, ~4x faster than count_nonzero here; -0.0 counts as a zero, as it must)
+    if all(sl.host is not None for sl in flats.values()) and all(np.all(sl.host[0]) for sl in flats.values()):
         return sources, [0] * len(sources)  # (trained weights: no zero anywhere)
     flags = []
     for n in sources:
         slot = old.slots[n]
         if slot.host is not None:  # (numpy: ~1 us per call instead of ~10)
-            nz = int(np.count_nonzero(slot.host[0][slot.offset:slot.offset + slot.local]))
+            flags.append(int(not np.all(slot.host[0][slot.offset:slot.offset + slot.local])))
         else:
-            nz = int(torch.count_nonzero(slot.views[0]))
-        flags.append(int(nz < slot.local))
+            flags.append(int(int(torch.count_nonzero(slot.views[0])) < slot.local))
     return sources, flags
 
 
@@ -656,21 +663,42 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
                 pending = _Exchange(rounds[k + 1].requests, growths, old, stats, transport,  # overlaps this compute
                                     outgoing.pop(k + 1))
             t2 = time.perf_counter()
+            # pieces of one kind over the same range (every layer's attn.q under ZeRO-3) are computed together
+            stacks: Dict[tuple, list] = {}
             for i, req in enumerate(rnd.requests):
-                if req.rank != me or req.kind != "piece":
-                    continue
-                g = growths[req.param]
-                olddata = data.pop(i)
-                slot = new.slots[g.name]
-                lo = slot.bounds[me] - slot.offset  # (flat index of partition element 0)
-                # float64 work space is bounded by computing a piece a few rows at a time (the float32 fast path
-                # writes in place)
-                slow = g.mode == "rows" and not (g.fast_value and g.fast_moment)
-                subs = chunk_range(req.start, req.stop, g.D1, compute_elems) if slow else [(req.start, req.stop)]
-                for s, e in subs:
-                    g.compute_into(s, e, olddata, reductions.get(req.param), [f[s - lo:e - lo] for f in slot.flats])
-                del olddata
-                stats.new_elements += req.stop - req.start
+                if req.rank == me and req.kind == "piece":
+                    g = growths[req.param]
+                    stacks.setdefault((req.param,) if g.kind is None else (g.kind, req.start, req.stop), []).append(i)
+            for members in stacks.values():
+                if len(members) > 1:
+                    req = rnd.requests[members[0]]
+                    group = []
+                    for i in members:
+                        g = growths[rnd.requests[i].param]
+                        slot = new.slots[g.name]
+                        lo = slot.bounds[me] - slot.offset  # (flat index of partition element 0)
+                        group.append((g, data[i], [f[req.start - lo:req.stop - lo] for f in slot.flats]))
+                    if growths[req.param].stack_into(req.start, req.stop, group):
+                        for i in members:
+                            del data[i]
+                        stats.new_elements += len(members) * (req.stop - req.start)
+                        continue
+                    del group
+                for i in members:
+                    req = rnd.requests[i]
+                    g = growths[req.param]
+                    olddata = data.pop(i)
+                    slot = new.slots[g.name]
+                    lo = slot.bounds[me] - slot.offset  # (flat index of partition element 0)
+                    # float64 work space is bounded by computing a piece a few rows at a time (the float32 fast
+                    # path writes in place)
+                    slow = g.mode == "rows" and not (g.fast_value and g.fast_moment)
+                    subs = chunk_range(req.start, req.stop, g.D1, compute_elems) if slow else [(req.start, req.stop)]
+                    for s, e in subs:
+                        g.compute_into(s, e, olddata, reductions.get(req.param),
+                                       [f[s - lo:e - lo] for f in slot.flats])
+                    del olddata
+                    stats.new_elements += req.stop - req.start
             del data
             t3 = time.perf_counter()
             if ex is not None:

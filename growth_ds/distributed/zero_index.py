@@ -127,9 +127,12 @@ class OldData:
     :attr:`data` assembles one (a copy) for the paths that need it."""
 
     def __init__(self, intervals: List[Interval], data: Optional[Sequence[torch.Tensor]] = None,
-                 chunks: Optional[List[tuple]] = None, channels: Optional[int] = None, contiguous: bool = False):
-        """``contiguous``: the caller guarantees every chunk view is 1-D and contiguous (not checked)."""
+                 chunks: Optional[List[tuple]] = None, channels: Optional[int] = None, contiguous: bool = False,
+                 hosts: Optional[List[Optional[Sequence[np.ndarray]]]] = None):
+        """``contiguous``: the caller guarantees every chunk view is 1-D and contiguous (not checked).
+        ``hosts``: per chunk, its ``views`` as numpy arrays of the same (host, float32) memory, or None."""
         self.intervals = intervals
+        self.hosts = hosts
         if data is not None:
             data = list(data.unbind(0)) if isinstance(data, torch.Tensor) else list(data)
         if chunks is None:
@@ -160,6 +163,9 @@ class OldData:
     def host_data(self, c: int) -> Optional[np.ndarray]:
         """Channel ``c`` of :attr:`data` as a numpy array when every chunk is float32 in host memory (a view
         when there is one chunk, else one concatenation), else None."""
+        if self.hosts is not None and all(h is not None for h in self.hosts):  # (no tensor-to-numpy per call)
+            parts = [h[c][o:o + b - a] for h, (a, b, _, o) in zip(self.hosts, self.chunks)]
+            return None if not parts else parts[0] if len(parts) == 1 else np.concatenate(parts)
         parts = []
         for a, b, v, o in self.chunks:
             t = v[c]
@@ -366,6 +372,7 @@ class PlanCache:
         proto = self._growths.get(key)
         if proto is None:
             proto = self._growths[key] = ParamGrowth(self.plan, name, spec, self)
+            proto.kind = len(self._growths) - 1
             return proto
         return proto.renamed(name, spec)
 
@@ -435,14 +442,7 @@ class VectorGrowth:
         gather and multiply, at a fraction of torch's per-op cost on vectors this small), elsewhere torch."""
         if out.device.type == "cpu" and out.dtype == torch.float32 and (
                 isinstance(old, np.ndarray) or old.device.type == "cpu" and old.dtype == torch.float32):
-            o = out.numpy()
-            np.take(old if isinstance(old, np.ndarray) else old.numpy(), self._idx[start:stop], out=o,
-                    mode="clip")  # (indices are in range; "clip" writes out in place)
-            if not self.ones[c]:
-                np.multiply(o, self.mult[c][start:stop], out=o)
-            if self.fix[c] is not None:
-                mask = self.fix[c][0][start:stop]
-                o[mask] = self.fix[c][1][start:stop][mask]
+            self.apply_host(c, old if isinstance(old, np.ndarray) else old.numpy(), start, stop, out.numpy())
             return
         idx, mult, fix = self._tensors(out.device)
         old = torch.from_numpy(old) if isinstance(old, np.ndarray) else old
@@ -452,6 +452,15 @@ class VectorGrowth:
         if fix[c] is not None:
             mask = fix[c][0][start:stop]
             out[mask] = fix[c][1][start:stop][mask]
+
+    def apply_host(self, c: int, old: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
+        """:meth:`apply` on float32 numpy arrays (host memory)."""
+        old.take(self._idx[start:stop], out=out, mode="clip")  # (indices are in range; "clip" writes in place)
+        if not self.ones[c]:
+            np.multiply(out, self.mult[c][start:stop], out=out)
+        if self.fix[c] is not None:
+            mask = self.fix[c][0][start:stop]
+            out[mask] = self.fix[c][1][start:stop][mask]
 
     def _tensors(self, device: torch.device) -> tuple:
         if device not in self._on:
@@ -488,6 +497,7 @@ class ParamGrowth:
             self.mode = "rows"
         self.reductions: Tuple[str, ...] = ()
         self.old_has_zero: Optional[bool] = None  # whether the old value holds an exact 0 (None: check pieces)
+        self.kind: Optional[int] = None  # PlanCache.growth: parameters of one kind share it (None: its own kind)
         cache = cache or PlanCache(plan)
         self._block_runs: dict = {}  # (shared by every parameter of the kind: PlanCache.growth)
         self._needs: Dict[Interval, List[Interval]] = {}
@@ -610,6 +620,7 @@ class ParamGrowth:
         else the reference on the whole old vector."""
         vec = self.vec
         ref = None
+        on_host = views[0].device.type == "cpu" and views[0].dtype == torch.float32
         for c in range(3):
             if self.zero[c]:
                 views[c].zero_()
@@ -619,7 +630,10 @@ class ParamGrowth:
                 views[c].copy_(ref[c])
             else:
                 host = old.host_data(c)
-                vec.apply(c, host if host is not None else old.data[c], start, stop, views[c])
+                if host is not None and on_host:  # (numpy throughout: ~1 us per op where torch takes ~10)
+                    vec.apply_host(c, host, start, stop, views[c].numpy())
+                else:
+                    vec.apply(c, host if host is not None else old.data[c], start, stop, views[c])
 
     def _runs(self, chans: Tuple[int, ...]):
         """The map as blocks for channels ``chans``: ``(row runs, their new starts, column tiles)`` (see
@@ -710,6 +724,102 @@ class ParamGrowth:
                     else:  # (a factor of 0 elsewhere keeps the sign of the old value, as the reference does)
                         torch.mul(src, _scalar(f), out=out)
         return chans
+
+    def stack_into(self, start: int, stop: int, members: Sequence[Tuple["ParamGrowth", OldData, Sequence[torch.Tensor]]]
+                   ) -> bool:
+        """:meth:`compute_into` of new flat ``[start, stop)`` for several parameters of this kind at once
+        (``members``: ``(growth, old data, views)``, e.g. every layer's ``attn.q``), each block op run once for
+        all of them where their outputs and old rows lie at a constant stride in the same memory (ZeRO-3 lays
+        a kind's layers out that way: the same op with a leading layer dimension). The same elementwise
+        arithmetic as :meth:`_block_rows`, so the same bits; fewer ops and no per-parameter index work.
+        Returns False, having written nothing that the per-parameter path would not rewrite, where the
+        float32 block path does not cover the range (partial rows, many runs, rows across chunks, an old
+        value with an exact zero, members whose old rows are laid out differently): the caller then takes
+        :meth:`compute_into` for each member."""
+        if self.mode != "rows" or not (self.fast_value and self.fast_moment) or start % self.D1 or stop % self.D1:
+            return False
+        D1 = self.D1
+        chans = tuple(c for c in range(3) if not self.zero[c])
+        if not chans:
+            return False
+        runs = self._runs(chans)
+        if runs is None:
+            return False
+        if 0 in chans and self.noisy and any(g.old_has_zero is not False for g, _, _ in members):
+            return False
+        rruns, rstarts, cruns = runs
+        i0, i1, d1 = start // D1, stop // D1, self.d1
+        spans = [[] for _ in members]  # per member, the old row spans in one order
+        bases = []  # per span: old row of dst row 0 along its row run, with the run's (factors, copy)
+        k = max(bisect.bisect_right(rstarts, i0) - 1, 0)
+        while k < len(rruns) and rruns[k][0] < i1:
+            ns, os_, n, f0, k0 = rruns[k]
+            a, b = max(ns, i0), min(ns + n, i1)
+            for m, (_, old, _) in enumerate(members):
+                sp = old.row_spans(os_ + a - ns, os_ + b - ns, d1) if old is not None and old.chunks else None
+                if sp is None:
+                    return False
+                spans[m].extend(sp)
+                if m == 0:
+                    bases.extend([(os_ + a - ns - (a - i0), f0, k0)] * len(sp))
+            k += 1
+        first = spans[0]
+        for sp in spans[1:]:  # every member's old rows split the same way, in the same memory
+            if len(sp) != len(first) or any(q[2] is None or q[2] is not p[2] or q[:2] != p[:2]
+                                            for p, q in zip(first, sp)):
+                return False
+        if any(p[2] is None for p in first):
+            return False
+        # group (as _block_rows) the row blocks of member 0 that repeat the same old rows at a regular stride;
+        # a group is valid for every member whose old offsets move by one amount across the group
+        keyed: Dict[tuple, list] = {}
+        for j, (sp, (base, f0, k0)) in enumerate(zip(first, bases)):
+            keyed.setdefault((id(sp[2]), sp[3], sp[1], f0, k0), []).append((sp[0] - base, j))
+        groups = []
+        for items in keyed.values():
+            nr = first[items[0][1]][1]
+            step = items[1][0] - items[0][0] if len(items) > 1 else nr
+            js = [j for _, j in items]
+            if len(items) > 1 and not (step >= nr and all(q[0] - p[0] == step for p, q in zip(items[:-1], items[1:]))
+                                       and all(len({sp[j][3] - first[j][3] for j in js}) == 1 for sp in spans[1:])):
+                return False
+            groups.append((items[0][0], step, len(items), js[0]))
+        for g, _, views in members:  # zero channels (identity blocks, the reset rule)
+            for c in range(3):
+                if self.zero[c]:
+                    views[c].zero_()
+        Kg = self.K_g
+        for c in chans:
+            dsts = [views[c] for _, _, views in members]
+            dbase = [t.storage_offset() for t in dsts]
+            noisy = c == 0 and self.noisy
+            for r0, step, gr, j in groups:
+                _, nr, v, _ = first[j]
+                x = v[c]
+                xb = x.storage_offset()
+                xbase = [xb + sp[j][3] for sp in spans]
+                stacks = _strided_runs(dsts, dbase, xbase)
+                f0 = bases[j][1][c]
+                k0 = bases[j][2]
+                for ns, os_, n, gc, f1s, k1 in cruns:  # (column tiles)
+                    f1 = f1s[c]
+                    f = f0 * f1 if k0 == k1 else 0.0  # staged coupling: K = g on matching copies, else 0
+                    if k0 == k1 and Kg != 1 and c == 0:
+                        f *= Kg
+                    zero = f == 0.0 and (noisy or c > 0 and (f0 == 0.0 or f1 == 0.0))
+                    for a, b, do, dx in stacks:  # members [a, b): outputs dst stride do, old rows stride dx
+                        dst = dsts[a]
+                        out = dst.as_strided((b - a, gr, nr, gc, n), (do, step * D1, D1, n, 1),
+                                             dbase[a] + r0 * D1 + ns)
+                        if zero:
+                            out.zero_()  # +0, as in _block_rows
+                            continue
+                        src = x.as_strided((b - a, gr, nr, gc, n), (dx, 0, d1, 0, 1), xbase[a] + os_)
+                        if f == 1.0:
+                            out.copy_(src)
+                        else:
+                            torch.mul(src, _scalar(f), out=out)
+        return True
 
     def _fast_rows(self, i0, i1, rows: "_RowView", pos, K, c: int, dst: Optional[torch.Tensor]) -> torch.Tensor:
         """One channel of rows ``[i0, i1)`` in float32 with a single rounding per element: the gathered old
@@ -908,6 +1018,26 @@ class ParamGrowth:
 _SCALARS: Dict[Tuple[float, float], torch.Tensor] = {}
 
 
+def _strided_runs(dsts: Sequence[torch.Tensor], dbase: List[int], xbase: List[int]) -> List[Tuple[int, int, int, int]]:
+    """Members ``[a, b)`` whose outputs (in one storage) and old rows each lie at one non-negative stride
+    (``do > 0``, ``dx >= 0``): ``(a, b, do, dx)``, greedily, in member order (one op per run)."""
+    out, a, M = [], 0, len(dbase)
+    while a < M:
+        b, do, dx = a + 1, 0, 0
+        if b < M and dsts[b].untyped_storage().data_ptr() == dsts[a].untyped_storage().data_ptr():
+            do, dx = dbase[b] - dbase[a], xbase[b] - xbase[a]
+            if do > 0 and dx >= 0:
+                b += 1
+                while b < M and dbase[b] - dbase[b - 1] == do and xbase[b] - xbase[b - 1] == dx and \
+                        dsts[b].untyped_storage().data_ptr() == dsts[a].untyped_storage().data_ptr():
+                    b += 1
+            else:
+                do, dx = 0, 0
+        out.append((a, b, do, dx))
+        a = b
+    return out
+
+
 def _scalar(f: float) -> torch.Tensor:
     """``f`` as a 0-dim float32 CPU tensor, cached: ``torch.mul(x, t)`` computes what ``torch.mul(x, f)`` does
     on a float32 ``x`` (the factor in float32, one rounding) without wrapping a Python number on every call,
@@ -1032,9 +1162,11 @@ def make_schedule(growths: Sequence[ParamGrowth], new_bounds: Sequence[Sequence[
     First one round per whole-parameter reduction (a ``full`` request for the designated rank,
     ``index % world``, which then holds that one old parameter and nothing else). Then each rank's range of
     each new parameter is cut into row-aligned pieces of at most ``bucket_elems`` elements, queued per rank
-    in parameter order, and dealt into rounds: a round takes from every rank's queue until that rank's load
-    would pass ``bucket_elems`` (always at least one piece). So every round keeps every rank busy, also under
-    ZeRO-1/2, where most parameters lie on one rank.
+    kind by kind (the parameters of one :attr:`ParamGrowth.kind`, e.g. every layer's ``attn.q``, one after
+    another, so a round holds several of them: :meth:`ParamGrowth.stack_into`), and dealt into rounds: a
+    round takes from every rank's queue until that rank's load would pass ``bucket_elems`` (always at least
+    one piece). So every round keeps every rank busy, also under ZeRO-1/2, where most parameters lie on one
+    rank.
     """
     rounds: List[Round] = []
     for p, g in enumerate(growths):
@@ -1045,7 +1177,13 @@ def make_schedule(growths: Sequence[ParamGrowth], new_bounds: Sequence[Sequence[
             rnd.load[d] = g.old_numel
             rounds.append(rnd)
     queues: List[List[Tuple[int, int, int]]] = [[] for _ in range(world)]
+    first: Dict[int, int] = {}  # kind -> its first parameter
     for p, g in enumerate(growths):
+        if g.kind is not None:
+            first.setdefault(g.kind, p)
+    order = sorted(range(len(growths)), key=lambda p: (first.get(growths[p].kind, p), p))
+    for p in order:
+        g = growths[p]
         row = g.D1 if g.mode == "rows" else max(g.new_numel, 1)
         for r in range(world):
             s, e = rank_range(new_bounds[p], r)
