@@ -220,6 +220,45 @@ def test_packing_on_numpy_and_torch_agree_on_channel_major_planes(pieces):
         assert torch.equal(a.isnan(), b.isnan()) and int(a.isnan().sum()) == 3 * stride + 3 - 3 * n
 
 
+def test_stacked_packing_equals_packing_each_request():
+    """Requests of one kind whose slots lie at one stride in the same partitions (every layer under ZeRO-3)
+    are packed as one strided copy per piece and channel; the planes hold what packing each request alone
+    writes, and a request off the stride, with other pieces or channels starts a new run."""
+    import numpy as np
+
+    from growth_ds.distributed.zero import Slot, _pack_host, _pack_host_stacked, _stackable
+    from growth_ds.distributed.zero_index import Request
+
+    flats = [torch.randn(400) for _ in range(3)]
+    host = [f.numpy() for f in flats]
+    lo = 8  # every member holds flat [8, 40) of its parameter
+    offsets = [3, 40, 77, 114, 190, 190]  # a stride of 37, a gap, then the same source twice (stride 0)
+    pieces = [(10, 14), (20, 31)]
+    items = []
+    for m, off in enumerate(offsets):
+        slot = Slot(f"l{m}", (4, 10), 40, [0, 8, 40], flats, off, 32, host)
+        req = Request(m, 1, "piece", 0, 0, pieces, 3)
+        items.append((m, req, slot, lo, pieces if m % 2 else list(pieces), 15))
+    items.append((6, Request(6, 1, "piece", 0, 0, pieces, 1), Slot("x", (4, 10), 40, [0, 8, 40], flats, 227, 32,
+                                                                  host), lo, pieces, 15))
+    runs, j = [], 0
+    while j < len(items):
+        k = _stackable(items, j)
+        runs.append((j, k))
+        j = k
+    assert runs == [(0, 4), (4, 6), (6, 7)]
+    n, na = 15, 15 * 6  # a 3-channel plane holds the six 3-channel requests
+    a, b = np.full(4 * na, np.nan, np.float32), np.full(4 * na, np.nan, np.float32)
+    for j, k in runs[:2]:
+        _pack_host_stacked(a, j * n, na, n, items[j:k])
+    for m in range(6):
+        _pack_host(np.ndarray((3, n), np.float32, b, 4 * m * n, (4 * na, 4)), items[m][2], lo, pieces)
+    assert np.array_equal(a[:3 * na], b[:3 * na]) and not np.isnan(a[:3 * na]).any()
+    want = np.concatenate([host[c][s - lo + off:e - lo + off] for c in range(3) for s, e in pieces
+                           for off in [offsets[2]]])
+    assert np.array_equal(np.concatenate([a[c * na + 2 * n:c * na + 3 * n] for c in range(3)]), want)
+
+
 @pytest.mark.parametrize("flavour,width,depth,changes", PURE_CASES,
                          ids=[f"{c[0]}-{c[1]}+{c[2]}" for c in PURE_CASES])
 def test_stacked_kinds_equal_reference_bit_for_bit(flavour, width, depth, changes):

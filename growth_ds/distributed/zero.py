@@ -221,19 +221,35 @@ def _kill_round() -> Optional[tuple]:
     return int(r), int(k)
 
 
+class _Clips:
+    """:func:`clip_intervals` with its element count, memoised per call of :func:`grow_engine`: the pieces of
+    one kind share their interval lists (:meth:`ParamGrowth.needs`), so most (intervals, owner range) pairs
+    repeat from layer to layer."""
+
+    def __init__(self):
+        self._memo: Dict[tuple, tuple] = {}
+
+    def __call__(self, ivs, lo: int, hi: int) -> Tuple[list, int]:
+        hit = self._memo.get((id(ivs), lo, hi))
+        if hit is None or hit[0] is not ivs:  # (the list itself is kept: its id is never reused meanwhile)
+            pieces = clip_intervals(ivs, lo, hi)
+            hit = self._memo[id(ivs), lo, hi] = (ivs, pieces, intervals_numel(pieces))
+        return hit[1], hit[2]
+
+
 class _Exchange:
     """One all-to-all of a round: every rank sends the old elements it owns that each request needs.
     Started asynchronously (the constructor), so the next round's transfer can overlap this round's
     compute; :meth:`finish` returns ``{request index: OldData}`` for this rank's requests."""
 
     def __init__(self, requests, growths: Sequence[ParamGrowth], old: ZeroLayout, stats: GrowthStats,
-                 transport: Optional[ShmTransport], outgoing):
+                 transport: Optional[ShmTransport], outgoing, clips: _Clips):
         """``outgoing``: :func:`_outgoing` of this round (computed up front to size the buffers)."""
-        self.old, self.stats, self.transport = old, stats, transport
+        self.old, self.stats, self.transport, self.clips = old, stats, transport, clips
         me, world = old.rank, old.world
         outgoing, send_counts = outgoing
         # what this rank needs from itself is read from its own partitions in finish(), never sent
-        self.local = {i: (slot, lo, pieces) for i, req, slot, lo, pieces in outgoing[me]}
+        self.local = {i: (slot, lo, pieces) for i, req, slot, lo, pieces, _ in outgoing[me]}
         total = sum(send_counts)
         t0 = time.perf_counter()
         self.device = old.device
@@ -244,17 +260,23 @@ class _Exchange:
         for q in range(world):  # what goes to q, channel-major (_planes): three planes, then one
             if q == me:
                 continue
-            sizes = [intervals_numel(pieces) for _, _, _, _, pieces in outgoing[q]]
-            na = sum(n for n, (_, req, _, _, _) in zip(sizes, outgoing[q]) if req.channels == 3)
+            items = outgoing[q]
+            na = sum(it[5] for it in items if it[1].channels == 3)
             pos = [base, base + 3 * na]  # where the next request's channel 0 goes, per plane
-            for n, (i, req, slot, lo, pieces) in zip(sizes, outgoing[q]):
+            j = 0
+            while j < len(items):
+                i, req, slot, lo, pieces, n = items[j]
                 ch = req.channels
                 at, step = (pos[0], na) if ch == 3 else (pos[1], n)
-                if send_np is not None and slot.host is not None:
+                k = _stackable(items, j) if send_np is not None and slot.host is not None else j + 1
+                if k - j > 1:  # requests of one kind from slots at one stride: one copy per run and channel
+                    _pack_host_stacked(send_np, at, step, n, items[j:k])
+                elif send_np is not None and slot.host is not None:
                     _pack_host(np.ndarray((ch, n), np.float32, send_np, 4 * at, (4 * step, 4)), slot, lo, pieces)
                 else:
                     _pack(send.as_strided((ch, n), (step, 1), send.storage_offset() + at), ch, slot, lo, pieces)
-                pos[ch != 3] += n
+                pos[ch != 3] += n * (k - j)
+                j = k
             base += send_counts[q]
         self.mine = [(i, req) for i, req in enumerate(requests) if req.rank == me]
         self.counts = {}  # (request index, owner) -> elements
@@ -263,7 +285,7 @@ class _Exchange:
         for i, req in self.mine:
             bounds = self.bounds[i] = old.slots[growths[req.param].source].bounds
             for p in range(world):
-                n = intervals_numel(clip_intervals(req.intervals, bounds[p], bounds[p + 1]))
+                n = clips(req.intervals, bounds[p], bounds[p + 1])[1]
                 self.counts[i, p] = n
                 if p != me:
                     recv_counts[p] += n * req.channels
@@ -334,7 +356,7 @@ class _Exchange:
                 part, pos = planes[p][k], cursor[p][k]
                 hpart = hplanes[p][k] if hplanes[p] is not None else None
                 cursor[p][k] += n
-                for a, b in clip_intervals(req.intervals, *self.bounds[i][p:p + 2]):
+                for a, b in self.clips(req.intervals, *self.bounds[i][p:p + 2])[0]:
                     chunks.append((a, b, part, pos))
                     hosts.append(hpart)
                     pos += b - a
@@ -350,21 +372,56 @@ class _Exchange:
             self.transport.next_round()
 
 
-def _outgoing(requests, growths: Sequence[ParamGrowth], old: ZeroLayout):
-    """``(per destination [(request index, request, slot, lo, pieces)], per destination element count)``: the
-    old elements this rank owns that each request of a round needs. Its own requests are listed but not
-    counted (they are never sent)."""
+def _outgoing(requests, growths: Sequence[ParamGrowth], old: ZeroLayout, clips: _Clips):
+    """``(per destination [(request index, request, slot, lo, pieces, elements)], per destination element
+    count)``: the old elements this rank owns that each request of a round needs. Its own requests are
+    listed but not counted (they are never sent)."""
     me, world = old.rank, old.world
     outgoing: List[List[tuple]] = [[] for _ in range(world)]
     for i, req in enumerate(requests):
         slot = old.slots[growths[req.param].source]
-        lo, hi = slot.bounds[me], slot.bounds[me + 1]
-        pieces = clip_intervals(req.intervals, lo, hi)
+        lo = slot.bounds[me]
+        pieces, n = clips(req.intervals, lo, slot.bounds[me + 1])
         if pieces:
-            outgoing[req.rank].append((i, req, slot, lo, pieces))
-    counts = [0 if q == me else sum(intervals_numel(p) * req.channels for _, req, _, _, p in outgoing[q])
-              for q in range(world)]
+            outgoing[req.rank].append((i, req, slot, lo, pieces, n))
+    counts = [0 if q == me else sum(it[5] * it[1].channels for it in outgoing[q]) for q in range(world)]
     return outgoing, counts
+
+
+def _stackable(items, j: int) -> int:
+    """End of the run of ``items[j:]`` (entries of :func:`_outgoing` to one destination) that
+    :func:`_pack_host_stacked` packs at once: the same channels, pieces (relative to the slice) and host
+    arrays, slots at one non-negative stride in them (every layer of a kind under ZeRO-3)."""
+    _, req, slot, lo, pieces, n = items[j]
+    if len(pieces) > 8:
+        return j + 1
+    k, stride = j + 1, None
+    while k < len(items):
+        _, req2, slot2, lo2, pieces2, n2 = items[k]
+        d = slot2.offset - items[k - 1][2].offset  # (old element a of a piece lies at a - lo + slot.offset)
+        if req2.channels != req.channels or slot2.host is not slot.host or n2 != n or d < 0 or \
+                (stride is not None and d != stride) or (pieces2 is not pieces and (
+                    lo2 != lo and [(a - lo2, b - lo2) for a, b in pieces2] != [(a - lo, b - lo) for a, b in pieces]
+                    or lo2 == lo and pieces2 != pieces)):
+            break
+        stride = d
+        k += 1
+    return k
+
+
+def _pack_host_stacked(send: np.ndarray, at: int, step: int, n: int, items) -> None:
+    """:func:`_pack_host` of a run from :func:`_stackable`: member ``m`` goes ``m * n`` elements after the first,
+    in every plane; its old elements lie a fixed stride after the previous member's in the same arrays."""
+    _, req, slot, lo, pieces, _ = items[0]
+    base = slot.offset - lo
+    stride = items[1][2].offset - slot.offset
+    L, pos = len(items), 0
+    for s, e in pieces:
+        for c in range(req.channels):
+            host = slot.host[c]
+            dst = np.ndarray((L, e - s), np.float32, send, 4 * (at + c * step + pos), (4 * n, 4))
+            np.copyto(dst, np.ndarray((L, e - s), np.float32, host, 4 * (s + base), (4 * stride, 4)))
+        pos += e - s
 
 
 def _pack(seg: torch.Tensor, channels: int, slot: Slot, lo: int, pieces) -> torch.Tensor:
@@ -573,6 +630,7 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
     old.check(plan.small, "the old")
     new.check(plan.grown_shape, "the new", schema)
     cache = PlanCache(plan)
+    clips = _Clips()
     growths = [cache.growth(name, spec) for name, spec in schema.items()]
     new_bounds = [new.slots[g.name].bounds for g in growths]
     max_param = max(g.new_numel for g in growths)
@@ -588,7 +646,7 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
 
     def schedule(bucket):
         rounds = make_schedule(growths, new_bounds, new.world, bucket)
-        return rounds, {k: _outgoing(r.requests, growths, old) for k, r in enumerate(rounds)
+        return rounds, {k: _outgoing(r.requests, growths, old, clips) for k, r in enumerate(rounds)
                         if r.requests[0].kind != "full"}
 
     def capacity(outgoing):  # elements of this rank's shared segment half
@@ -655,13 +713,13 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
                     data.clear()
             else:
                 ex = pending if pending is not None else \
-                    _Exchange(rnd.requests, growths, old, stats, transport, outgoing.pop(k))
+                    _Exchange(rnd.requests, growths, old, stats, transport, outgoing.pop(k), clips)
                 pending = None
                 data = ex.finish()
             _share_reductions(rnd.requests, growths, data, old, reductions)
             if prefetch and transport is None and k + 1 < len(rounds) and rounds[k + 1].requests[0].kind != "full":
                 pending = _Exchange(rounds[k + 1].requests, growths, old, stats, transport,  # overlaps this compute
-                                    outgoing.pop(k + 1))
+                                    outgoing.pop(k + 1), clips)
             t2 = time.perf_counter()
             # pieces of one kind over the same range (every layer's attn.q under ZeRO-3) are computed together
             stacks: Dict[tuple, list] = {}
