@@ -12,7 +12,9 @@ request round: old owners pack exactly the elements every rank needs, and one
 ``all_to_all_single`` per bucket (a *round*, :func:`~growth_ds.distributed.zero_index.make_schedule`)
 moves them. Each rank then replays the reference arithmetic (``growth_ds.ops.apply``) on its rows and
 writes its own slices: in float32, in place, where every factor is a power of two (duplication, staged
-training, depth copies: provably the same bits), else in float64 a few rows at a time. The result is
+training, depth copies: provably the same bits), else in float64 a few rows at a time. Pieces of one kind
+over one range (every layer's ``attn.q`` under ZeRO-3, queued together by the schedule) are packed and
+computed together: one strided op for all of them where their slices lie at a stride. The result is
 bit-identical to ``growth_ds.ops.grow`` on the full state, at any world size, ZeRO stage and bucket size
 (tests/test_zero_growth.py).
 
