@@ -168,7 +168,8 @@ def worker(args):
                                  exchange_s=out.seconds_exchange, compute_s=out.seconds_compute,
                                  setup_s=out.seconds_setup, refresh_s=out.seconds_refresh,
                                  transport=out.transport, pack_s=out.seconds_pack, sync_s=out.seconds_wait,
-                                 bucket=int(out.extra.get("bucket_elems", 0)))
+                                 bucket=int(out.extra.get("bucket_elems", 0)), pieces=out.pieces,
+                                 stacked=out.stacked_pieces)
         nbytes = rec["executor"]["new_state_bytes"]
         rec["memcpy_seconds"] = min(memcpy_seconds(nbytes) for _ in range(3))
         gathered = [None] * ws
@@ -217,7 +218,8 @@ def report(per_rank):
             best = max(r[path]["best_seconds"] for r in per_rank)
             extra = (f"; best of 3 runs {best:.3f}s = {best / memcpy:.1f}x memcpy"
                      f"; {secs / (memcpy * master / nbytes):.1f}x a memcpy of master + moments alone"
-                     f"; {r0[path]['transport']} transport, rounds {r0[path]['rounds']} (bucket {r0[path]['bucket']}), setup {su:.3f}s, "
+                     f"; {r0[path]['transport']} transport, rounds {r0[path]['rounds']} (bucket {r0[path]['bucket']}), "
+                     f"pieces {r0[path]['pieces']} ({r0[path]['stacked']} stacked), setup {su:.3f}s, "
                      f"exchange {ex:.3f}s (pack {pk:.3f}s, waits {sy:.3f}s), compute {co:.3f}s, "
                      f"refresh {rf:.3f}s, sent {sent / mib:.0f} MiB")
         print(f"   {path:8s}: {secs:7.3f}s = {secs / memcpy:6.1f}x memcpy, {nbytes / secs / 2**30:.2f} GiB/s; "

@@ -449,6 +449,9 @@ def test_grown_partitions_equal_the_reference_bit_for_bit(runs, ws):
         assert r["transport"] == ("shm" if ws > 1 and not r["full_rounds"] else "collective"), where
     if ws > 1:
         assert {r["transport"] for r in recs} == {"shm", "collective"}
+        # under ZeRO-3 the layers of a kind were computed together (ParamGrowth.stack_into), checked above too
+        assert any(r["stacked_pieces"] for r in recs if r["stage"] == 3)
+    assert all(r["stacked_pieces"] <= r["pieces"] for r in recs)
     assert any("ds_gather_value_diff" in r for r in recs)  # DeepSpeed's own gather was consulted too
 
 

@@ -359,6 +359,7 @@ def task_cases(out_dir, opts):
                 rec["lp_mismatch"] = lp_mismatch(new, got)
                 rec["digest"] = digest(got, list(parameter_schema(shape)))
                 rec["rounds"] = stats.rounds
+                rec["pieces"], rec["stacked_pieces"] = stats.pieces, stats.stacked_pieces
                 rec["transport"], rec["full_rounds"] = stats.transport, stats.full_rounds
                 rec["bytes_sent"] = stats.bytes_sent
                 rec["t_check"] = time.time() - tt

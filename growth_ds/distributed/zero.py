@@ -199,6 +199,8 @@ class GrowthStats:
     seconds_pack: float = 0.0     # (part of exchange) copying sent elements into the send buffer / segment
     seconds_wait: float = 0.0     # (part of exchange) shared memory: waiting for every rank to have packed
     step: int = 0
+    pieces: int = 0          # pieces this rank computed (a range of one new parameter)
+    stacked_pieces: int = 0  # of which computed together with others of their kind (ParamGrowth.stack_into)
     transport: str = "collective"  # or "shm" (same host, zero_shm)
     lp_element_size: int = 0  # bytes per element of the low-precision weights refreshed (0: not refreshed)
     extra: Dict[str, float] = field(default_factory=dict)
@@ -742,6 +744,8 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
                         for i in members:
                             del data[i]
                         stats.new_elements += len(members) * (req.stop - req.start)
+                        stats.pieces += len(members)
+                        stats.stacked_pieces += len(members)
                         continue
                     del group
                 for i in members:
@@ -759,6 +763,7 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
                                        [f[s - lo:e - lo] for f in slot.flats])
                     del olddata
                     stats.new_elements += req.stop - req.start
+                    stats.pieces += 1
             del data
             t3 = time.perf_counter()
             if ex is not None:
