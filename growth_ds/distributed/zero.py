@@ -399,15 +399,22 @@ def _stackable(items, j: int) -> int:
     _, req, slot, lo, pieces, n = items[j]
     if len(pieces) > 8:
         return j + 1
+    rel = None  # pieces relative to the slice, built only if some member's slice starts elsewhere
     k, stride = j + 1, None
     while k < len(items):
         _, req2, slot2, lo2, pieces2, n2 = items[k]
         d = slot2.offset - items[k - 1][2].offset  # (old element a of a piece lies at a - lo + slot.offset)
         if req2.channels != req.channels or slot2.host is not slot.host or n2 != n or d < 0 or \
-                (stride is not None and d != stride) or (pieces2 is not pieces and (
-                    lo2 != lo and [(a - lo2, b - lo2) for a, b in pieces2] != [(a - lo, b - lo) for a, b in pieces]
-                    or lo2 == lo and pieces2 != pieces)):
+                (stride is not None and d != stride):
             break
+        if pieces2 is not pieces:
+            if lo2 == lo:
+                same = pieces2 == pieces
+            else:
+                rel = rel or [(a - lo, b - lo) for a, b in pieces]
+                same = [(a - lo2, b - lo2) for a, b in pieces2] == rel
+            if not same:
+                break
         stride = d
         k += 1
     return k
