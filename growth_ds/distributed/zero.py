@@ -52,6 +52,7 @@ dist = dse.dist
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 DEFAULT_BUCKET_ELEMS = 1 << 24
 KILL_ENV = "GROWTH_DS_KILL_IN_GROWTH"  # "RANK:ROUND": SIGKILL that rank at that round (fault-tolerance tests)
+FEW_RUNS = 8  # a packed request of at most this many old intervals is copied interval by interval, else gathered
 
 
 # ---- where DeepSpeed keeps each element --------------------------------------------------------
@@ -272,13 +273,15 @@ class _Exchange:
                 i, req, slot, lo, pieces, n = items[j]
                 ch = req.channels
                 at, step = (pos[0], na) if ch == 3 else (pos[1], n)
-                k = _stackable(items, j) if send_np is not None and slot.host is not None else j + 1
-                if k - j > 1:  # requests of one kind from slots at one stride: one copy per run and channel
-                    _pack_host_stacked(send_np, at, step, n, items[j:k])
-                elif send_np is not None and slot.host is not None:
-                    _pack_host(np.ndarray((ch, n), np.float32, send_np, 4 * at, (4 * step, 4)), slot, lo, pieces)
-                else:
+                k = j + 1
+                if send_np is None or slot.host is None:
                     _pack(send.as_strided((ch, n), (step, 1), send.storage_offset() + at), ch, slot, lo, pieces)
+                else:
+                    k = _stackable(items, j)
+                    if k - j > 1:  # requests of one kind from slots at one stride: one copy per run and channel
+                        _pack_host_stacked(send_np, at, step, n, items[j:k])
+                    else:
+                        _pack_host(np.ndarray((ch, n), np.float32, send_np, 4 * at, (4 * step, 4)), slot, lo, pieces)
                 pos[ch != 3] += n * (k - j)
                 j = k
             base += send_counts[q]
@@ -339,9 +342,9 @@ class _Exchange:
         self.send = None
         me, world = self.old.rank, self.old.world
         planes = [None if p == me else self._planes(p) for p in range(world)]
-        # the same memory as numpy arrays (host float32), for the paths that compute through numpy
-        hplanes = [None if pl is None or not all(t.device.type == "cpu" and t.dtype == torch.float32
-                                                  for t in pl[0] + pl[1])
+        # the same memory as numpy arrays (host float32), for the paths that compute through numpy (the planes of
+        # an owner are views of one tensor)
+        hplanes = [None if pl is None or pl[1][0].device.type != "cpu" or pl[1][0].dtype != torch.float32
                    else tuple([t.numpy() for t in part] for part in pl) for pl in planes]
         cursor = [[0, 0] for _ in range(world)]  # per owner, per plane
         out = {}
@@ -397,7 +400,7 @@ def _stackable(items, j: int) -> int:
     :func:`_pack_host_stacked` packs at once: the same channels, pieces (relative to the slice) and host
     arrays, slots at one non-negative stride in them (every layer of a kind under ZeRO-3)."""
     _, req, slot, lo, pieces, n = items[j]
-    if len(pieces) > 8:
+    if len(pieces) > FEW_RUNS:
         return j + 1
     rel = None  # pieces relative to the slice, built only if some member's slice starts elsewhere
     k, stride = j + 1, None
@@ -454,7 +457,7 @@ def _pack(seg: torch.Tensor, channels: int, slot: Slot, lo: int, pieces) -> torc
 def _pack_host(seg: np.ndarray, slot: Slot, lo: int, pieces) -> None:
     """:func:`_pack` on numpy views of host memory (``seg`` ``[channels, n]``)."""
     base = slot.offset - lo
-    if len(pieces) <= 8:
+    if len(pieces) <= FEW_RUNS:
         for c in range(seg.shape[0]):
             flat, row, pos = slot.host[c], seg[c], 0
             for s, e in pieces:
@@ -615,6 +618,49 @@ def _shm_refresh(engine, layout: ZeroLayout, transport: ShmTransport, chunk_byte
             transport.next_round()
 
 
+def _compute_round(requests, data: Dict[int, OldData], growths: Sequence[ParamGrowth], new: ZeroLayout,
+                   reductions: Dict[int, Reductions], compute_elems: int, stats: GrowthStats) -> None:
+    """This rank's pieces of a round into its new slices (``data``: their old elements, consumed). Pieces of one
+    kind over one range (every layer's ``attn.q`` under ZeRO-3) are computed together
+    (:meth:`ParamGrowth.stack_into`); the rest one by one, the exact slow path ``compute_elems`` new elements
+    at a time (its float64 work space; the float32 fast path writes in place)."""
+    me = new.rank
+
+    def views(g: ParamGrowth, s: int, e: int) -> List[torch.Tensor]:  # new flat [s, e) of g, every channel
+        slot = new.slots[g.name]
+        lo = slot.bounds[me] - slot.offset  # (flat index of partition element 0)
+        return [f[s - lo:e - lo] for f in slot.flats]
+
+    stacks: Dict[tuple, list] = {}
+    for i, req in enumerate(requests):
+        if req.rank == me and req.kind == "piece":
+            g = growths[req.param]
+            stacks.setdefault((req.param,) if g.kind is None else (g.kind, req.start, req.stop), []).append(i)
+    for members in stacks.values():
+        if len(members) > 1:
+            req = requests[members[0]]
+            group = [(growths[requests[i].param], data[i], views(growths[requests[i].param], req.start, req.stop))
+                     for i in members]
+            if growths[req.param].stack_into(req.start, req.stop, group):
+                for i in members:
+                    del data[i]
+                stats.new_elements += len(members) * (req.stop - req.start)
+                stats.pieces += len(members)
+                stats.stacked_pieces += len(members)
+                continue
+            del group
+        for i in members:
+            req = requests[i]
+            g = growths[req.param]
+            olddata = data.pop(i)
+            slow = g.mode == "rows" and not (g.fast_value and g.fast_moment)
+            for s, e in chunk_range(req.start, req.stop, g.D1, compute_elems) if slow else [(req.start, req.stop)]:
+                g.compute_into(s, e, olddata, reductions.get(req.param), views(g, s, e))
+            del olddata
+            stats.new_elements += req.stop - req.start
+            stats.pieces += 1
+
+
 def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optional[int] = None,
                 prefetch: bool = False, refresh: bool = True) -> GrowthStats:
     """Grow ``old_engine``'s whole training state into ``new_engine``, rank by rank, no gather.
@@ -732,45 +778,7 @@ def grow_engine(old_engine, new_engine, plan: GrowthPlan, *, bucket_elems: Optio
                 pending = _Exchange(rounds[k + 1].requests, growths, old, stats, transport,  # overlaps this compute
                                     outgoing.pop(k + 1), clips)
             t2 = time.perf_counter()
-            # pieces of one kind over the same range (every layer's attn.q under ZeRO-3) are computed together
-            stacks: Dict[tuple, list] = {}
-            for i, req in enumerate(rnd.requests):
-                if req.rank == me and req.kind == "piece":
-                    g = growths[req.param]
-                    stacks.setdefault((req.param,) if g.kind is None else (g.kind, req.start, req.stop), []).append(i)
-            for members in stacks.values():
-                if len(members) > 1:
-                    req = rnd.requests[members[0]]
-                    group = []
-                    for i in members:
-                        g = growths[rnd.requests[i].param]
-                        slot = new.slots[g.name]
-                        lo = slot.bounds[me] - slot.offset  # (flat index of partition element 0)
-                        group.append((g, data[i], [f[req.start - lo:req.stop - lo] for f in slot.flats]))
-                    if growths[req.param].stack_into(req.start, req.stop, group):
-                        for i in members:
-                            del data[i]
-                        stats.new_elements += len(members) * (req.stop - req.start)
-                        stats.pieces += len(members)
-                        stats.stacked_pieces += len(members)
-                        continue
-                    del group
-                for i in members:
-                    req = rnd.requests[i]
-                    g = growths[req.param]
-                    olddata = data.pop(i)
-                    slot = new.slots[g.name]
-                    lo = slot.bounds[me] - slot.offset  # (flat index of partition element 0)
-                    # float64 work space is bounded by computing a piece a few rows at a time (the float32 fast
-                    # path writes in place)
-                    slow = g.mode == "rows" and not (g.fast_value and g.fast_moment)
-                    subs = chunk_range(req.start, req.stop, g.D1, compute_elems) if slow else [(req.start, req.stop)]
-                    for s, e in subs:
-                        g.compute_into(s, e, olddata, reductions.get(req.param),
-                                       [f[s - lo:e - lo] for f in slot.flats])
-                    del olddata
-                    stats.new_elements += req.stop - req.start
-                    stats.pieces += 1
+            _compute_round(rnd.requests, data, growths, new, reductions, compute_elems, stats)
             del data
             t3 = time.perf_counter()
             if ex is not None:

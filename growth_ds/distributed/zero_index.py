@@ -671,58 +671,22 @@ class ParamGrowth:
             if not chans:
                 return ()
         rruns, rstarts, cruns = runs
-        d1 = self.d1
-        # where the old rows lie (once for every channel); row blocks that repeat the same old rows at a
-        # regular stride (duplication tiles) become one group, one op per channel and column tile
-        keyed: Dict[tuple, list] = {}
-        k = max(bisect.bisect_right(rstarts, i0) - 1, 0)
-        while k < len(rruns) and rruns[k][0] < i1:
-            ns, os_, n, f0, k0 = rruns[k]
-            a, b = max(ns, i0), min(ns + n, i1)
-            spans = old.row_spans(os_ + a - ns, os_ + b - ns, d1)
-            if spans is None:
-                return ()
-            base = os_ + a - ns - (a - i0)  # old row of dst row 0 along this run
-            for sp in spans:
-                key = (id(sp[2]), sp[3], sp[1], f0, k0) if sp[2] is not None else (id(sp),)
-                keyed.setdefault(key, []).append((sp[0] - base, sp, f0, k0))
-            k += 1
-        groups = []
-        for items in keyed.values():
-            nr = items[0][1][1]
-            step = items[1][0] - items[0][0] if len(items) > 1 else nr
-            if step >= nr and all(q[0] - p[0] == step for p, q in zip(items[:-1], items[1:])):
-                groups.append((items[0][0], step, len(items)) + items[0][1:])
-            else:
-                groups.extend((r0, nr, 1, sp, f0, k0) for r0, sp, f0, k0 in items)
-        D1, Kg = self.D1, self.K_g
+        spans = self._spans(i0, i1, old, rruns, rstarts)
+        if spans is None:
+            return ()
+        groups = self._group(spans)
+        one = [(0, 1, 0, 0)]  # (a single member: see _strided_runs)
         for c in chans:
             dst, doff = dsts[c]
-            dbase = dst.storage_offset() + doff
-            noisy = c == 0 and self.noisy
-            for r0, step, gr, sp, f0s, k0 in groups:
-                _, nr, v, o = sp
+            dbase = [dst.storage_offset() + doff]
+            for r0, step, gr, js in groups:
+                (_, nr, v, o), _, f0s, k0 = spans[js[0]]
                 if v is None:  # a row across chunks: assembled
-                    x = torch.cat([w[c][q:q + n] for w, q, n in o])
-                    xbase = 0
+                    x, xbase = torch.cat([w[c][q:q + n] for w, q, n in o]), [0]
                 else:
                     x = v[c]
-                    xbase = x.storage_offset() + o
-                f0 = f0s[c]
-                for ns, os_, n, gc, f1s, k1 in cruns:  # (column tiles)
-                    f1 = f1s[c]
-                    f = f0 * f1 if k0 == k1 else 0.0  # staged coupling: K = g on matching copies, else 0
-                    if k0 == k1 and Kg != 1 and c == 0:
-                        f *= Kg
-                    out = dst.as_strided((gr, nr, gc, n), (step * D1, D1, n, 1), dbase + r0 * D1 + ns)
-                    if f == 0.0 and (noisy or c > 0 and (f0 == 0.0 or f1 == 0.0)):
-                        out.zero_()  # +0: the reference adds its zero noise (weights) or writes 0 where adj = 0
-                        continue
-                    src = x.as_strided((gr, nr, gc, n), (0, d1, 0, 1), xbase + os_)
-                    if f == 1.0:
-                        out.copy_(src)
-                    else:  # (a factor of 0 elsewhere keeps the sign of the old value, as the reference does)
-                        torch.mul(src, _scalar(f), out=out)
+                    xbase = [x.storage_offset() + o]
+                self._tile_ops(c, [dst], dbase, x, xbase, one, r0, step, gr, nr, f0s[c], k0, cruns)
         return chans
 
     def stack_into(self, start: int, stop: int, members: Sequence[Tuple["ParamGrowth", OldData, Sequence[torch.Tensor]]]
@@ -738,7 +702,6 @@ class ParamGrowth:
         :meth:`compute_into` for each member."""
         if self.mode != "rows" or not (self.fast_value and self.fast_moment) or start % self.D1 or stop % self.D1:
             return False
-        D1 = self.D1
         chans = tuple(c for c in range(3) if not self.zero[c])
         if not chans:
             return False
@@ -748,78 +711,102 @@ class ParamGrowth:
         if 0 in chans and self.noisy and any(g.old_has_zero is not False for g, _, _ in members):
             return False
         rruns, rstarts, cruns = runs
-        i0, i1, d1 = start // D1, stop // D1, self.d1
-        spans = [[] for _ in members]  # per member, the old row spans in one order
-        bases = []  # per span: old row of dst row 0 along its row run, with the run's (factors, copy)
+        i0, i1 = start // self.D1, stop // self.D1
+        spans = []  # per member, where its old rows lie (_spans)
+        for _, old, _ in members:
+            sp = self._spans(i0, i1, old, rruns, rstarts) if old is not None and old.chunks else None
+            if sp is None:
+                return False
+            spans.append(sp)
+        first = spans[0]
+        for sp in spans:  # every member's old rows split the same way, whole rows in one chunk, in the same memory
+            if len(sp) != len(first) or any(q[0][2] is None or q[0][2] is not p[0][2] or q[0][:2] != p[0][:2]
+                                            for p, q in zip(first, sp)):
+                return False
+        groups = self._group(first)
+        # a group of row blocks reading the same old rows holds for every member whose old offsets move by one
+        # amount across it
+        if any(len({sp[j][0][3] - first[j][0][3] for j in js}) > 1
+               for _, _, _, js in groups if len(js) > 1 for sp in spans[1:]):
+            return False
+        for _, _, views in members:  # zero channels (identity blocks, the reset rule)
+            for c in range(3):
+                if self.zero[c]:
+                    views[c].zero_()
+        for c in chans:
+            dsts = [views[c] for _, _, views in members]
+            dbase = [t.storage_offset() for t in dsts]
+            for r0, step, gr, js in groups:
+                (_, nr, v, _), _, f0s, k0 = first[js[0]]
+                x = v[c]
+                xbase = [x.storage_offset() + sp[js[0]][0][3] for sp in spans]
+                self._tile_ops(c, dsts, dbase, x, xbase, _strided_runs(dsts, dbase, xbase), r0, step, gr, nr,
+                               f0s[c], k0, cruns)
+        return True
+
+    def _spans(self, i0: int, i1: int, old: OldData, rruns, rstarts) -> Optional[List[tuple]]:
+        """Where the old rows of new rows ``[i0, i1)`` lie, along the row runs: ``(span, base, factors, copy)``
+        per :meth:`OldData.row_spans` span, ``base`` the old row of new row ``i0`` along the span's row run;
+        None if an old row was not received."""
+        out = []
         k = max(bisect.bisect_right(rstarts, i0) - 1, 0)
         while k < len(rruns) and rruns[k][0] < i1:
             ns, os_, n, f0, k0 = rruns[k]
             a, b = max(ns, i0), min(ns + n, i1)
-            for m, (_, old, _) in enumerate(members):
-                sp = old.row_spans(os_ + a - ns, os_ + b - ns, d1) if old is not None and old.chunks else None
-                if sp is None:
-                    return False
-                spans[m].extend(sp)
-                if m == 0:
-                    bases.extend([(os_ + a - ns - (a - i0), f0, k0)] * len(sp))
+            sp = old.row_spans(os_ + a - ns, os_ + b - ns, self.d1)
+            if sp is None:
+                return None
+            base = os_ + a - ns - (a - i0)
+            out.extend((x, base, f0, k0) for x in sp)
             k += 1
-        first = spans[0]
-        for sp in spans[1:]:  # every member's old rows split the same way, in the same memory
-            if len(sp) != len(first) or any(q[2] is None or q[2] is not p[2] or q[:2] != p[:2]
-                                            for p, q in zip(first, sp)):
-                return False
-        if any(p[2] is None for p in first):
-            return False
-        # group (as _block_rows) the row blocks of member 0 that repeat the same old rows at a regular stride;
-        # a group is valid for every member whose old offsets move by one amount across the group
+        return out
+
+    @staticmethod
+    def _group(spans: List[tuple]) -> List[Tuple[int, int, int, List[int]]]:
+        """:meth:`_spans` as row groups ``(first new row - i0, step, count, span indices)``: the row blocks that
+        read the same old rows at a regular stride (duplication tiles) are one group, one op per channel and
+        column tile; any other block is a group of its own."""
         keyed: Dict[tuple, list] = {}
-        for j, (sp, (base, f0, k0)) in enumerate(zip(first, bases)):
-            keyed.setdefault((id(sp[2]), sp[3], sp[1], f0, k0), []).append((sp[0] - base, j))
+        for j, (sp, base, f0, k0) in enumerate(spans):
+            key = (id(sp[2]), sp[3], sp[1], f0, k0) if sp[2] is not None else (j,)  # (a row across chunks: alone)
+            keyed.setdefault(key, []).append((sp[0] - base, j))
         groups = []
         for items in keyed.values():
-            nr = first[items[0][1]][1]
+            nr = spans[items[0][1]][0][1]
             step = items[1][0] - items[0][0] if len(items) > 1 else nr
-            js = [j for _, j in items]
-            if len(items) > 1 and not (step >= nr and all(q[0] - p[0] == step for p, q in zip(items[:-1], items[1:]))
-                                       and all(len({sp[j][3] - first[j][3] for j in js}) == 1 for sp in spans[1:])):
-                return False
-            groups.append((items[0][0], step, len(items), js[0]))
-        for g, _, views in members:  # zero channels (identity blocks, the reset rule)
-            for c in range(3):
-                if self.zero[c]:
-                    views[c].zero_()
-        Kg = self.K_g
-        for c in chans:
-            dsts = [views[c] for _, _, views in members]
-            dbase = [t.storage_offset() for t in dsts]
-            noisy = c == 0 and self.noisy
-            for r0, step, gr, j in groups:
-                _, nr, v, _ = first[j]
-                x = v[c]
-                xb = x.storage_offset()
-                xbase = [xb + sp[j][3] for sp in spans]
-                stacks = _strided_runs(dsts, dbase, xbase)
-                f0 = bases[j][1][c]
-                k0 = bases[j][2]
-                for ns, os_, n, gc, f1s, k1 in cruns:  # (column tiles)
-                    f1 = f1s[c]
-                    f = f0 * f1 if k0 == k1 else 0.0  # staged coupling: K = g on matching copies, else 0
-                    if k0 == k1 and Kg != 1 and c == 0:
-                        f *= Kg
-                    zero = f == 0.0 and (noisy or c > 0 and (f0 == 0.0 or f1 == 0.0))
-                    for a, b, do, dx in stacks:  # members [a, b): outputs dst stride do, old rows stride dx
-                        dst = dsts[a]
-                        out = dst.as_strided((b - a, gr, nr, gc, n), (do, step * D1, D1, n, 1),
-                                             dbase[a] + r0 * D1 + ns)
-                        if zero:
-                            out.zero_()  # +0, as in _block_rows
-                            continue
-                        src = x.as_strided((b - a, gr, nr, gc, n), (dx, 0, d1, 0, 1), xbase[a] + os_)
-                        if f == 1.0:
-                            out.copy_(src)
-                        else:
-                            torch.mul(src, _scalar(f), out=out)
-        return True
+            if step >= nr and all(q[0] - p[0] == step for p, q in zip(items[:-1], items[1:])):
+                groups.append((items[0][0], step, len(items), [j for _, j in items]))
+            else:
+                groups.extend((r0, nr, 1, [j]) for r0, j in items)
+        return groups
+
+    def _tile_ops(self, c: int, dsts: Sequence[torch.Tensor], dbase: List[int], x: torch.Tensor, xbase: List[int],
+                  members: List[Tuple[int, int, int, int]], r0: int, step: int, gr: int, nr: int, f0: float, k0: int,
+                  cruns) -> None:
+        """Channel ``c`` of one row group (:meth:`_group`: ``gr`` blocks of ``nr`` rows, ``step`` rows apart, the
+        first at new row ``r0`` past the range's first, all read from old rows at ``xbase`` in ``x``; row-run
+        factor ``f0``, copy ``k0``): per column tile, one strided multiply (a copy at factor 1, a +0 fill where the
+        reference writes one) for each run ``(a, b, do, dx)`` of members (:func:`_strided_runs`), whose outputs
+        start at ``dbase`` in ``dsts``."""
+        D1, d1 = self.D1, self.d1
+        noisy = c == 0 and self.noisy
+        for ns, os_, n, gc, f1s, k1 in cruns:  # (column tiles)
+            f1 = f1s[c]
+            f = f0 * f1 if k0 == k1 else 0.0  # staged coupling: K = g on matching copies, else 0
+            if k0 == k1 and self.K_g != 1 and c == 0:
+                f *= self.K_g
+            # +0: the reference adds its zero noise (weights) or writes 0 where adj = 0
+            zero = f == 0.0 and (noisy or c > 0 and (f0 == 0.0 or f1 == 0.0))
+            for a, b, do, dx in members:
+                out = dsts[a].as_strided((b - a, gr, nr, gc, n), (do, step * D1, D1, n, 1), dbase[a] + r0 * D1 + ns)
+                if zero:
+                    out.zero_()
+                    continue
+                src = x.as_strided((b - a, gr, nr, gc, n), (dx, 0, d1, 0, 1), xbase[a] + os_)
+                if f == 1.0:
+                    out.copy_(src)
+                else:  # (a factor of 0 elsewhere keeps the sign of the old value, as the reference does)
+                    torch.mul(src, _scalar(f), out=out)
 
     def _fast_rows(self, i0, i1, rows: "_RowView", pos, K, c: int, dst: Optional[torch.Tensor]) -> torch.Tensor:
         """One channel of rows ``[i0, i1)`` in float32 with a single rounding per element: the gathered old
