@@ -302,6 +302,9 @@ class SpaceSide:
         key = ("block", chans, couple)
         if key not in self._inv:
             copy = self.map.copy.numpy() % couple if couple != 1 else np.zeros(D, dtype=np.int64)
+            if self.identity and not (copy != copy[0]).any():  # (e.g. the vocabulary: one run, all ones)
+                self._inv[key] = [(0, 0, D, (1.0, 1.0, 1.0), int(copy[0]))]
+                return self._inv[key]
             src = np.arange(D) if self.identity else self._full_np()[0]
             ms = [self._factors(c) for c in range(3)]
             brk = (src[1:] != src[:-1] + 1) | (copy[1:] != copy[:-1])
