@@ -222,7 +222,8 @@ def report(per_rank):
                      f"pieces {r0[path]['pieces']} ({r0[path]['stacked']} stacked), setup {su:.3f}s, "
                      f"exchange {ex:.3f}s (pack {pk:.3f}s, waits {sy:.3f}s), compute {co:.3f}s, "
                      f"refresh {rf:.3f}s, sent {sent / mib:.0f} MiB")
-        print(f"   {path:8s}: {secs:7.3f}s = {secs / memcpy:6.1f}x memcpy, {nbytes / secs / 2**30:.2f} GiB/s; "
+        target = " [target <= 3x]" if path == "executor" else ""
+        print(f"   {path:8s}: {secs:7.3f}s = {secs / memcpy:6.1f}x memcpy{target}, {nbytes / secs / 2**30:.2f} GiB/s; "
               f"peak = slices + {tracked / mib:.1f} MiB allocated = {ratio:.3f}x (old+new slices) "
               f"[target <= 1.5x]; RSS peak/before {rss_ratio:.3f}{extra}", flush=True)
     if "gather" in r0:
