@@ -1,6 +1,6 @@
 """ZeRO-sharded growth vs gather-grow-repartition: per-rank peak memory, time, effective bandwidth.
 
-    python benchmarks/zero_growth.py [--sizes 10M,50M,200M] [--method duplicate+identity] [--stage 3]
+    python benchmarks/zero_growth.py [--sizes 10M,50M,200M] [--method duplicate+identity] [--stage 3] [--precision fp32|bf16]
 
 Runs itself under ``torch.distributed.run --nproc_per_node 2`` (gloo, CPU). For each size (parameters of
 the *grown* model) it builds a ZeRO engine of the small model whose partitions hold random weights and
@@ -90,7 +90,8 @@ def worker(args):
     results = []
 
     def engine(shape, fresh):
-        cfg = dse.ds_config(TRAIN, {"zero_stage": args.stage, "precision": "fp32"}, stage3_persist_threshold=0)
+        cfg = dse.ds_config(TRAIN, {"zero_stage": args.stage, "precision": args.precision},
+                            stage3_persist_threshold=0)
         model = build_model(shape, seed=0) if fresh else dse.construct_model(shape, args.stage, cfg)
         rank_of = lambda p: len(getattr(p, "ds_shape", p.shape))  # noqa: E731
         groups = [{"params": [p for p in model.parameters() if rank_of(p) >= 2], "weight_decay": 0.1},
@@ -120,8 +121,8 @@ def worker(args):
         old_slice = 12 * lay.local_numel()
         new_slice = 12 * ZeroLayout(new).local_numel()
         rec = {"size": size, "n_params_grown": plan.grown_shape.n_params, "n_params_small": small.n_params,
-               "ws": ws, "stage": args.stage, "method": args.method, "old_slice_bytes": old_slice,
-               "new_slice_bytes": new_slice}
+               "ws": ws, "stage": args.stage, "precision": args.precision, "method": args.method,
+               "old_slice_bytes": old_slice, "new_slice_bytes": new_slice}
         for path in ("executor", "gather"):
             if path == "gather" and args.skip_gather:
                 continue
@@ -191,7 +192,7 @@ def report(per_rank):
     r0 = per_rank[0]
     mib = 2 ** 20
     print(f"\n== {r0['size']}: {r0['n_params_small'] / 1e6:.1f}M -> {r0['n_params_grown'] / 1e6:.1f}M params, "
-          f"{r0['method']}, ZeRO-{r0['stage']}, {r0['ws']} ranks", flush=True)
+          f"{r0['method']}, ZeRO-{r0['stage']}, {r0['precision']} weights, {r0['ws']} ranks", flush=True)
     slices = max(r["old_slice_bytes"] + r["new_slice_bytes"] for r in per_rank)
     memcpy = max(r["memcpy_seconds"] for r in per_rank)
     nbytes = max(r["executor"]["new_state_bytes"] for r in per_rank)
@@ -239,6 +240,8 @@ def main():
     ap.add_argument("--method", default="duplicate+identity")
     ap.add_argument("--stage", type=int, default=3)
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="the low-precision weights the forward pass uses (the masters and moments are fp32)")
     ap.add_argument("--skip-gather", action="store_true")
     ap.add_argument("--prefetch", action="store_true", help="executor: overlap the next all-to-all with compute")
     ap.add_argument("--bucket", type=int, default=None, help="executor: new elements per rank per round "
@@ -256,7 +259,8 @@ def main():
         port = s.getsockname()[1]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     # the workers' arguments, rebuilt: not --nproc, which torchrun would take for its own option
-    forward = ["--sizes", args.sizes, "--method", args.method, "--stage", str(args.stage)]
+    forward = ["--sizes", args.sizes, "--method", args.method, "--stage", str(args.stage), "--precision",
+               args.precision]
     forward += [f"--{k.replace('_', '-')}" for k in ("skip_gather", "prefetch", "profile") if getattr(args, k)]
     forward += ["--json", args.json] if args.json else []
     forward += ["--bucket", str(args.bucket)] if args.bucket else []
