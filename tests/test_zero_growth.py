@@ -3,8 +3,8 @@
 Part one is pure index math in this process: which old elements feed a range of a new parameter, exact
 random slices, the bucket schedule, and piecewise growth equal to ``growth_ds.ops.grow`` bit for bit.
 
-Part two runs ``tests/zero_worker.py`` under torchrun (gloo, CPU) at world sizes 2, 4 and 1, ZeRO 1/2/3,
-once per module (fixture ``runs``), plus an offline growth of a ZeRO checkpoint into a universal one and a
+Part two runs ``tests/zero_worker.py`` under torchrun (gloo, CPU) at world sizes 2, 4, 1 and 3, ZeRO 1/2/3
+(and ZeRO-Offload), once per module (fixture ``runs``), plus an offline growth of a ZeRO checkpoint into a universal one and a
 job whose rank is SIGKILLed mid-growth, then checks what they recorded.
 """
 import dataclasses
@@ -410,6 +410,9 @@ def runs(tmp_path_factory):
     _ok(launch(out, "cases,load", 1, ["sel=1:subset", "load_stage=1"]))
     # the relaunched killed job resumes from its pre-growth checkpoint and grows again; dense maps
     _ok(launch(out, "job,dense", 2, ["run=killed", "dense_stages=1,3"]))
+    # a world size no other run uses (3: partitions of unequal sizes); ZeRO-Offload at world size 2
+    _ok(launch(out, "cases", 3, ["sel=3:subset,1:mini,2:mini"]))
+    _ok(launch(out, "cases", 2, ["sel=3:mini,2:mini,1:mini", "offload=1"]))
     return out
 
 
@@ -468,6 +471,28 @@ def test_same_result_at_world_size_1_2_and_4(runs):
     assert len(everywhere) >= 10
     for case, ds in digests.items():
         assert len(ds) == 1, (case, sorted(where[case]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cases_ws3", "cases_ws2_offload"])
+def test_world_size_3_and_zero_offload_give_the_same_bits(runs, name):
+    """At world size 3 (partitions of unequal sizes), and under ZeRO-Offload (Adam state in host memory, ZeRO-3
+    parameters too), ZeRO 1, 2 and 3: the grown state is ops.grow's bit for bit, its digest is the one world
+    sizes 1, 2 and 4 give, and the next step equals the unsharded reference's."""
+    recs = json.loads((runs / f"{name}.json").read_text())
+    assert {r["stage"] for r in recs} == {1, 2, 3}
+    offload = name.endswith("offload")
+    for r in recs:  # DeepSpeed did offload (ZeRO-1/2: the optimizer state; ZeRO-3: it and the parameters)
+        want = (["offload_optimizer", "offload_param"] if r["stage"] == 3 else ["cpu_offload"]) if offload else []
+        assert r["offload"] == offload and r["offloaded"] == want, (r["stage"], r["offloaded"])
+    digests = {r["case"]: r["digest"] for ws in (1, 2, 4) for r in _cases(runs, ws)
+               if r["precision"] == "fp32" and r["old_stage"] == r["stage"]}
+    for r in recs:
+        where = f"{name} stage {r['stage']} {r['case']}"
+        assert r["ok"], (where, r.get("error"))
+        assert (r["params"], r["exp_avg"], r["exp_avg_sq"], r["step"], r["lp_mismatch"]) == (0, 0, 0, 0, 0), where
+        assert r["digest"] == digests[r["case"]], where
+        assert r["loss_diff"] < 1e-5 and r["step_max_diff"] < 1e-5, (where, r["step_max_diff"])
 
 
 @pytest.mark.slow

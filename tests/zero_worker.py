@@ -9,7 +9,7 @@ Tasks (run in order, all ranks):
                  afterwards, are compared bit for bit with ``growth_ds.ops.grow`` on the full state (params,
                  exp_avg, exp_avg_sq, step, low-precision weights); the tensor memory allocated during growth
                  is measured; one optimizer step after growth is compared with the unsharded reference's step.
-                 Writes ``cases_ws{N}.json``.
+                 Writes ``cases_ws{N}.json`` (``offload=1``: under ZeRO-Offload, ``cases_ws{N}_offload.json``).
 * ``leak``       ZeRO-3: three growths in a chain (old engines must be collected) and three grow-and-release
                  cycles of the same size (resident memory must stay flat). Writes ``leak.json``.
 * ``save``       trains a small ZeRO-2 engine a few steps and saves a DeepSpeed checkpoint the way the trainer
@@ -52,8 +52,17 @@ def log(*a):
         print(*a, flush=True)
 
 
+OFFLOAD = {"on": False}  # cases offload=1: ZeRO-Offload (optimizer state in host memory; ZeRO-3 parameters too)
+
+
 def config(stage, precision="fp32", persist0=True):
-    return dse.ds_config(TRAIN, {"zero_stage": stage, "precision": precision},
+    extra = {}
+    if OFFLOAD["on"]:
+        zero = {"offload_optimizer": {"device": "cpu"}}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+        extra = {"zero_optimization": zero, "zero_force_ds_cpu_optimizer": False}  # (torch's AdamW: no C++ build)
+    return dse.ds_config(TRAIN, {"zero_stage": stage, "precision": precision, "extra": extra},
                          stage3_persist_threshold=0 if persist0 else None)
 
 
@@ -317,6 +326,7 @@ def task_cases(out_dir, opts):
     bf16_stages = [int(s) for s in opts.get("bf16_stages", "").split(",") if s]
     buckets = {1: 768, 2: 4096, 3: 1536}  # different buckets per stage: the result must not depend on them
     only = opts.get("only")
+    OFFLOAD["on"] = opts.get("offload") == "1"
     runs = [(int(st), "fp32", case_list(which), int(st)) for st, which in sel]
     runs += [(st, "bf16", [c for c in case_list() if c[0] in BF16_CASES], st) for st in bf16_stages]
     # cross=OLD>NEW: the old engine under one ZeRO stage, the grown one under another
@@ -329,7 +339,8 @@ def task_cases(out_dir, opts):
             if only and label not in only.split("|"):
                 continue
             t0 = time.time()
-            rec = {"case": label, "stage": stage, "old_stage": old_stage, "ws": ws, "precision": precision}
+            rec = {"case": label, "stage": stage, "old_stage": old_stage, "ws": ws, "precision": precision,
+                   "offload": OFFLOAD["on"]}
             try:
                 plan = make_plan(small, large, width=width, depth=depth, seed=5, moments=moments)
                 shape = plan.grown_shape
@@ -358,6 +369,9 @@ def task_cases(out_dir, opts):
                     rec["ds_gather_value_diff"] = value_diff(gather_state(new, shape), ref)
                 rec["lp_mismatch"] = lp_mismatch(new, got)
                 rec["digest"] = digest(got, list(parameter_schema(shape)))
+                zo = new.optimizer  # (what DeepSpeed made of the config: ZeRO-1/2 cpu_offload, ZeRO-3 offload_*)
+                rec["offloaded"] = sorted(a for a in ("cpu_offload", "offload_optimizer", "offload_param")
+                                          if getattr(zo, a, False) is True)
                 rec["rounds"] = stats.rounds
                 rec["pieces"], rec["stacked_pieces"] = stats.pieces, stats.stacked_pieces
                 rec["transport"], rec["full_rounds"] = stats.transport, stats.full_rounds
@@ -401,7 +415,7 @@ def task_cases(out_dir, opts):
         del olds, news
         gc.collect()
     if dist.get_rank() == 0:
-        with open(os.path.join(out_dir, f"cases_ws{ws}.json"), "w") as f:
+        with open(os.path.join(out_dir, f"cases_ws{ws}{'_offload' if OFFLOAD['on'] else ''}.json"), "w") as f:
             json.dump(results, f, indent=1)
 
 
@@ -478,6 +492,9 @@ def task_memory(out_dir, opts):
                 dist.all_reduce(part, op=dist.ReduceOp.MAX)
                 rec["peak_bytes"], rec["old_slice_bytes"], rec["new_slice_bytes"] = (int(v) for v in part)
                 rec.update(memory_bound(plan))
+                zo = new.optimizer  # (what DeepSpeed made of the config: ZeRO-1/2 cpu_offload, ZeRO-3 offload_*)
+                rec["offloaded"] = sorted(a for a in ("cpu_offload", "offload_optimizer", "offload_param")
+                                          if getattr(zo, a, False) is True)
                 rec["rounds"] = stats.rounds
                 rec["ok"] = True
                 for e in (old, new):
