@@ -395,7 +395,7 @@ def runs(tmp_path_factory):
     # world size 2: memory; ZeRO 1/2/3 x every case (+ bf16); a ZeRO-2 checkpoint for offline growth; three
     # growths in one job; the uninterrupted job; then the same job with rank 1 SIGKILLed mid-growth
     res = launch(out, "memory,cases,save,leak,job,killjob", 2,
-                 ["run=ref", "sel=3:full,1:subset,2:mini", "bf16_stages=3", "mem_cases=1", "mem_stages=1",
+                 ["run=ref", "sel=3:full,1:subset,2:mini", "bf16_stages=1,2,3", "mem_cases=1", "mem_stages=1",
                   "cross=2>3,3>1"])
     (out / "killed_rc.txt").write_text(str(res.returncode))
     for task in ("memory", "cases", "save", "leak", "job"):
@@ -437,7 +437,7 @@ def test_grown_partitions_equal_the_reference_bit_for_bit(runs, ws):
         assert {c[3] for c in combos} >= {"duplicate", "lemon", "zero", "hypercloning", "staged"}
         assert {c[4] for c in combos} >= {"stack", "interleave", "identity"}
     if ws == 2:
-        assert {r["stage"] for r in recs if r["precision"] == "bf16"} == {3}
+        assert {r["stage"] for r in recs if r["precision"] == "bf16"} == {1, 2, 3}
         # the grown engine may use another ZeRO stage than the old one
         assert {(r["old_stage"], r["stage"]) for r in recs if r["old_stage"] != r["stage"]} == {(2, 3), (3, 1)}
     for r in recs:
