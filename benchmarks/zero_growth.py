@@ -1,6 +1,7 @@
 """ZeRO-sharded growth vs gather-grow-repartition: per-rank peak memory, time, effective bandwidth.
 
-    python benchmarks/zero_growth.py [--sizes 10M,50M,200M] [--method duplicate+identity] [--stage 3] [--precision fp32|bf16]
+    python benchmarks/zero_growth.py [--sizes 10M,50M,200M] [--method duplicate+identity] [--stage 3]
+                                     [--precision fp32|bf16]
 
 Runs itself under ``torch.distributed.run --nproc_per_node 2`` (gloo, CPU). For each size (parameters of
 the *grown* model) it builds a ZeRO engine of the small model whose partitions hold random weights and

@@ -4,8 +4,8 @@ Part one is pure index math in this process: which old elements feed a range of 
 random slices, the bucket schedule, and piecewise growth equal to ``growth_ds.ops.grow`` bit for bit.
 
 Part two runs ``tests/zero_worker.py`` under torchrun (gloo, CPU) at world sizes 2, 4, 1 and 3, ZeRO 1/2/3
-(and ZeRO-Offload), once per module (fixture ``runs``), plus an offline growth of a ZeRO checkpoint into a universal one and a
-job whose rank is SIGKILLed mid-growth, then checks what they recorded.
+(and ZeRO-Offload), once per module (fixture ``runs``), plus an offline growth of a ZeRO checkpoint into a
+universal one and a job whose rank is SIGKILLed mid-growth, then checks what they recorded.
 """
 import dataclasses
 import json

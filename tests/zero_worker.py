@@ -492,9 +492,6 @@ def task_memory(out_dir, opts):
                 dist.all_reduce(part, op=dist.ReduceOp.MAX)
                 rec["peak_bytes"], rec["old_slice_bytes"], rec["new_slice_bytes"] = (int(v) for v in part)
                 rec.update(memory_bound(plan))
-                zo = new.optimizer  # (what DeepSpeed made of the config: ZeRO-1/2 cpu_offload, ZeRO-3 offload_*)
-                rec["offloaded"] = sorted(a for a in ("cpu_offload", "offload_optimizer", "offload_param")
-                                          if getattr(zo, a, False) is True)
                 rec["rounds"] = stats.rounds
                 rec["ok"] = True
                 for e in (old, new):

@@ -354,6 +354,7 @@ class _Exchange:
                 n = self.counts[i, p]
                 if not n:
                     continue
+                self.stats.old_elements += n
                 if p == me:  # straight from this rank's partitions
                     slot, lo, pieces = self.local[i]
                     chunks.extend((a, b, slot.flats, a - lo + slot.offset) for a, b in pieces)
@@ -369,7 +370,6 @@ class _Exchange:
                     pos += b - a
             out[i] = OldData(req.intervals, chunks=chunks, channels=req.channels, contiguous=True,  # (1-D, rows)
                              hosts=hosts)
-            self.stats.old_elements += sum(b - a for a, b, _, _ in chunks)
         return out
 
     def release(self) -> None:
@@ -639,9 +639,8 @@ def _compute_round(requests, data: Dict[int, OldData], growths: Sequence[ParamGr
     for members in stacks.values():
         if len(members) > 1:
             req = requests[members[0]]
-            group = [(growths[requests[i].param], data[i], views(growths[requests[i].param], req.start, req.stop))
-                     for i in members]
-            if growths[req.param].stack_into(req.start, req.stop, group):
+            group = [(g, data[i], views(g, req.start, req.stop)) for i in members for g in [growths[requests[i].param]]]
+            if group[0][0].stack_into(req.start, req.stop, group):
                 for i in members:
                     del data[i]
                 stats.new_elements += len(members) * (req.stop - req.start)

@@ -1011,15 +1011,16 @@ _SCALARS: Dict[Tuple[float, float], torch.Tensor] = {}
 def _strided_runs(dsts: Sequence[torch.Tensor], dbase: List[int], xbase: List[int]) -> List[Tuple[int, int, int, int]]:
     """Members ``[a, b)`` whose outputs (in one storage) and old rows each lie at one non-negative stride
     (``do > 0``, ``dx >= 0``): ``(a, b, do, dx)``, greedily, in member order (one op per run)."""
+    store = [t.untyped_storage().data_ptr() for t in dsts]
     out, a, M = [], 0, len(dbase)
     while a < M:
         b, do, dx = a + 1, 0, 0
-        if b < M and dsts[b].untyped_storage().data_ptr() == dsts[a].untyped_storage().data_ptr():
+        if b < M and store[b] == store[a]:
             do, dx = dbase[b] - dbase[a], xbase[b] - xbase[a]
             if do > 0 and dx >= 0:
                 b += 1
                 while b < M and dbase[b] - dbase[b - 1] == do and xbase[b] - xbase[b - 1] == dx and \
-                        dsts[b].untyped_storage().data_ptr() == dsts[a].untyped_storage().data_ptr():
+                        store[b] == store[a]:
                     b += 1
             else:
                 do, dx = 0, 0
