@@ -39,6 +39,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from growth_ds.distributed import host_copy
 from growth_ds.models.schema import parameter_schema
 from growth_ds.ops.apply import grow_moment, grow_value, source_name
 from growth_ds.ops.plan import GrowthPlan
@@ -603,7 +604,7 @@ def _shm_refresh(engine, layout: ZeroLayout, transport: ShmTransport, chunk_byte
     zo = engine.optimizer
     me = layout.rank
     for parts, master in zip(zo.parallel_partitioned_bit16_groups, zo.single_partition_of_fp32_groups):
-        parts[me].data.copy_(master.data)
+        host_copy.copy_(parts[me].data, master.data)
         size = parts[me].element_size()
         step = chunk_bytes // size
         for a in range(0, parts[me].numel(), step):

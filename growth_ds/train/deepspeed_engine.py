@@ -21,6 +21,8 @@ from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_s
                              safe_set_full_fp32_param, safe_set_full_optimizer_state, safe_set_local_fp32_param,
                              safe_set_local_optimizer_state)
 
+from growth_ds.distributed import host_copy  # noqa: E402
+
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -204,7 +206,7 @@ def refresh_low_precision(engine) -> None:
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
         for sg in range(len(opt.fp16_partitioned_groups_flat)):
-            opt.fp16_partitioned_groups_flat[sg].data.copy_(opt.fp32_partitioned_groups_flat[sg].data)
+            host_copy.copy_(opt.fp16_partitioned_groups_flat[sg].data, opt.fp32_partitioned_groups_flat[sg].data)
             opt._unflatten_partitioned_parameters(sg)
         # gathered copies (persistent small params, or left by a forward) are stale: drop them, regather (only
         # the optimizer's parameters were rewritten)
