@@ -21,9 +21,9 @@ the resident-set high-water mark during growth over the resident set before it; 
 bytes of new state written (the rank's slices of the fp32 master, the 2 moments and the low-precision
 weights the forward pass uses, all of which the executor writes) per second, against a memcpy of the same
 number of bytes measured in the same run (the C library's memmove through a 64 MiB window, same process,
-both ranks at once; torch's ``copy_``, which is slower here, is printed beside it); the ratio against master + moments
-alone is printed as well. Targets from the issue: peak <= 1.5x (old slice + new slice), time <= 3x that
-memcpy.
+both ranks at once; torch's ``copy_``, which is slower here, is printed beside it); the ratio against
+master + moments alone is printed as well. Targets from the issue: peak <= 1.5x (old slice + new slice),
+time <= 3x that memcpy.
 """
 from __future__ import annotations
 
