@@ -43,6 +43,9 @@ def cmd_grow(args) -> int:
         from growth_ds.distributed.zero_universal import cli_grow
 
         return cli_grow(args)
+    if getattr(args, "tag", None):
+        raise ValueError(f"--tag: tags name checkpoints in a DeepSpeed checkpoint directory; "
+                         f"{getattr(args, 'from')} is not a directory")
     out = Path(args.out)
     if out.exists() and not args.force:  # before any work: nothing already saved is touched
         raise FileExistsError(f"--out {out} exists; pass --force to replace it")

@@ -80,6 +80,9 @@ def test_grow_refusals_name_the_problem(small_ckpt, tmp_path, capsys):
     assert main(["grow", "--from", str(plain), "--to", str(to), "--method", "lemon", "--out", str(out),
                  "--shape", str(other)]) == 2
     assert "mlp" in capsys.readouterr().err
+    assert main(["grow", "--from", str(path), "--to", str(to), "--method", "lemon", "--out", str(out),
+                 "--tag", "step00000003"]) == 2  # tags belong to DeepSpeed checkpoint directories
+    assert "--tag" in capsys.readouterr().err
     assert not out.exists()
 
 

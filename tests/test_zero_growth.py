@@ -638,3 +638,39 @@ def test_offline_growth_is_atomic_and_the_cli_entry_point_works(runs, tmp_path, 
     assert main(argv) == 2  # refuses to replace --out, naming it; nothing written is touched
     assert f"--out {out} exists" in capsys.readouterr().err
     assert (out / "latest_universal").read_text() == tag
+
+
+@pytest.mark.slow
+def test_cli_tag_picks_the_checkpoint_to_grow(runs, tmp_path, capsys):
+    """``growth-ds grow --from DIR --tag T`` grows tag T, not the directory's latest; without --tag the latest;
+    an unknown tag is refused by name before anything is written."""
+    import shutil
+
+    import yaml
+
+    from zero_worker import universal_case
+
+    from growth_ds.cli import main
+
+    small, large, kw = universal_case()
+    src = tmp_path / "ckpts"
+    shutil.copytree(runs / "src_ckpt", src)
+    meta = json.loads((src / "step00000003" / "growth_meta.json").read_text())
+    shutil.copytree(src / "step00000003", src / "step00000009")  # a later tag, now the latest
+    later = dict(meta, tag="step00000009", progress=dict(meta["progress"], step=9))
+    (src / "step00000009" / "growth_meta.json").write_text(json.dumps(later))
+    (src / "latest.json").write_text(json.dumps({"tag": "step00000009", "step": 9}))
+    (tmp_path / "large.yaml").write_text(yaml.safe_dump(large.to_dict()))
+    base = ["grow", "--from", str(src), "--to", str(tmp_path / "large.yaml"), "--method", "lemon+identity",
+            "--seed", str(kw["seed"]), "--moments", kw["moments"]]
+    for tag, step in (("step00000003", meta["progress"]["step"]), (None, 9)):
+        out = tmp_path / f"out_{tag}"
+        assert main(base + ["--out", str(out)] + (["--tag", tag] if tag else [])) == 0
+        grown_tag = (out / "latest_universal").read_text()
+        assert grown_tag == f"{tag or 'step00000009'}_grown"
+        grown_meta = json.loads((out / grown_tag / "growth_meta.json").read_text())
+        assert grown_meta["progress"]["step"] == step
+        assert grown_meta["grown_from"].endswith(tag or "step00000009")
+    assert main(base + ["--out", str(tmp_path / "out_bad"), "--tag", "step00000042"]) == 2
+    assert "--tag step00000042" in capsys.readouterr().err
+    assert not (tmp_path / "out_bad").exists()

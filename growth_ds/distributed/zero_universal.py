@@ -393,10 +393,15 @@ def cli_grow(args) -> int:
     large = ModelShape.from_yaml(args.to)
     small = ModelShape.from_yaml(args.shape) if getattr(args, "shape", None) else None
     width, depth = _parse_methods(args.method)
-    summary = grow_universal_checkpoint(getattr(args, "from"), large, args.out, width=width, depth=depth,
+    src = Path(getattr(args, "from"))
+    if getattr(args, "tag", None):  # the tag to grow (default: the directory's latest)
+        src = src / args.tag
+        if not _is_tag_dir(src):
+            raise ValueError(f"--tag {args.tag}: {src} is not a checkpoint tag of {getattr(args, 'from')}")
+    summary = grow_universal_checkpoint(src, large, args.out, width=width, depth=depth,
                                         seed=args.seed, moments=getattr(args, "moments", None),
                                         lr=getattr(args, "lr_policy", None), small=small,
-                                        tag=getattr(args, "tag", None), overwrite=getattr(args, "force", False))
+                                        overwrite=getattr(args, "force", False))
     print(f"{summary['params']} parameters, {summary['bytes'] / 2**20:.1f} MiB of new state in "
           f"{summary['seconds']:.1f}s")
     return 0
