@@ -25,27 +25,24 @@ def cmd_grow(args) -> int:
     from pathlib import Path
 
     from growth_ds.checkpoint import load_state, save_state
+    from growth_ds.interop.megatron import cmd_grow_dist, is_dist_checkpoint
     from growth_ds.ops import grow, make_plan
     from growth_ds.shapes import ModelShape
 
-    if getattr(args, "from_hf", None):
+    src = getattr(args, "from")
+    kind = "hf" if getattr(args, "from_hf", None) else "dist" if is_dist_checkpoint(src) else \
+        "deepspeed" if Path(src).is_dir() else "file"
+    _check_grow_options(args, kind)
+    if kind == "hf":
         from growth_ds.interop.hf import cmd_grow_from_hf
 
         return cmd_grow_from_hf(args)
-    from growth_ds.interop.megatron import cmd_grow_dist, is_dist_checkpoint
-
-    if is_dist_checkpoint(getattr(args, "from")):  # a megatron-core dist checkpoint: TP-aware growth
+    if kind == "dist":  # a megatron-core dist checkpoint: TP-aware growth
         return cmd_grow_dist(args)
-    if Path(getattr(args, "from")).is_dir():  # a DeepSpeed ZeRO / universal checkpoint directory
-        if args.method == "ligo":
-            raise ValueError("--method ligo: offline growth of a DeepSpeed checkpoint takes fixed methods; "
-                             "use method: ligo in the trainer's stage config")
+    if kind == "deepspeed":  # a DeepSpeed ZeRO / universal checkpoint directory
         from growth_ds.distributed.zero_universal import cli_grow
 
         return cli_grow(args)
-    if getattr(args, "tag", None):
-        raise ValueError(f"--tag: tags name checkpoints in a DeepSpeed checkpoint directory; "
-                         f"{getattr(args, 'from')} is not a directory")
     out = Path(args.out)
     if out.exists() and not args.force:  # before any work: nothing already saved is touched
         raise FileExistsError(f"--out {out} exists; pass --force to replace it")
@@ -61,8 +58,44 @@ def cmd_grow(args) -> int:
         grown = grow(state, plan)
     save_state(grown, out, overwrite=args.force)
     print(plan.describe())
-    print(f"wrote {out}: {grown.shape.describe()}, step {grown.step}, moments={plan.moments}")
+    rule = plan.moments if args.method != "ligo" else \
+        f"plan ({plan.moments})" if args.moments == "plan" else "fresh"
+    print(f"wrote {out}: {grown.shape.describe()}, step {grown.step}, moments={rule}")
     return 0
+
+
+_GROW_KINDS = {"hf": "a Hugging Face directory (--from-hf)", "dist": "a megatron-core dist checkpoint",
+               "deepspeed": "a DeepSpeed checkpoint directory", "file": "a checkpoint file"}
+_GROW_ONLY = {  # option: (the sources it applies to, what it is for)
+    "tag": (("deepspeed",), "the tag of a DeepSpeed checkpoint directory"),
+    "tp": (("dist",), "the TP size of a megatron-core dist checkpoint"),
+    "dtype": (("hf",), "the dtype of the grown Hugging Face weights"),
+    "max_seq_len": (("hf",), "the context length of an imported Hugging Face model"),
+}
+_LIGO_ONLY = ("init", "steps", "data", "ligo_lr", "batch_size", "seq_len")
+
+
+def _check_grow_options(args, kind: str) -> None:
+    """Refuse, before any work, an option that the source ``kind`` (or the method) would silently ignore."""
+    for opt, (kinds, what) in _GROW_ONLY.items():
+        if getattr(args, opt, None) is not None and kind not in kinds:
+            raise ValueError(f"--{opt.replace('_', '-')}: {what}; --from is {_GROW_KINDS[kind]}")
+    if kind == "hf":  # the output is a Hugging Face directory: weights only, their shape in config.json
+        for opt in ("shape", "moments", "lr_policy"):
+            if getattr(args, opt, None) is not None:
+                raise ValueError(f"--{opt.replace('_', '-')}: --from-hf writes weights only (a Hugging Face "
+                                 f"directory), whose shape its config.json gives")
+    if args.method == "ligo":
+        if kind != "file":
+            raise ValueError(f"--method ligo: offline LiGO grows checkpoint files; --from is {_GROW_KINDS[kind]}, "
+                             f"which takes fixed methods (or use method: ligo in the trainer's stage config)")
+        if args.moments in ("adjoint", "reset"):
+            raise ValueError(f"--moments {args.moments}: ligo's grown moments are fresh (a new AdamW, step 0) "
+                             f"or plan (the --init plan's rule on the small model's moments)")
+    else:
+        for opt in _LIGO_ONLY:
+            if getattr(args, opt, None) is not None:
+                raise ValueError(f"--{opt.replace('_', '-')}: an option of --method ligo")
 
 
 def _grow_ligo(args, state, large):
@@ -82,14 +115,16 @@ def _grow_ligo(args, state, large):
     width, depth = _parse_methods(args.init or "lemon")
     if depth is None and large.n_layers != state.shape.n_layers:
         depth = "identity"
+    moments = args.moments or "fresh"
     plan = make_plan(state.shape, large, width=width, depth=depth, seed=args.seed, lr=args.lr_policy or "restart")
     op = LigoOperator(plan, state.params)
-    seq_len = min(args.seq_len, state.shape.max_seq_len)
-    batches = Batches(TokenStore.open(info["train"]), seq_len, args.batch_size, args.seed)
-    losses = train_ligo(op, batches, steps=args.steps, lr=args.ligo_lr,
-                        log=lambda i, l: print(f"ligo step {i + 1}/{args.steps}: loss {l:.4f}") if (i + 1) % 10 == 0 else None)
+    steps = 100 if args.steps is None else args.steps
+    seq_len = min(128 if args.seq_len is None else args.seq_len, state.shape.max_seq_len)
+    batches = Batches(TokenStore.open(info["train"]), seq_len, args.batch_size or 8, args.seed)
+    losses = train_ligo(op, batches, steps=steps, lr=args.ligo_lr or 1e-3,
+                        log=lambda i, l: print(f"ligo step {i + 1}/{steps}: loss {l:.4f}") if (i + 1) % 10 == 0 else None)
     print(f"ligo: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} operator steps")
-    return materialise_state(op, state, args.moments if args.moments in ("plan",) else "fresh"), plan
+    return materialise_state(op, state, moments), plan
 
 
 def cmd_verify(args) -> int:
@@ -115,14 +150,18 @@ def cmd_verify(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    mode, other = (("--ops", ("config", "nproc")) if args.ops else ("the main job", ("steps", "seed")))
+    for opt in other:
+        if getattr(args, opt) is not None:
+            raise ValueError(f"--{opt}: not an option of {mode}")
     if args.ops:
         from growth_ds.demo import run_ops_demo
 
-        run_ops_demo(steps=args.steps, seed=args.seed)
+        run_ops_demo(steps=60 if args.steps is None else args.steps, seed=args.seed or 0)
         return 0
     from growth_ds.demo import run_main_job
 
-    return run_main_job(args.config, nproc=args.nproc)
+    return run_main_job(args.config, nproc=2 if args.nproc is None else args.nproc)
 
 
 def cmd_train(args) -> int:
@@ -191,17 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job: scratch vs staged run on the embedded corpus, then the report")
     d.add_argument("--config", default=None, help="default: configs/demo.yaml")
-    d.add_argument("--nproc", type=int, default=2, help="processes (torchrun)")
+    d.add_argument("--nproc", type=int, help="processes (torchrun; default 2)")
     d.add_argument("--ops", action="store_true", help="instead: grow a small model with every lossless method")
-    d.add_argument("--steps", type=int, default=60, help="--ops: training steps before growth")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--steps", type=int, help="--ops: training steps before growth (default 60)")
+    d.add_argument("--seed", type=int, help="--ops: the seed of the model, data and growth plans (default 0)")
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="staged (or --scratch) pretraining on DeepSpeed; run under a launcher")
     t.add_argument("config")
     t.add_argument("--scratch", action="store_true", help="train only the final shape from scratch (baseline)")
-    t.add_argument("--resume", action="store_true", help="require resuming from the latest checkpoint")
-    t.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    once = t.add_mutually_exclusive_group()
+    once.add_argument("--resume", action="store_true", help="require resuming from the latest checkpoint")
+    once.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     t.add_argument("--init-from", metavar="CKPT_DIR", help="start from this checkpoint when the run has none of its "
                    "own: e.g. one grown offline by `growth-ds grow --from CKPT_DIR` (any world size, ZeRO stage)")
     t.add_argument("--run-dir", default=None, help="default: run.out_dir/staged (or /scratch)")
@@ -252,11 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-policy", choices=["continue", "rewarm", "lemon", "restart"])
     g.add_argument("--force", action="store_true", help="replace --out if it exists")
     g.add_argument("--init", help="ligo: the fixed plan the operator starts from (default lemon[+identity])")
-    g.add_argument("--steps", type=int, default=100, help="ligo: operator training steps")
+    g.add_argument("--steps", type=int, help="ligo: operator training steps (default 100)")
     g.add_argument("--data", help="ligo: prepared data dir (tokenizer + token store) to train the operator on")
-    g.add_argument("--ligo-lr", type=float, default=1e-3)
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--seq-len", type=int, default=128)
+    g.add_argument("--ligo-lr", type=float, help="ligo: the operator's learning rate (default 1e-3)")
+    g.add_argument("--batch-size", type=int, help="ligo: sequences per operator step (default 8)")
+    g.add_argument("--seq-len", type=int, help="ligo: tokens per sequence (default 128, at most the context)")
     g.add_argument("--tp", type=int, help="TP size for a megatron dist checkpoint (default: world size)")
     g.add_argument("--tag", help="DeepSpeed checkpoint directory: the tag to grow (default: latest)")
     add_hf_grow_arguments(g)  # --dtype, --max-seq-len

@@ -88,13 +88,17 @@ def run_main_job(config=None, nproc: int = 2, out=print) -> int:
     """The main job: prepare the embedded corpus, train the final shape from scratch and the staged run
     (small -> grown) on ``nproc`` CPU processes, then print the report and write its plot."""
     from growth_ds.train.config import load_config
-    from growth_ds.train.data import prepare_data
+    from growth_ds.train.data import _resolve_source, prepare_data
     from growth_ds.train.report import report
 
     config = Path(config) if config else Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
     cfg = load_config(config)
     data_cfg = dict(cfg.data)
     data_dir = data_cfg.pop("out_dir", None) or Path(cfg.out_dir) / "data"
+    srcs = data_cfg.get("sources")  # relative paths as `train` resolves them
+    if srcs is not None:
+        data_cfg["sources"] = [_resolve_source(s, config.parent) for s in srcs] if isinstance(srcs, list) \
+            else _resolve_source(srcs, config.parent)
     t0 = time.time()
     info = prepare_data(data_cfg, data_dir)
     st = info["stats"]

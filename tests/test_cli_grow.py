@@ -95,3 +95,43 @@ def test_save_state_round_trip(tmp_path):
     assert all(torch.equal(back.params[k], v) for k, v in state.params.items())
     with pytest.raises(FileExistsError):
         save_state(state, tmp_path / "s.pt")
+
+
+@pytest.mark.parametrize("extra,named", [
+    (["--tp", "2"], "--tp"),                          # a dist checkpoint's option
+    (["--dtype", "bf16"], "--dtype"),                 # --from-hf's
+    (["--max-seq-len", "8"], "--max-seq-len"),        # --from-hf's
+    (["--init", "lemon"], "--init"),                  # ligo's, with a fixed method
+    (["--steps", "5"], "--steps"),
+    (["--batch-size", "2"], "--batch-size"),
+])
+def test_options_of_another_source_or_method_are_refused_not_ignored(small_ckpt, tmp_path, capsys, extra, named):
+    shape, model, path, to = small_ckpt
+    out = tmp_path / "big.pt"
+    assert main(["grow", "--from", str(path), "--to", str(to), "--method", "lemon", "--out", str(out)] + extra) == 2
+    assert named in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_ligo_refuses_moment_rules_it_does_not_apply(small_ckpt, tmp_path, capsys):
+    shape, model, path, to = small_ckpt
+    out = tmp_path / "big.pt"
+    for rule in ("adjoint", "reset"):
+        assert main(["grow", "--from", str(path), "--to", str(to), "--method", "ligo", "--moments", rule,
+                     "--out", str(out)]) == 2
+        assert f"--moments {rule}" in capsys.readouterr().err
+    ds_dir = tmp_path / "ds"  # a DeepSpeed checkpoint directory takes fixed methods, and says so
+    ds_dir.mkdir()
+    assert main(["grow", "--from", str(ds_dir), "--to", str(to), "--method", "ligo", "--out", str(out)]) == 2
+    assert "--method ligo" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_demo_and_train_refuse_options_that_do_not_apply(capsys):
+    assert main(["demo", "--ops", "--nproc", "4"]) == 2
+    assert "--nproc" in capsys.readouterr().err
+    assert main(["demo", "--steps", "5"]) == 2
+    assert "--steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["train", "x.yaml", "--resume", "--no-resume"])
+    assert e.value.code == 2

@@ -125,3 +125,20 @@ def test_dense_maps_equal_the_materialised_operator(flavour, tied, width, depth)
     assert set(maps) == set(ref)
     for name, m in maps.items():
         torch.testing.assert_close(apply_dense(m, state.params), ref[name].detach(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("policy", ["restart", "rewarm", "continue"])
+def test_materialised_state_carries_the_lr_policy_like_grow(policy):
+    from growth_ds.ops import LRSchedule
+
+    small = small_shape("llama")
+    plan = make_plan(small, grown(small, True, True), width="lemon", depth="identity", seed=1, lr=policy)
+    state = TrainingState.from_module(randomised_model(small), step=40)
+    state.schedule, state.schedule_step = LRSchedule(1e-3, 10, 200, 0.1), 40
+    op = LigoOperator(plan, state.params)
+    ref = grow(state, plan)
+    for moments in ("fresh", "plan"):
+        got = materialise_state(op, state, moments)
+        assert (got.schedule, got.schedule_step) == (ref.schedule, ref.schedule_step)
+    if policy != "continue":
+        assert (ref.schedule, ref.schedule_step) != (state.schedule, state.schedule_step)

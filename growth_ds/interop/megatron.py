@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -693,7 +694,9 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
 
     Collective over all ranks (launch with ``torchrun --nproc_per_node N`` for ``tp = N``; a plain
     process runs at TP=1). ``small`` gives the old shape when the checkpoint was not written by
-    growth-ds. The checkpoint's TP size does not matter (dist checkpoints reshard on load).
+    growth-ds. The checkpoint's TP size does not matter (dist checkpoints reshard on load). Atomic: the
+    checkpoint is written next to ``out_dir`` and renamed into place when complete, so a crash leaves
+    ``out_dir`` as it was (and ``overwrite`` replaces it whole).
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -718,7 +721,22 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
     del model, optimizer
     extra = {"grown_from": small.to_dict(), "plan": plan.describe(), "tp_plan": grown.tp_plan.describe(),
              "lr_policy": grown.plan.lr.kind}
-    save_dist_checkpoint(grown.model, grown.optimizer, out, extra=extra)
+    staging = out.parent / f".{out.name}.partial"  # (one name on every rank)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0 and staging.exists():  # left by a crashed run
+        shutil.rmtree(staging)
+    save_dist_checkpoint(grown.model, grown.optimizer, staging, extra=extra)  # (ends every rank's writes)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank0:
+        old = out.parent / f".{out.name}.replaced"
+        if out.exists():  # overwrite (or an empty directory): the old one goes once the new one is complete
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
     return grown
 
 

@@ -22,7 +22,7 @@ with ``torch.func.functional_call``. Expansions go through :func:`growth_ds.kern
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional
+from typing import TYPE_CHECKING, Dict, Iterable, List
 
 import torch
 import torch.nn as nn
@@ -33,6 +33,9 @@ from growth_ds.models.schema import parameter_schema
 from growth_ds.ops.apply import _axes, _coupling, _noise, grow_moment
 from growth_ds.ops.plan import GrowthPlan
 from growth_ds.ops.state import TrainingState
+
+if TYPE_CHECKING:
+    from growth_ds.ops.dense import DenseMap
 
 LAYER_KINDS = ("attn_norm", "attn.q", "attn.k", "attn.v", "attn.o", "mlp_norm", "mlp.gate", "mlp.up", "mlp.down")
 
@@ -254,7 +257,8 @@ def train_ligo(op: LigoOperator, batches: Iterable, steps: int = 100, lr: float 
 
 def materialise_state(op: LigoOperator, small: TrainingState, moments: str = "fresh") -> TrainingState:
     """The grown training state. ``moments``: ``fresh`` (LiGO: a new AdamW, step 0) or ``plan`` (the
-    initialising plan's moment rule applied to the small model's moments, step kept)."""
+    initialising plan's moment rule applied to the small model's moments, step kept). The LR schedule
+    goes through the plan's LR policy, as :func:`growth_ds.ops.grow` does."""
     if moments not in ("fresh", "plan"):
         raise ValueError(f"moments: must be fresh or plan, got {moments!r}")
     with torch.no_grad():
@@ -271,7 +275,8 @@ def materialise_state(op: LigoOperator, small: TrainingState, moments: str = "fr
         m = {n: grow_moment(plan, n, s, small.exp_avg[source_name(plan, n)], 1) for n, s in schema.items()}
         v = {n: grow_moment(plan, n, s, small.exp_avg_sq[source_name(plan, n)], 2) for n, s in schema.items()}
         step = small.step
-    return TrainingState(op.shape, params, m, v, step, small.schedule, small.schedule_step, dict(small.extra))
+    schedule, schedule_step = op.plan.lr.apply(small.schedule, small.schedule_step)
+    return TrainingState(op.shape, params, m, v, step, schedule, schedule_step, dict(small.extra))
 
 
 __all__ = ["LigoOperator", "train_ligo", "materialise_state"]

@@ -586,7 +586,8 @@ def cli_data_prepare(args: argparse.Namespace) -> int:
     cfg_path = Path(args.config)
     full = yaml.safe_load(cfg_path.read_text()) or {}
     data_cfg = dict(full.get("data") or {})
-    run_root = (full.get("run") or {}).get("out_dir") or f"runs/{cfg_path.stem}"
+    run = full.get("run") or {}
+    run_root = run.get("out_dir") or f"runs/{run.get('name') or cfg_path.stem}"  # (train.config's rule)
     out = args.out or data_cfg.pop("out_dir", None) or str(Path(run_root) / "data")  # where `train` looks
     data_cfg.pop("out_dir", None)  # --out wins over the config
     srcs = data_cfg.get("sources")
@@ -609,7 +610,8 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     q = sub.add_parser("prepare", help="build tokenizer + train/val token stores")
     q.add_argument("config", help="YAML file with a `data:` section")
     q.add_argument("--out", default=None,
-                   help="output directory (default: data.out_dir or runs/data)")
+                   help="output directory (default: where `growth-ds train` looks: data.out_dir, else "
+                        "run.out_dir/data, else runs/<run.name or the config's stem>/data)")
     q.set_defaults(func=cli_data_prepare)
     return p
 
