@@ -81,10 +81,11 @@ def _check_grow_options(args, kind: str) -> None:
         if getattr(args, opt, None) is not None and kind not in kinds:
             raise ValueError(f"--{opt.replace('_', '-')}: {what}; --from is {_GROW_KINDS[kind]}")
     if kind == "hf":  # the output is a Hugging Face directory: weights only, their shape in config.json
-        for opt in ("shape", "moments", "lr_policy"):
+        for opt, why in (("shape", "the source's shape is its config.json"),
+                         ("moments", "the output holds weights only (no optimizer state)"),
+                         ("lr_policy", "the output holds weights only (no LR schedule)")):
             if getattr(args, opt, None) is not None:
-                raise ValueError(f"--{opt.replace('_', '-')}: --from-hf writes weights only (a Hugging Face "
-                                 f"directory), whose shape its config.json gives")
+                raise ValueError(f"--{opt.replace('_', '-')}: not an option of --from-hf: {why}")
     if args.method == "ligo":
         if kind != "file":
             raise ValueError(f"--method ligo: offline LiGO grows checkpoint files; --from is {_GROW_KINDS[kind]}, "
