@@ -197,8 +197,11 @@ def cmd_plan(args) -> int:
 
     if bool(args.law) == bool(args.logs):
         raise ValueError("plan: give exactly one of --law LAW.json or --logs RUN_DIR/metrics.jsonl ...")
-    law = law_from_json(Path(args.law).read_text()) if args.law else fit_from_logs(args.logs, form=args.form,
-                                                                                   n_boot=args.bootstrap)
+    if args.law and (args.form is not None or args.bootstrap is not None):
+        raise ValueError(f"--{'form' if args.form is not None else 'bootstrap'}: options of fitting --logs; "
+                         f"--law {args.law} is already fitted")
+    law = law_from_json(Path(args.law).read_text()) if args.law else \
+        fit_from_logs(args.logs, form=args.form or "chinchilla", n_boot=args.bootstrap or 0)
     shapes = [ModelShape.from_yaml(p) for p in args.shapes]
     plan = plan_stages(law, args.budget, shapes, rho=args.rho)
     print(format_stage_table(plan))
@@ -265,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--budget", type=float, required=True, help="compute budget in FLOPs")
     pl.add_argument("--law", help="a fitted law (JSON)")
     pl.add_argument("--logs", nargs="+", help="metrics.jsonl files or run dirs to fit the law on")
-    pl.add_argument("--form", default="chinchilla", choices=["chinchilla", "kaplan_ns"])
-    pl.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for confidence intervals")
+    pl.add_argument("--form", choices=["chinchilla", "kaplan_ns"], help="--logs: the law's form (default chinchilla)")
+    pl.add_argument("--bootstrap", type=int, help="--logs: bootstrap resamples for confidence intervals (default 0)")
     pl.add_argument("--rho", type=float, default=None, help="growth discount (1 = ideal lossless growth)")
     pl.add_argument("--out", help="write the stage plan (JSON) here, and the law next to it")
     pl.add_argument("--png", help="plot of fits, data points and boundaries")

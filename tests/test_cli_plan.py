@@ -18,3 +18,13 @@ def test_plan_from_a_law(tmp_path, capsys):
     assert json.loads((tmp_path / "plan.law.json").read_text())
     assert (tmp_path / "plan.png").stat().st_size > 1000
     assert main(["plan", "--shapes", *shapes, "--budget", "1e20"]) == 2  # neither --law nor --logs
+
+
+def test_fitting_options_with_a_fitted_law_are_refused(tmp_path, capsys):
+    law = ChinchillaFit(E=1.69, A=406.4, alpha=0.34, B=410.7, beta=0.28)
+    (tmp_path / "law.json").write_text(law.to_json())
+    shapes = ["configs/shapes/gpt2-124m.yaml", "configs/shapes/gpt2-350m.yaml"]
+    for extra in (["--form", "kaplan_ns"], ["--bootstrap", "50"]):
+        assert main(["plan", "--law", str(tmp_path / "law.json"), "--shapes", *shapes, "--budget", "1e20",
+                     *extra]) == 2
+        assert extra[0] in capsys.readouterr().err
