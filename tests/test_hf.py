@@ -276,6 +276,10 @@ def test_cli_grow_from_hf_and_convert_both_ways(tmp_path, capsys):
     assert _convert([str(tmp_path / "small"), str(ckpt)]) == 2  # exists: refused, untouched
     captured = capsys.readouterr()
     assert "exists" in captured.out + captured.err
+    # --shape is for plain torch files: a Hugging Face source's config.json gives it
+    assert _convert([str(tmp_path / "small"), str(tmp_path / "other.pt"), "--shape", str(to)]) == 2
+    captured = capsys.readouterr()
+    assert "--shape" in captured.out + captured.err and not (tmp_path / "other.pt").exists()
     large = hf._target_shape(to, shape)
     grown_state = grow(state, make_plan(shape, large, width="lemon", depth="identity"))
     from growth_ds.checkpoint import save_state

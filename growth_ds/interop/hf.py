@@ -475,9 +475,15 @@ def load_any(src: str | Path, shape: Optional[ModelShape] = None, dtype=torch.fl
 
     src = Path(src)
     if src.is_dir() and (src / "config.json").is_file():
+        if shape is not None:
+            raise ValueError(f"--shape: only for a plain torch checkpoint file; {src} is a Hugging Face directory, "
+                             f"whose config.json gives the shape")
         return load_hf(src, dtype, max_seq_len)
     if max_seq_len is not None:
         raise ValueError("--max-seq-len: only for Hugging Face sources")
+    if shape is not None and src.is_dir():
+        raise ValueError(f"--shape: only for a plain torch checkpoint file; {src} is a training run directory, "
+                         f"whose checkpoints record their shape")
     return load_run(src) if src.is_dir() else load_state(src, shape)
 
 
