@@ -189,6 +189,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    import os
     from pathlib import Path
 
     from growth_ds.schedule import (fit_from_logs, format_stage_table, law_from_json, load_metrics, plan_stages,
@@ -197,6 +198,12 @@ def cmd_plan(args) -> int:
 
     if bool(args.law) == bool(args.logs):
         raise ValueError("plan: give exactly one of --law LAW.json or --logs RUN_DIR/metrics.jsonl ...")
+    outs = [Path(args.out), Path(args.out).with_suffix(".law.json")] if args.out else []
+    for o in outs:  # before any work; a config's `until: {auto: {law: ...}}` may read these files
+        if o.exists() and not args.force:
+            raise FileExistsError(f"--out: {o} exists; pass --force to replace it")
+        if args.law and o.resolve() == Path(args.law).resolve():
+            raise ValueError(f"--out: {o} is the --law being read")
     if args.law and (args.form is not None or args.bootstrap is not None):
         raise ValueError(f"--{'form' if args.form is not None else 'bootstrap'}: options of fitting --logs; "
                          f"--law {args.law} is already fitted")
@@ -206,9 +213,11 @@ def cmd_plan(args) -> int:
     plan = plan_stages(law, args.budget, shapes, rho=args.rho)
     print(format_stage_table(plan))
     if args.out:
-        Path(args.out).write_text(plan.to_json(indent=2))
-        Path(args.out).with_suffix(".law.json").write_text(law.to_json())
-        print(f"wrote {args.out} and the law to {Path(args.out).with_suffix('.law.json')}")
+        for o, text in zip(outs, (plan.to_json(indent=2), law.to_json())):
+            tmp = o.with_name(f".{o.name}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, o)
+        print(f"wrote {outs[0]} and the law to {outs[1]}")
     if args.png:
         points = load_metrics(args.logs) if args.logs else None
         plot_fit(points, law, plan, args.png)
@@ -271,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--form", choices=["chinchilla", "kaplan_ns"], help="--logs: the law's form (default chinchilla)")
     pl.add_argument("--bootstrap", type=int, help="--logs: bootstrap resamples for confidence intervals (default 0)")
     pl.add_argument("--rho", type=float, default=None, help="growth discount (1 = ideal lossless growth)")
-    pl.add_argument("--out", help="write the stage plan (JSON) here, and the law next to it")
+    pl.add_argument("--out", help="write the stage plan (JSON) here, and the law next to it (.law.json)")
+    pl.add_argument("--force", action="store_true", help="replace --out (and its .law.json) if they exist")
     pl.add_argument("--png", help="plot of fits, data points and boundaries")
     pl.set_defaults(func=cmd_plan)
 

@@ -95,6 +95,28 @@ def test_killed_run_resumes_exactly(tmp_path, data_dir, zero):
     assert len(growths) == 1  # the log was truncated to the resumed step, so no duplicate records
 
 
+def test_restart_over_an_earlier_runs_checkpoints_keeps_its_own(tmp_path, data_dir):
+    """``--no-resume`` in a directory whose earlier run saved later steps (16, 24): the new run's checkpoints
+    are neither pruned as "older" nor mixed with the earlier files; killed at step 13, it resumes from its own
+    step 10 and ends with the losses of an uninterrupted run."""
+    cfg = write_config(tmp_path, "again", zero=2, data_dir=data_dir)
+    run_ok(["train", cfg, "--no-progress"])
+    run_dir = tmp_path / "again" / "staged"
+    ref = losses(run_dir)
+    ckpts = run_dir / "checkpoints"
+    assert {"step00000016", "step00000024"} <= {d.name for d in ckpts.iterdir()}
+    res = launch(["train", cfg, "--no-progress", "--no-resume"], env={"GROWTH_DS_KILL_AT_STEP": "13"})
+    assert res.returncode != 0
+    assert json.loads((ckpts / "latest.json").read_text())["step"] == GROW_AT
+    assert (ckpts / "step00000008" / "growth_meta.json").exists()  # kept: the newest before this run's latest
+    run_ok(["train", cfg, "--no-progress", "--resume"])
+    got = losses(run_dir)
+    assert sorted(got) == list(range(1, TOTAL + 1))
+    for step in ref:
+        assert abs(ref[step] - got[step]) < 1e-6, (step, ref[step], got[step])
+    assert json.loads((ckpts / "latest.json").read_text())["step"] == TOTAL
+
+
 def test_stage_shape_that_does_not_match_checkpoint_is_refused(tmp_path, data_dir):
     cfg = write_config(tmp_path, "mismatch", zero=1, data_dir=data_dir)
     run_ok(["train", cfg, "--no-progress"])

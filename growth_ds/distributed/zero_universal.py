@@ -105,9 +105,14 @@ def to_universal(tag_dir: Path, out_tag_dir: Path, loadable: bool = False) -> Pa
 
 def _load(path: Path):
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except RuntimeError:  # not a zipfile checkpoint: mmap unsupported
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        except RuntimeError:  # not a zipfile checkpoint: mmap unsupported
+            return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e)[:200]})") from e
 
 
 def read_param(udir: Path, name: str, key: str, shape: Sequence[int], label: str = "checkpoint") -> torch.Tensor:
@@ -140,8 +145,8 @@ def universal_step(udir: Path, any_param: str) -> int:
     optimizer state)."""
     p = udir / "zero" / any_param / "step.pt"
     if p.exists():
-        return int(float(torch.load(p, weights_only=False)))
-    sd = torch.load(udir / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
+        return int(float(_load(p)))
+    sd = _load(udir / "zero" / "optimizer_state.pt")
     inner = sd.get("optimizer_state_dict", {})
     st = inner.get("state", {})
     return int(float(st[0]["step"])) if 0 in st and "step" in st[0] else 0
@@ -398,6 +403,9 @@ def cli_grow(args) -> int:
         src = src / args.tag
         if not _is_tag_dir(src):
             raise ValueError(f"--tag {args.tag}: {src} is not a checkpoint tag of {getattr(args, 'from')}")
+        if (src.parent / "latest.json").exists() and not (src / "growth_meta.json").exists():
+            raise ValueError(f"--tag {args.tag}: {src} is incomplete (a growth-ds run's save that did not finish: "
+                             f"no growth_meta.json)")
     summary = grow_universal_checkpoint(src, large, args.out, width=width, depth=depth,
                                         seed=args.seed, moments=getattr(args, "moments", None),
                                         lr=getattr(args, "lr_policy", None), small=small,

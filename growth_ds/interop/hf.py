@@ -418,10 +418,9 @@ def save_hf(source, out_dir: str | Path, dtype=None, overwrite: bool = False, **
             model.save_pretrained(str(tmp), **kw)
         if not any(tmp.glob("*.safetensors")):
             raise RuntimeError(f"save_pretrained wrote no safetensors file into {tmp}")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
+        if out.exists():  # (a name of this process: a crash here leaves the old copy aside, never deleted)
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.replaced."))
+            os.replace(out, old / out.name)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:

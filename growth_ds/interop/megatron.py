@@ -47,6 +47,7 @@ import dataclasses
 import os
 import socket
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -699,16 +700,18 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
     ``out_dir`` as it was (and ``overwrite`` replaces it whole).
     """
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--force) to replace it")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not an empty directory; pass overwrite=True (--force) to "
+                              f"replace it")
     if not is_dist_checkpoint(src_dir):
         raise FileNotFoundError(f"{src_dir} is not a megatron dist checkpoint (no metadata.json)")
-    tp = ensure_model_parallel(tp)
     common = checkpoint_common(src_dir)
     if small is None:
         if not common.get("shape"):
             raise ValueError(f"{src_dir} records no growth-ds shape; pass the old ModelShape (--shape)")
         small = ModelShape.from_dict(common["shape"])
+    plan = make_plan(small, large, width=width, depth=depth, seed=seed, moments=moments, lr=lr)  # (bad shapes: now)
+    tp = ensure_model_parallel(tp)
     model = build_gpt_model(small, tp=tp, perform_initialization=False)
     optimizer = None
     if common.get("param_groups"):
@@ -716,7 +719,6 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
         cls = getattr(torch.optim, common.get("optimizer_class", "AdamW"))
         optimizer = cls([{"params": [named[n] for n in names]} for names in common["param_groups"]])
     load_dist_checkpoint(model, optimizer, src_dir)
-    plan = make_plan(small, large, width=width, depth=depth, seed=seed, moments=moments, lr=lr)
     grown = grow_gpt_model(model, optimizer, plan)
     del model, optimizer
     extra = {"grown_from": small.to_dict(), "plan": plan.describe(), "tp_plan": grown.tp_plan.describe(),
@@ -729,12 +731,16 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
     if dist.is_initialized():
         dist.barrier()
     if rank0:
-        old = out.parent / f".{out.name}.replaced"
         if out.exists():  # overwrite (or an empty directory): the old one goes once the new one is complete
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-        os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
+            if not out.is_dir():
+                out.unlink()
+            else:  # (a name of this process: a crash here leaves the old copy aside, never deleted)
+                old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.replaced."))
+                os.replace(out, old / out.name)
+                os.replace(staging, out)
+                shutil.rmtree(old, ignore_errors=True)
+        if staging.exists():
+            os.replace(staging, out)
     if dist.is_initialized():
         dist.barrier()
     return grown

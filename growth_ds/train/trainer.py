@@ -50,6 +50,36 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _read_json(path: Path) -> dict:
+    """A checkpoint's JSON, or a ValueError naming the file when it is truncated or corrupt."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is corrupt ({e})") from e
+
+
+def _fsync_tree(d: Path) -> None:
+    """Flush every file under ``d`` and the directories themselves to stable storage (DeepSpeed's
+    ``torch.save`` does not), so a pointer written afterwards never names files a crash could lose."""
+    for root, _, files in os.walk(d):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _tag_step(name: str) -> Optional[int]:
+    """The step of a checkpoint tag ``stepNNNNNNNN`` (None for other names: ``_universal`` conversions)."""
+    return int(name[4:]) if name.startswith("step") and name[4:].isdigit() else None
+
+
 class StagedTrainer:
     """One staged (or from-scratch) run. ``run_dir`` holds metrics.jsonl and checkpoints/."""
 
@@ -213,10 +243,10 @@ class StagedTrainer:
         ptr = self.ckpt_dir / "latest.json"
         if not ptr.exists():
             return None
-        meta = json.loads(ptr.read_text())
+        meta = _read_json(ptr)
         if not (self.ckpt_dir / meta["tag"] / "growth_meta.json").exists():
             raise ValueError(f"{ptr}: points at {meta['tag']}, which is incomplete")
-        return json.loads((self.ckpt_dir / meta["tag"] / "growth_meta.json").read_text())
+        return _read_json(self.ckpt_dir / meta["tag"] / "growth_meta.json")
 
     def save(self, engine, shape: ModelShape) -> None:
         p = self.progress
@@ -227,15 +257,30 @@ class StagedTrainer:
             "zero_stage": self.cfg.deepspeed["zero_stage"], "precision": self.cfg.deepspeed["precision"],
             "config": self.cfg.raw, "trigger": None if self.trigger is None else self.trigger.state_dict(),  # no RNG state: sampling is keyed by (seed, sample), growth by (seed, name)
         }
+        ptr = self.ckpt_dir / "latest.json"
+        if self.rank == 0 and (self.ckpt_dir / tag).exists() and \
+                not (ptr.exists() and _read_json(ptr).get("tag") == tag):
+            # left by a crashed save or an earlier run (maybe at another world size): its files must not mix
+            # with this save's; the latest checkpoint itself is never removed
+            for stale in (tag, f"{tag}_universal"):
+                shutil.rmtree(self.ckpt_dir / stale, ignore_errors=True)
+        dist.barrier()
         engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False,
                                client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}})
+        _fsync_tree(self.ckpt_dir / tag)  # (every rank: its own files are flushed wherever it wrote them)
         dist.barrier()
         if self.rank == 0:  # meta, then the pointer: a checkpoint without both is never used
             _write_json_atomic(self.ckpt_dir / tag / "growth_meta.json", meta)
-            _write_json_atomic(self.ckpt_dir / "latest.json", {"tag": tag, "step": p.step})
-            tags = sorted(d.name for d in self.ckpt_dir.iterdir() if d.is_dir() and d.name.startswith("step"))
-            for old in tags[:-self.cfg.train["keep_last"]]:
+            _write_json_atomic(ptr, {"tag": tag, "step": p.step})
+            _fsync_tree(self.ckpt_dir / tag)
+            # keep the newest complete checkpoints up to this one; never this one, never a newer-numbered tag
+            # (an earlier run's), never an incomplete one
+            done = sorted((_tag_step(d.name), d.name) for d in self.ckpt_dir.iterdir()
+                          if d.is_dir() and _tag_step(d.name) is not None and _tag_step(d.name) < p.step
+                          and (d / "growth_meta.json").exists())
+            for _, old in done[:max(0, len(done) - (self.cfg.train["keep_last"] - 1))]:
                 shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
+                shutil.rmtree(self.ckpt_dir / f"{old}_universal", ignore_errors=True)
         dist.barrier()
 
     def _resume(self, meta: dict, ckpt_dir: Optional[Path] = None):
