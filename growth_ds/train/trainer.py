@@ -58,21 +58,21 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"{path} is corrupt ({e})") from e
 
 
+def _fsync(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(d: Path) -> None:
     """Flush every file under ``d`` and the directories themselves to stable storage (DeepSpeed's
     ``torch.save`` does not), so a pointer written afterwards never names files a crash could lose."""
     for root, _, files in os.walk(d):
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            _fsync(os.path.join(root, name))
+        _fsync(root)
 
 
 def _tag_step(name: str) -> Optional[int]:
@@ -271,8 +271,9 @@ class StagedTrainer:
         dist.barrier()
         if self.rank == 0:  # meta, then the pointer: a checkpoint without both is never used
             _write_json_atomic(self.ckpt_dir / tag / "growth_meta.json", meta)
+            _fsync(self.ckpt_dir / tag)  # (the meta's directory entry)
             _write_json_atomic(ptr, {"tag": tag, "step": p.step})
-            _fsync_tree(self.ckpt_dir / tag)
+            _fsync(self.ckpt_dir)  # (the pointer's)
             # keep the newest complete checkpoints up to this one; never this one, never a newer-numbered tag
             # (an earlier run's), never an incomplete one
             done = sorted((_tag_step(d.name), d.name) for d in self.ckpt_dir.iterdir()
