@@ -117,6 +117,19 @@ def test_restart_over_an_earlier_runs_checkpoints_keeps_its_own(tmp_path, data_d
     assert json.loads((ckpts / "latest.json").read_text())["step"] == TOTAL
 
 
+def test_a_failure_on_rank_0_stops_every_rank(tmp_path):
+    """Rank 0 prepares the data alone; when that fails (here: a corpus file that is not there), the other
+    ranks stop with it instead of waiting at a barrier for the collective timeout."""
+    cfg = write_config(tmp_path, "nocorpus", zero=1)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["data"]["sources"] = [str(tmp_path / "missing.txt")]
+    cfg.write_text(yaml.safe_dump(raw))
+    res = launch(["train", cfg, "--no-progress"], timeout=240)
+    assert res.returncode != 0
+    assert "missing.txt" in res.stderr + res.stdout
+    assert "failed on rank 0" in res.stderr + res.stdout  # what rank 1 says
+
+
 def test_stage_shape_that_does_not_match_checkpoint_is_refused(tmp_path, data_dir):
     cfg = write_config(tmp_path, "mismatch", zero=1, data_dir=data_dir)
     run_ok(["train", cfg, "--no-progress"])
@@ -243,5 +256,7 @@ def test_offline_growth_and_another_world_size_resume_through_universal_checkpoi
     assert abs(resumed["val_loss"] - ref_growth["val_loss_before"]) < 1e-5, (resumed, ref_growth)
     growth = [r for r in recs if r.get("event") == "growth"]
     assert len(growth) == 1 and abs(growth[0]["val_loss_after"] - growth[0]["val_loss_before"]) < 1e-4
+    # the universal conversion of the source went into run c's own directory, not into run a's
+    assert not any(d.name.endswith("_universal") for d in ckpts.iterdir())
     steps = [r for r in recs if r.get("event") == "step"]
     assert steps[-1]["step"] >= TOTAL and steps[-1]["train_loss"] < steps[0]["train_loss"]

@@ -89,12 +89,30 @@ class StagedTrainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
 
     # ---- set-up ---------------------------------------------------------------------------------
+    def _on_rank0(self, what: str, fn) -> None:
+        """Run ``fn`` on rank 0 while the others wait; if it raises, every rank raises (rank 0 its own error),
+        instead of the others waiting at a barrier until the collective timeout."""
+        err = None
+        if self.rank == 0:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
+                err = e
+        failed = err is not None
+        if self.world > 1:
+            flag = torch.tensor([int(failed)], dtype=torch.int64, device=dse.comm_device())
+            dist.all_reduce(flag)
+            failed = bool(flag.item())
+        if err is not None:
+            raise err
+        if failed:
+            raise RuntimeError(f"{what} failed on rank 0 (its error is in rank 0's output)")
+
     def _prepare_data(self):
         from growth_ds.train.data import Batches, TokenStore, prepare_data
 
-        if self.rank == 0:
-            prepare_data({**self.cfg.data, "seed": self.cfg.data.get("seed", self.cfg.seed)}, self.data_dir)
-        dist.barrier()
+        self._on_rank0("preparing the data", lambda: prepare_data(
+            {**self.cfg.data, "seed": self.cfg.data.get("seed", self.cfg.seed)}, self.data_dir))
         info = json.loads((self.data_dir / "data.json").read_text())
         vocab = info["stats"]["vocab_size"]
         for i, st in enumerate(self.cfg.stages):
@@ -258,10 +276,10 @@ class StagedTrainer:
             "config": self.cfg.raw, "trigger": None if self.trigger is None else self.trigger.state_dict(),  # no RNG state: sampling is keyed by (seed, sample), growth by (seed, name)
         }
         ptr = self.ckpt_dir / "latest.json"
-        if self.rank == 0 and (self.ckpt_dir / tag).exists() and \
-                not (ptr.exists() and _read_json(ptr).get("tag") == tag):
-            # left by a crashed save or an earlier run (maybe at another world size): its files must not mix
-            # with this save's; the latest checkpoint itself is never removed
+        if self.rank == 0 and not (ptr.exists() and _read_json(ptr).get("tag") == tag):
+            # left by a crashed save or an earlier run (maybe at another world size), or the conversion of an
+            # --init-from source's tag of this name: its files must not mix with (or stand for) this save's; the
+            # latest checkpoint itself is never removed
             for stale in (tag, f"{tag}_universal"):
                 shutil.rmtree(self.ckpt_dir / stale, ignore_errors=True)
         dist.barrier()
@@ -322,19 +340,30 @@ class StagedTrainer:
 
     def _universal(self, ckpt_dir: Path, tag: str):
         """``(dir, tag)`` of a universal form of checkpoint ``tag``: itself if it is one, else converted once
-        by rank 0 into ``<tag>_universal`` next to it (written aside and renamed: never half there)."""
+        by rank 0 into ``<tag>_universal`` in this run's checkpoint directory (next to the tag when it is this
+        run's; never into another run's, which may be read-only). Written aside and renamed: never half there."""
         from growth_ds.distributed.zero_universal import is_universal, to_universal
 
         if is_universal(ckpt_dir / tag):
             return ckpt_dir, tag
         utag = f"{tag}_universal"
-        if self.rank == 0 and not is_universal(ckpt_dir / utag):
-            staging = ckpt_dir / f".{utag}.partial-{os.getpid()}"
+        dest = self.ckpt_dir
+
+        def convert():
+            if is_universal(dest / utag):
+                return
+            dest.mkdir(parents=True, exist_ok=True)
+            staging = dest / f".{utag}.partial-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
-            to_universal(ckpt_dir / tag, staging, loadable=True)
-            os.replace(staging, ckpt_dir / utag)
-        dist.barrier()
-        return ckpt_dir, utag
+            try:
+                to_universal(ckpt_dir / tag, staging, loadable=True)
+                shutil.rmtree(dest / utag, ignore_errors=True)  # (an incomplete one)
+                os.replace(staging, dest / utag)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+
+        self._on_rank0(f"converting {ckpt_dir / tag} to the universal format", convert)
+        return dest, utag
 
     def init_from(self, src: Path) -> dict:
         """Meta of the checkpoint a new run starts from (``--init-from``): a growth-ds run's checkpoint
