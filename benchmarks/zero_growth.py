@@ -24,6 +24,11 @@ number of bytes measured in the same run (the C library's memmove through a 64 M
 both ranks at once; torch's ``copy_``, which is slower here, is printed beside it); the ratio against
 master + moments alone is printed as well. Targets from the issue: peak <= 1.5x (old slice + new slice),
 time <= 3x that memcpy.
+
+A *floor* run comes last (``--no-floor`` skips it): the 10M case's parameter kinds and layers at 1/12 of
+its elements, grown the same way. Its time is what a growth costs whatever its size (index math, the
+schedule, one synchronisation per round, Python per piece); the closing summary splits each size's time
+(best of 3) into that fixed cost and the rest, which scales with the bytes written.
 """
 from __future__ import annotations
 
@@ -47,6 +52,9 @@ SIZES = {  # grown model ~ N parameters: (small, grown) llama shapes, width x2 a
             dict(d_model=512, n_heads=8, n_kv_heads=4, d_ffn=2048, n_layers=11)),
     "200M": (dict(d_model=512, n_heads=8, n_kv_heads=4, head_dim=64, d_ffn=2048, n_layers=8, vocab_size=32000),
              dict(d_model=1024, n_heads=16, n_kv_heads=8, d_ffn=4096, n_layers=11)),
+    # the fixed cost: the 10M case's kinds, layers and about its number of rounds, at 1/12 of its elements
+    "floor": (dict(d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, d_ffn=128, n_layers=6, vocab_size=4096),
+              dict(d_model=64, n_heads=8, n_kv_heads=4, d_ffn=256, n_layers=8)),
 }
 TRAIN = dict(micro_batch_size=1, grad_accum=1, grad_clip=0.0, weight_decay=0.1, lr=1e-3, betas=[0.9, 0.95],
              eps=1e-8)
@@ -116,7 +124,9 @@ def worker(args):
         t = torch.randint(0, shape.vocab_size, (1, shape.max_seq_len + 1))
         return t[:, :-1], t[:, 1:]
 
-    for size in args.sizes.split(","):
+    sizes = args.sizes.split(",")
+    # the floor run last, so that every size's first growth stays the first in its process
+    for size in sizes + (["floor"] if args.floor and "floor" not in sizes else []):
         small, large = shapes(size)
         plan = make_plan(small, large, width=width, depth=depth, seed=0, moments="adjoint")
         old = engine(small, fresh=True)
@@ -135,7 +145,7 @@ def worker(args):
                "ws": ws, "stage": args.stage, "precision": args.precision, "method": args.method,
                "old_slice_bytes": old_slice, "new_slice_bytes": new_slice}
         for path in ("executor", "gather"):
-            if path == "gather" and args.skip_gather:
+            if path == "gather" and (args.skip_gather or size == "floor"):
                 continue
             fn = (lambda: grow_engine(old, new, plan, prefetch=args.prefetch, bucket_elems=args.bucket)) if path == "executor" else \
                 (lambda: gather_grow(old, new, plan))
@@ -199,6 +209,8 @@ def worker(args):
         del old, new, lay
         gc.collect()
         malloc_trim()
+    if rank == 0 and results[-1][0]["size"] == "floor":
+        report_fixed_cost(results)
     if rank == 0 and args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -251,6 +263,22 @@ def report(per_rank):
               flush=True)
 
 
+def report_fixed_cost(results):
+    """Each size's executor time (best of 3) split into the floor run's (what any growth costs: index math, the
+    schedule, a synchronisation per round, Python per piece, ~100 pieces here) and the rest, which scales with
+    the bytes written; both against the size's memcpy."""
+    best = lambda per_rank: max(r["executor"]["best_seconds"] for r in per_rank)  # noqa: E731
+    floor = results[-1]
+    fixed = best(floor)
+    print(f"\n== fixed cost of a growth: the floor run ({floor[0]['n_params_grown'] / 1e6:.1f}M params, "
+          f"{floor[0]['executor']['rounds']} rounds, {floor[0]['executor']['pieces']} pieces) takes {fixed:.3f}s "
+          f"(best of 3)", flush=True)
+    for per_rank in results[:-1]:
+        t, memcpy = best(per_rank), max(r["memcpy_seconds"] for r in per_rank)
+        print(f"   {per_rank[0]['size']:>5s}: best {t:.3f}s = {t / memcpy:.1f}x memcpy = fixed {fixed / memcpy:.1f}x "
+              f"+ the rest {max(t - fixed, 0) / memcpy:.1f}x ({max(t - fixed, 0):.3f}s)", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="10M,50M,200M")
@@ -260,6 +288,8 @@ def main():
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                     help="the low-precision weights the forward pass uses (the masters and moments are fp32)")
     ap.add_argument("--skip-gather", action="store_true")
+    ap.add_argument("--no-floor", dest="floor", action="store_false",
+                    help="skip the floor run (a ~0.5M-parameter growth first: the fixed cost of a growth)")
     ap.add_argument("--prefetch", action="store_true", help="executor: overlap the next all-to-all with compute")
     ap.add_argument("--bucket", type=int, default=None, help="executor: new elements per rank per round "
                     "(default: grow_engine's automatic bucket)")
@@ -279,6 +309,7 @@ def main():
     forward = ["--sizes", args.sizes, "--method", args.method, "--stage", str(args.stage), "--precision",
                args.precision]
     forward += [f"--{k.replace('_', '-')}" for k in ("skip_gather", "prefetch", "profile") if getattr(args, k)]
+    forward += [] if args.floor else ["--no-floor"]
     forward += ["--json", args.json] if args.json else []
     forward += ["--bucket", str(args.bucket)] if args.bucket else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port",
