@@ -410,8 +410,9 @@ def runs(tmp_path_factory):
     _ok(launch(out, "cases,load", 1, ["sel=1:subset", "load_stage=1"]))
     # the relaunched killed job resumes from its pre-growth checkpoint and grows again; dense maps
     _ok(launch(out, "job,dense", 2, ["run=killed", "dense_stages=1,3"]))
-    # a world size no other run uses (3: partitions of unequal sizes); ZeRO-Offload at world size 2
-    _ok(launch(out, "cases", 3, ["sel=3:subset,1:mini,2:mini"]))
+    # a world size no other run uses (3: partitions of unequal sizes), through the all-to-all a multi-node job
+    # uses (every plan, not only those with whole-parameter rounds); ZeRO-Offload at world size 2
+    _ok(launch(out, "cases", 3, ["sel=3:subset,1:mini,2:mini"], env={"GROWTH_DS_ZERO_TRANSPORT": "collective"}))
     _ok(launch(out, "cases", 2, ["sel=3:mini,2:mini,1:mini", "offload=1"]))
     return out
 
@@ -476,9 +477,10 @@ def test_same_result_at_world_size_1_2_and_4(runs):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["cases_ws3", "cases_ws2_offload"])
 def test_world_size_3_and_zero_offload_give_the_same_bits(runs, name):
-    """At world size 3 (partitions of unequal sizes), and under ZeRO-Offload (Adam state in host memory, ZeRO-3
-    parameters too), ZeRO 1, 2 and 3: the grown state is ops.grow's bit for bit, its digest is the one world
-    sizes 1, 2 and 4 give, and the next step equals the unsharded reference's."""
+    """At world size 3 (partitions of unequal sizes; every round through the all-to-all, as across nodes), and
+    under ZeRO-Offload (Adam state in host memory, ZeRO-3 parameters too), ZeRO 1, 2 and 3: the grown state is
+    ops.grow's bit for bit, its digest is the one world sizes 1, 2 and 4 give (through shared memory where the
+    plan allows), and the next step equals the unsharded reference's."""
     recs = json.loads((runs / f"{name}.json").read_text())
     assert {r["stage"] for r in recs} == {1, 2, 3}
     offload = name.endswith("offload")
@@ -493,6 +495,8 @@ def test_world_size_3_and_zero_offload_give_the_same_bits(runs, name):
         assert (r["params"], r["exp_avg"], r["exp_avg_sq"], r["step"], r["lp_mismatch"]) == (0, 0, 0, 0, 0), where
         assert r["digest"] == digests[r["case"]], where
         assert r["loss_diff"] < 1e-5 and r["step_max_diff"] < 1e-5, (where, r["step_max_diff"])
+        if name == "cases_ws3":
+            assert r["transport"] == "collective", where
 
 
 @pytest.mark.slow
