@@ -236,6 +236,14 @@ def test_offline_growth_and_another_world_size_resume_through_universal_checkpoi
 
     assert main(["grow", "--from", str(ckpts), "--to", str(tmp_path / "large.yaml"), "--method", "lemon+identity",
                  "--moments", "adjoint", "--out", str(tmp_path / "grown")]) == 0
+    # a config that lists only the grown shape does not say where the run is: refused, naming the stage
+    one = write_config(tmp_path, "one", zero=2, data_dir=data_dir)
+    raw_one = yaml.safe_load(one.read_text())
+    raw_one["stages"] = [{"shape": raw_one["stages"][1]["shape"]}]
+    one.write_text(yaml.safe_dump(raw_one))
+    res = launch(["train", one, "--no-progress", "--init-from", tmp_path / "grown"])
+    assert res.returncode != 0 and "the checkpoint is in stages[1]" in res.stderr, res.stderr[-3000:]
+    assert not (tmp_path / "one" / "staged" / "checkpoints").exists()
     b_cfg = write_config(tmp_path, "b", zero=2, data_dir=data_dir)
     run_ok(["train", b_cfg, "--no-progress", "--init-from", tmp_path / "grown"])
     recs = read_metrics(tmp_path / "b" / "staged" / "metrics.jsonl")

@@ -312,7 +312,11 @@ class StagedTrainer:
         shape = ModelShape.from_dict(meta["shape"])
         prog = Progress(**meta["progress"])
         if prog.stage >= len(self.cfg.stages):
-            raise ValueError(f"stages: the checkpoint is in stage {prog.stage}, the config has {len(self.cfg.stages)}")
+            raise ValueError(
+                f"stages: the checkpoint is in stages[{prog.stage}] ({shape.describe()}), but the config lists "
+                f"{len(self.cfg.stages)} stage(s); a run that continues it lists the stages it went through, with "
+                f"that shape as stages[{prog.stage}] (after an offline growth: the source run's stages, then the "
+                f"grown shape)")
         problem = shape.arch_mismatch(self.cfg.stages[prog.stage].shape)
         if problem:
             raise ValueError(f"stages[{prog.stage}].shape.{problem} (checkpoint vs config)")
