@@ -26,45 +26,11 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$HERE")"
 
-if [[ $# -gt 0 && $1 != -* ]]; then
-    CONFIG="$1"
-    shift
-fi
-if [[ -z ${CONFIG:-} ]]; then
-    echo "usage: $0 CONFIG [growth-ds train options]   (or CONFIG=... $0)" >&2
-    exit 2
-fi
-
-if [[ -n ${GROWTH_DS_PYTHON:-} ]]; then
-    PY="$GROWTH_DS_PYTHON"
-elif [[ -x $REPO/.venv/bin/python ]]; then
-    PY="$REPO/.venv/bin/python"
-else
-    PY="$(command -v python3 || command -v python)"
-fi
-export PATH="$(dirname "$PY"):$PATH"
-
-gpu_count() {
-    if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
-        awk -F, '{print NF}' <<<"$CUDA_VISIBLE_DEVICES"
-    elif command -v nvidia-smi >/dev/null 2>&1; then
-        nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
-    else
-        echo 0
-    fi
-}
+source "$HERE/common.sh"  # CONFIG, PY, NGPU, MASTER_PORT; DS_ACCELERATOR/OMP_NUM_THREADS without GPUs
 
 first_slurm_host() {
     scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1
 }
-
-NGPU="$(gpu_count)"
-if [[ ${NGPU:-0} -eq 0 && -z ${DS_ACCELERATOR:-} ]]; then
-    export DS_ACCELERATOR=cpu  # DeepSpeed's CPU accelerator and gloo
-fi
-if [[ ${NGPU:-0} -eq 0 ]]; then
-    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-fi
 
 NNODES="${NNODES:-${SLURM_NNODES:-1}}"
 NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-0}}"
@@ -76,13 +42,6 @@ if [[ -z ${MASTER_ADDR:-} ]]; then
         MASTER_ADDR="$(first_slurm_host)"
     fi
     MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
-fi
-if [[ -z ${MASTER_PORT:-} ]]; then
-    if [[ -n ${SLURM_JOB_ID:-} ]]; then
-        MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))
-    else
-        MASTER_PORT=29500
-    fi
 fi
 RDZV_BACKEND="${RDZV_BACKEND:-static}"
 
