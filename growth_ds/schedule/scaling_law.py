@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import KW_ONLY, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -337,7 +337,17 @@ def _bootstrap(refit: Callable[[np.ndarray], Dict[str, float]], n: int, n_boot: 
 # ================================================================================================
 @dataclass
 class _Fit:
-    """Common JSON plumbing. ``ci`` maps parameter name -> [lo, hi] (percentile bootstrap)."""
+    """Common JSON plumbing and what every fit records of itself (keyword-only): the points it was fitted on,
+    the objective at the optimum (Chinchilla: mean Huber(delta)/delta), ``ci`` (parameter name -> [lo, hi],
+    percentile bootstrap at ``ci_level`` over ``n_boot`` resamples, ``n_boot_failed`` of which did not fit)."""
+
+    _: KW_ONLY
+    n_points: int = 0
+    objective: Optional[float] = None
+    ci: Optional[Dict[str, List[float]]] = None
+    ci_level: Optional[float] = None
+    n_boot: int = 0
+    n_boot_failed: int = 0
 
     kind: ClassVar[str] = "fit"
     _params: ClassVar[Tuple[str, ...]] = ()
@@ -393,12 +403,6 @@ class ChinchillaFit(_Fit):
     alpha: float
     B: float
     beta: float
-    n_points: int = 0
-    objective: Optional[float] = None        # mean Huber(delta)/delta at the optimum
-    ci: Optional[Dict[str, List[float]]] = None
-    ci_level: Optional[float] = None
-    n_boot: int = 0
-    n_boot_failed: int = 0
 
     kind: ClassVar[str] = "chinchilla"
     _params: ClassVar[Tuple[str, ...]] = ("E", "A", "alpha", "B", "beta")
@@ -447,12 +451,6 @@ class KaplanNSFit(_Fit):
     S_c: float
     alpha_S: float
     tokens_per_step: float = 1.0
-    n_points: int = 0
-    objective: Optional[float] = None
-    ci: Optional[Dict[str, List[float]]] = None
-    ci_level: Optional[float] = None
-    n_boot: int = 0
-    n_boot_failed: int = 0
 
     kind: ClassVar[str] = "kaplan_ns"
     _params: ClassVar[Tuple[str, ...]] = ("N_c", "alpha_N", "S_c", "alpha_S")
@@ -487,12 +485,6 @@ class KaplanCFit(_Fit):
 
     C_c: float
     alpha_C: float
-    n_points: int = 0
-    objective: Optional[float] = None
-    ci: Optional[Dict[str, List[float]]] = None
-    ci_level: Optional[float] = None
-    n_boot: int = 0
-    n_boot_failed: int = 0
 
     kind: ClassVar[str] = "kaplan_c"
     _params: ClassVar[Tuple[str, ...]] = ("C_c", "alpha_C")
@@ -519,13 +511,7 @@ class CurveFit(_Fit):
     slope_smoothed: float
     last_flops: float
     last_loss: float
-    n_points: int = 0
     window: int = 5
-    objective: Optional[float] = None
-    ci: Optional[Dict[str, List[float]]] = None
-    ci_level: Optional[float] = None
-    n_boot: int = 0
-    n_boot_failed: int = 0
 
     kind: ClassVar[str] = "curve"
     _params: ClassVar[Tuple[str, ...]] = ("E", "C_c", "alpha")
