@@ -6,9 +6,7 @@ right after growth and after K steps of training the grown model (single process
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
-from pathlib import Path
 
 import torch
 from _runs import REPO

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "corpus_excerpt.txt"
 
@@ -28,3 +30,26 @@ def launch(args, nproc: int = 2, env: dict | None = None, timeout: int = 600) ->
 def tiny_shape(d=32, layers=2, heads=4, kv=2, ffn=64, vocab=512, flavour="llama"):
     return dict(flavour=flavour, n_layers=layers, d_model=d, n_heads=heads, n_kv_heads=kv if flavour == "llama" else heads,
                 head_dim=8, d_ffn=ffn, vocab_size=vocab, max_seq_len=32)
+
+
+def staged_config(tmp_path: Path, name: str, *, total: int, grow_at: int, data_dir: Path | None = None, zero: int = 2,
+                  precision: str = "fp32", width: str = "lemon", depth: str = "identity", flavour: str = "llama",
+                  **train) -> Path:
+    """Write ``tmp_path/name.yaml``: a two-stage run on the committed corpus excerpt (tiny shape grown at
+    ``grow_at`` of ``total`` steps with ``width`` + ``depth``, adjoint moments); ``train`` overrides train keys."""
+    cfg = {
+        "run": {"name": name, "out_dir": str(tmp_path / name), "seed": 0},
+        "data": {"sources": [str(FIXTURE)], "vocab_size": 512, "val_fraction": 0.1,
+                 "out_dir": str(data_dir or tmp_path / "data")},
+        "train": {"seq_len": 32, "micro_batch_size": 4, "total_steps": total, "warmup_steps": 4, "eval_every": 4,
+                  "eval_batches": 2, "save_every": 8, "lr": 3e-3, **train},
+        "deepspeed": {"zero_stage": zero, "precision": precision},
+        "stages": [
+            {"shape": tiny_shape(flavour=flavour), "until": {"steps": grow_at}},
+            {"shape": tiny_shape(d=64, layers=3, heads=8, kv=4, ffn=128, flavour=flavour),
+             "grow": {"width": width, "depth": depth, "moments": "adjoint"}},
+        ],
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dist_utils import FIXTURE, REPO, free_port, tiny_shape
+from dist_utils import REPO, free_port, staged_config
 from growth_ds.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -48,21 +48,7 @@ def has(cmd: list, *seq) -> bool:
 
 
 def write_config(tmp_path: Path, name: str, data_dir: Path) -> Path:
-    cfg = {
-        "run": {"name": name, "out_dir": str(tmp_path / name), "seed": 0},
-        "data": {"sources": [str(FIXTURE)], "vocab_size": 512, "val_fraction": 0.1, "out_dir": str(data_dir)},
-        "train": {"seq_len": 32, "micro_batch_size": 4, "total_steps": TOTAL, "warmup_steps": 4, "eval_every": 4,
-                  "eval_batches": 2, "save_every": 8, "lr": 3e-3},
-        "deepspeed": {"zero_stage": 2, "precision": "fp32"},
-        "stages": [
-            {"shape": tiny_shape(), "until": {"steps": GROW_AT}},
-            {"shape": tiny_shape(d=64, layers=3, heads=8, kv=4, ffn=128),
-             "grow": {"width": "lemon", "depth": "identity", "moments": "adjoint"}},
-        ],
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return staged_config(tmp_path, name, total=TOTAL, grow_at=GROW_AT, data_dir=data_dir)
 
 
 def step_losses(run_dir: Path) -> dict:

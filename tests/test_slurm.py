@@ -28,9 +28,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from dist_utils import FIXTURE, REPO, tiny_shape
+from dist_utils import REPO, staged_config
 from growth_ds.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -245,21 +244,8 @@ def slurm(tmp_path_factory):
 
 
 def write_config(tmp_path: Path, name: str, data_dir: Path) -> Path:
-    cfg = {
-        "run": {"name": name, "out_dir": str(tmp_path / name), "seed": 0},
-        "data": {"sources": [str(FIXTURE)], "vocab_size": 512, "val_fraction": 0.1, "out_dir": str(data_dir)},
-        "train": {"seq_len": 32, "micro_batch_size": 4, "total_steps": TOTAL, "warmup_steps": 10,
-                  "eval_every": 40, "eval_batches": 2, "save_every": SAVE_EVERY, "keep_last": 2, "lr": 3e-3},
-        "deepspeed": {"zero_stage": 2, "precision": "fp32"},
-        "stages": [
-            {"shape": tiny_shape(), "until": {"steps": GROW_AT}},
-            {"shape": tiny_shape(d=64, layers=3, heads=8, kv=4, ffn=128),
-             "grow": {"width": "lemon", "depth": "identity", "moments": "adjoint"}},
-        ],
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return staged_config(tmp_path, name, total=TOTAL, grow_at=GROW_AT, data_dir=data_dir, warmup_steps=10,
+                         eval_every=40, save_every=SAVE_EVERY, keep_last=2)
 
 
 def latest_step(run_dir: Path) -> int:

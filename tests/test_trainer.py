@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from dist_utils import FIXTURE, launch, tiny_shape
+from dist_utils import launch, staged_config
 from growth_ds.train.config import parse_config
 from growth_ds.train.metrics import read_metrics
 
@@ -13,24 +13,8 @@ pytestmark = pytest.mark.slow
 GROW_AT, TOTAL = 10, 24
 
 
-def write_config(tmp_path, name, zero=2, precision="fp32", width="lemon", depth="identity", data_dir=None,
-                 flavour="llama", **train):
-    cfg = {
-        "run": {"name": name, "out_dir": str(tmp_path / name), "seed": 0},
-        "data": {"sources": [str(FIXTURE)], "vocab_size": 512, "val_fraction": 0.1,
-                 "out_dir": str(data_dir or tmp_path / "data")},
-        "train": {"seq_len": 32, "micro_batch_size": 4, "total_steps": TOTAL, "warmup_steps": 4, "eval_every": 4,
-                  "eval_batches": 2, "save_every": 8, "lr": 3e-3, **train},
-        "deepspeed": {"zero_stage": zero, "precision": precision},
-        "stages": [
-            {"shape": tiny_shape(flavour=flavour), "until": {"steps": GROW_AT}},
-            {"shape": tiny_shape(d=64, layers=3, heads=8, kv=4, ffn=128, flavour=flavour),
-             "grow": {"width": width, "depth": depth, "moments": "adjoint"}},
-        ],
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+def write_config(tmp_path, name, **kw):
+    return staged_config(tmp_path, name, total=TOTAL, grow_at=GROW_AT, **kw)
 
 
 def run_ok(args, **kw):

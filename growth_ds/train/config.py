@@ -110,7 +110,7 @@ def _check_keys(d: dict, allowed, where: str):
 
 def parse_config(raw: Dict[str, Any], source: Optional[Path] = None) -> RunConfig:
     """Validate a config mapping; every growth is planned (dry run) so bad stages fail here."""
-    from growth_ds.ops import LRPolicy, make_plan
+    from growth_ds.ops import make_plan
 
     if not isinstance(raw, dict):
         raise ValueError("config: expected a mapping at the top level")
