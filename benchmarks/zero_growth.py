@@ -209,7 +209,7 @@ def worker(args):
         del old, new, lay
         gc.collect()
         malloc_trim()
-    if rank == 0 and results[-1][0]["size"] == "floor":
+    if rank == 0 and any(per_rank[0]["size"] == "floor" for per_rank in results):
         report_fixed_cost(results)
     if rank == 0 and args.json:
         with open(args.json, "w") as f:
@@ -268,15 +268,18 @@ def report_fixed_cost(results):
     schedule, a synchronisation per round, Python per piece, ~100 pieces here) and the rest, which scales with
     the bytes written; both against the size's memcpy."""
     best = lambda per_rank: max(r["executor"]["best_seconds"] for r in per_rank)  # noqa: E731
-    floor = results[-1]
+    floor = next(per_rank for per_rank in results if per_rank[0]["size"] == "floor")
     fixed = best(floor)
     print(f"\n== fixed cost of a growth: the floor run ({floor[0]['n_params_grown'] / 1e6:.1f}M params, "
           f"{floor[0]['executor']['rounds']} rounds, {floor[0]['executor']['pieces']} pieces) takes {fixed:.3f}s "
           f"(best of 3)", flush=True)
-    for per_rank in results[:-1]:
+    for per_rank in results:
+        if per_rank is floor:
+            continue
         t, memcpy = best(per_rank), max(r["memcpy_seconds"] for r in per_rank)
+        rest = max(t - fixed, 0.0)
         print(f"   {per_rank[0]['size']:>5s}: best {t:.3f}s = {t / memcpy:.1f}x memcpy = fixed {fixed / memcpy:.1f}x "
-              f"+ the rest {max(t - fixed, 0) / memcpy:.1f}x ({max(t - fixed, 0):.3f}s)", flush=True)
+              f"+ the rest {rest / memcpy:.1f}x ({rest:.3f}s)", flush=True)
 
 
 def main():
@@ -289,7 +292,7 @@ def main():
                     help="the low-precision weights the forward pass uses (the masters and moments are fp32)")
     ap.add_argument("--skip-gather", action="store_true")
     ap.add_argument("--no-floor", dest="floor", action="store_false",
-                    help="skip the floor run (a ~0.5M-parameter growth first: the fixed cost of a growth)")
+                    help="skip the floor run (a 0.8M-parameter growth, last: the fixed cost of a growth)")
     ap.add_argument("--prefetch", action="store_true", help="executor: overlap the next all-to-all with compute")
     ap.add_argument("--bucket", type=int, default=None, help="executor: new elements per rank per round "
                     "(default: grow_engine's automatic bucket)")

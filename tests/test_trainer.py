@@ -221,7 +221,7 @@ def test_offline_growth_and_another_world_size_resume_through_universal_checkpoi
     assert main(["grow", "--from", str(ckpts), "--to", str(tmp_path / "large.yaml"), "--method", "lemon+identity",
                  "--moments", "adjoint", "--out", str(tmp_path / "grown")]) == 0
     # a config that lists only the grown shape does not say where the run is: refused, naming the stage
-    one = write_config(tmp_path, "one", zero=2, data_dir=data_dir)
+    one = write_config(tmp_path, "one", data_dir=data_dir)
     raw_one = yaml.safe_load(one.read_text())
     raw_one["stages"] = [{"shape": raw_one["stages"][1]["shape"]}]
     one.write_text(yaml.safe_dump(raw_one))

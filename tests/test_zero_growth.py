@@ -21,6 +21,7 @@ from dist_utils import REPO, free_port
 from growth_ds.distributed.zero_index import (OldData, ParamGrowth, PlanCache, _strided_runs, chunk_range,
                                               clip_intervals, grow_rows_reference, intervals_numel, make_schedule,
                                               owner_pieces, runs_to_intervals)
+from growth_ds.distributed.zero_shm import TRANSPORT_ENV
 from growth_ds.models.schema import parameter_schema
 from growth_ds.ops import grow, make_plan
 from growth_ds.ops.apply import source_name
@@ -412,7 +413,7 @@ def runs(tmp_path_factory):
     _ok(launch(out, "job,dense", 2, ["run=killed", "dense_stages=1,3"]))
     # a world size no other run uses (3: partitions of unequal sizes), through the all-to-all a multi-node job
     # uses (every plan, not only those with whole-parameter rounds); ZeRO-Offload at world size 2
-    _ok(launch(out, "cases", 3, ["sel=3:subset,1:mini,2:mini"], env={"GROWTH_DS_ZERO_TRANSPORT": "collective"}))
+    _ok(launch(out, "cases", 3, ["sel=3:subset,1:mini,2:mini"], env={TRANSPORT_ENV: "collective"}))
     _ok(launch(out, "cases", 2, ["sel=3:mini,2:mini,1:mini", "offload=1"]))
     return out
 
