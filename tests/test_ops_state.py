@@ -195,9 +195,11 @@ def test_lr_policies():
     assert out.schedule == sched and out.schedule_step == 400
     out = grow(state, make_plan(small, large, width="staged", lr=LRPolicy("rewarm", rho=2.0, rewarm_steps=50)))
     assert out.schedule_step == 200 and out.step == 400
-    assert out.schedule.lr(200) == pytest.approx(sched.lr(250) / 50)
-    assert out.schedule.lr(249) == pytest.approx(sched.lr(250))
-    assert out.schedule.lr(300) == pytest.approx(sched.lr(300))
+    # re-planned: the 600 steps left end the new schedule (800 = 200 + 600), the ramp reaches its value at 250
+    assert out.schedule.total_steps == 800
+    assert out.schedule.lr(200) == pytest.approx(out.schedule.base(250) / 50)
+    assert out.schedule.lr(249) == pytest.approx(out.schedule.base(250))
+    assert out.schedule.lr(799) == pytest.approx(sched.lr(999), rel=1e-3)
     out = grow(state, make_plan(small, large, width="lemon"))
     assert out.schedule_step == 0 and out.schedule.total_steps == 600
     assert max(out.schedule.lr(t) for t in range(600)) == pytest.approx(1e-3)

@@ -3,15 +3,18 @@
     run:       {name, out_dir, seed}
     data:      growth_ds.train.data.prepare_data keys (sources, vocab_size, val_fraction, seed) + dir
     train:     seq_len, micro_batch_size, grad_accum, lr, min_lr_ratio, warmup_steps, total_steps,
-               weight_decay, betas, grad_clip, eval_every, eval_batches, save_every, keep_last
+               schedule (cosine | wsd), decay_fraction (wsd: the final fraction of the run that decays),
+               decay_shape (linear | 1-sqrt), mup (hidden matrices' LR x base d_model / d_model),
+               weight_decay, betas, grad_clip, eval_every, eval_batches | eval_tokens, save_every, keep_last
     deepspeed: zero_stage (0-3), precision (fp32 | bf16), extra (merged into the DeepSpeed config)
     stages:    - shape: PATH.yaml | {ModelShape fields}
+                 lr: peak LR of this stage (default train.lr)
                  until: {steps: N} | {tokens: N}          (every stage but the last)
                  until: {auto: {threshold | law, max_tokens, rho, min_points, skip_points, patience}}
                                                           (grow when the fitted slope d ln L / d ln C
                                                            crosses the boundary; ``when: auto`` too)
                - shape: ...
-                 grow: {width, depth, moments, lr, rho, rewarm_steps, positions, seed}
+                 grow: {width, depth, moments, lr, rho, rewarm_steps, positions, seed, reinit}
 
 Every error is a ``ValueError`` whose message starts with the offending key, e.g.
 ``stages[1].grow.width: unknown width method 'lemonade'``.
@@ -30,10 +33,13 @@ from growth_ds.shapes import ModelShape
 TRAIN_DEFAULTS = dict(seq_len=64, micro_batch_size=8, grad_accum=1, lr=3e-3, min_lr_ratio=0.1, warmup_steps=20,
                       total_steps=200, weight_decay=0.1, betas=[0.9, 0.95], eps=1e-8, grad_clip=1.0, eval_every=20,
                       eval_batches=4, save_every=50, keep_last=2, log_every=1, checkpoint_before_growth=True,
-                      budget="steps")
+                      budget="steps", schedule="cosine", decay_fraction=0.2, decay_shape="linear", mup=False,
+                      eval_tokens=None)
 DS_DEFAULTS = dict(zero_stage=0, precision="fp32", extra={})
 GROW_KEYS = {"width", "depth", "moments", "lr", "rho", "rewarm_steps", "horizon", "positions", "seed",
-             "method", "steps", "ligo_lr"}  # method: ligo (width/depth then name the initialising plan)
+             "method", "steps", "ligo_lr", "reinit"}
+# method: ligo (width/depth then name the initialising plan); reinit: true replaces the grown model by a random
+# init of the new shape with a fresh optimizer (a control: what the transferred weights are worth)
 
 
 @dataclass
@@ -43,6 +49,7 @@ class Stage:
     until_tokens: Optional[int] = None
     until_auto: Optional[Dict[str, Any]] = None   # GrowthTrigger arguments (when: auto)
     grow: Dict[str, Any] = field(default_factory=dict)
+    lr: Optional[float] = None                    # this stage's peak LR (None: train.lr)
 
 
 @dataclass
@@ -60,7 +67,7 @@ class RunConfig:
     def scratch(self) -> "RunConfig":
         """The same run with only the final shape, trained from scratch for the same steps."""
         cfg = copy.deepcopy(self)
-        cfg.stages = [Stage(self.stages[-1].shape)]
+        cfg.stages = [Stage(self.stages[-1].shape, lr=self.stages[-1].lr)]
         cfg.name = self.name + "-scratch"
         return cfg
 
@@ -68,9 +75,26 @@ class RunConfig:
         t = self.train
         return t["micro_batch_size"] * t["grad_accum"] * world_size * t["seq_len"]
 
-    def total_steps(self, world_size: int) -> int:
+    def stage_lr(self, i: int) -> float:
+        """Peak LR of stage ``i``: its own ``lr``, else ``train.lr``."""
+        lr = self.stages[i].lr
+        return float(self.train["lr"] if lr is None else lr)
+
+    def eval_batches(self) -> int:
+        """Per-rank batches of the fixed validation set: ``eval_tokens`` (independent of the world size:
+        every rank evaluates the whole set) rounded up to micro-batches, else ``eval_batches``."""
+        t = self.train
+        if t.get("eval_tokens"):
+            return -(-int(t["eval_tokens"]) // (t["micro_batch_size"] * t["seq_len"]))
+        return t["eval_batches"]
+
+    def total_steps(self, world_size: int, step: int = 0, flops: float = 0.0, stage: int = 0) -> int:
         """Steps of this run. ``budget: flops`` lengthens a staged run until its FLOPs match the final
-        shape trained from scratch for ``total_steps`` (the comparison at equal compute)."""
+        shape trained from scratch for ``total_steps`` (the comparison at equal compute).
+
+        ``step``, ``flops``, ``stage``: where the run is now (at a growth: what it really spent, LiGO's
+        operator steps and an early ``until: auto`` included); the stages from ``stage`` on are planned by
+        their ``until`` (``max_tokens`` for ``auto``)."""
         from growth_ds.train.metrics import flops_per_token
 
         t = self.train
@@ -78,8 +102,8 @@ class RunConfig:
             return t["total_steps"]
         tps = self.tokens_per_step(world_size)
         target = flops_per_token(self.stages[-1].shape, t["seq_len"]) * tps * t["total_steps"]
-        spent, step = 0.0, 0
-        for st in self.stages[:-1]:
+        spent = flops
+        for st in self.stages[stage:-1]:
             tokens = st.until_tokens if st.until_tokens is not None else (st.until_auto or {}).get("max_tokens", 0)
             end = st.until_steps if st.until_steps is not None else -(-int(tokens) // tps)
             spent += flops_per_token(st.shape, t["seq_len"]) * tps * max(0, end - step)
@@ -126,6 +150,18 @@ def parse_config(raw: Dict[str, Any], source: Optional[Path] = None) -> RunConfi
             raise ValueError(f"train.{k}: must be a positive integer, got {train[k]!r}")
     if train["budget"] not in ("steps", "flops"):
         raise ValueError(f"train.budget: must be steps or flops, got {train['budget']!r}")
+    from growth_ds.ops.lr import DECAY_SHAPES, SCHEDULE_KINDS
+
+    if train["schedule"] not in SCHEDULE_KINDS:
+        raise ValueError(f"train.schedule: must be one of {SCHEDULE_KINDS}, got {train['schedule']!r}")
+    if train["decay_shape"] not in DECAY_SHAPES:
+        raise ValueError(f"train.decay_shape: must be one of {DECAY_SHAPES}, got {train['decay_shape']!r}")
+    if not isinstance(train["decay_fraction"], (int, float)) or not 0 < train["decay_fraction"] <= 1:
+        raise ValueError(f"train.decay_fraction: must be in (0, 1], got {train['decay_fraction']!r}")
+    if train["eval_tokens"] is not None and (not isinstance(train["eval_tokens"], int) or train["eval_tokens"] < 1):
+        raise ValueError(f"train.eval_tokens: must be a positive integer, got {train['eval_tokens']!r}")
+    if not isinstance(train["mup"], bool):
+        raise ValueError(f"train.mup: must be true or false, got {train['mup']!r}")
     ds = dict(DS_DEFAULTS)
     _check_keys(raw.get("deepspeed") or {}, DS_DEFAULTS, "deepspeed")
     ds.update(raw.get("deepspeed") or {})
@@ -142,7 +178,11 @@ def parse_config(raw: Dict[str, Any], source: Optional[Path] = None) -> RunConfi
         if not isinstance(st, dict) or "shape" not in st:
             raise ValueError(f"{where}.shape: every stage needs a shape")
         stage = Stage(_shape(st["shape"], f"{where}.shape", base))
-        _check_keys(st, {"shape", "until", "when", "grow", "name"}, where)
+        _check_keys(st, {"shape", "until", "when", "grow", "name", "lr"}, where)
+        if "lr" in st:
+            if not isinstance(st["lr"], (int, float)) or isinstance(st["lr"], bool) or not st["lr"] > 0:
+                raise ValueError(f"{where}.lr: must be a positive number, got {st['lr']!r}")
+            stage.lr = float(st["lr"])
         until = st.get("until", st.get("when"))
         last = i == len(stages_raw) - 1
         if until == "auto" or (isinstance(until, dict) and "auto" in until):
@@ -167,6 +207,8 @@ def parse_config(raw: Dict[str, Any], source: Optional[Path] = None) -> RunConfi
         if grow.get("method") not in (None, "ligo"):
             raise ValueError(f"{where}.grow.method: only 'ligo' (a learned operator) is a method; fixed methods "
                              f"go in grow.width / grow.depth")
+        if "reinit" in grow and not isinstance(grow["reinit"], bool):
+            raise ValueError(f"{where}.grow.reinit: must be true or false, got {grow['reinit']!r}")
         if grow.get("method") == "ligo":
             if grow.get("moments") not in (None, "fresh", "plan"):
                 raise ValueError(f"{where}.grow.moments: ligo takes fresh (the paper) or plan, got {grow['moments']!r}")

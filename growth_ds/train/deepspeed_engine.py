@@ -74,18 +74,34 @@ def ds_config(train: dict, ds: dict, stage3_persist_threshold: Optional[int] = N
     return cfg
 
 
-def param_groups(model, weight_decay: float):
-    """Decay 2-D weights, not norms and biases (the grouping survives growth: it depends on rank only)."""
+def param_groups(model, weight_decay: float, hidden_lr_scale: Optional[float] = None):
+    """Decay 2-D weights, not norms and biases (the grouping survives growth: it depends on rank only).
+
+    ``hidden_lr_scale`` (μP for Adam): the hidden matrices (schema role ``weight``: attention and MLP
+    projections, whose fan-in grows with the width) get their own group whose LR is the schedule's LR times
+    this factor (``lr_scale``, applied by :func:`set_lr`); embeddings, the output layer, norms and biases
+    keep the schedule's LR. None: two groups, decay and no decay."""
     def ndim(p):  # under zero.Init a parameter's data is empty: its real shape is ds_shape
         return len(p.ds_shape) if hasattr(p, "ds_shape") else p.dim()
 
-    decay = [p for _, p in model.named_parameters() if ndim(p) >= 2]
-    no_decay = [p for _, p in model.named_parameters() if ndim(p) < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    named = list(model.named_parameters())
+    no_decay = [p for _, p in named if ndim(p) < 2]
+    if hidden_lr_scale is None:
+        decay = [p for _, p in named if ndim(p) >= 2]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    from growth_ds.models.schema import parameter_schema
+
+    schema = parameter_schema(model.shape)
+    hidden = [p for n, p in named if ndim(p) >= 2 and schema[n].role == "weight"]
+    other = [p for n, p in named if ndim(p) >= 2 and schema[n].role != "weight"]
+    return [{"params": hidden, "weight_decay": weight_decay, "lr_scale": float(hidden_lr_scale)},
+            {"params": other, "weight_decay": weight_decay, "lr_scale": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
 
 
-def build_engine(model, train: dict, config: dict):
-    opt = torch.optim.AdamW(param_groups(model, train["weight_decay"]), lr=train["lr"],
+def build_engine(model, train: dict, config: dict, hidden_lr_scale: Optional[float] = None):
+    """A DeepSpeed engine with AdamW over :func:`param_groups`."""
+    opt = torch.optim.AdamW(param_groups(model, train["weight_decay"], hidden_lr_scale), lr=train["lr"],
                             betas=tuple(train["betas"]), eps=train["eps"])
     if config["zero_optimization"]["stage"] == 3:
         _register_external_params(model)
@@ -116,8 +132,9 @@ def base_optimizer(engine) -> torch.optim.Optimizer:
 
 
 def set_lr(engine, lr: float) -> None:
+    """Every group's LR: ``lr`` times the group's ``lr_scale`` (1 if it has none)."""
     for g in base_optimizer(engine).param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 def _is_plain(p) -> bool:

@@ -39,6 +39,7 @@ class Progress:
     flops: float = 0.0
     schedule_step: int = 0
     seconds: float = 0.0
+    total_steps: int = 0   # the run's last step (``budget: flops`` re-plans it at each growth); 0: not yet set
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -129,11 +130,18 @@ class StagedTrainer:
         from growth_ds.train.data import eval_batches
 
         t = self.cfg.train
-        return list(eval_batches(self.val_tokens, t["seq_len"], t["micro_batch_size"], t["eval_batches"]))
+        return list(eval_batches(self.val_tokens, t["seq_len"], t["micro_batch_size"], self.cfg.eval_batches()))
 
     # ---- engine ---------------------------------------------------------------------------------
     def _ds_config(self):
         return dse.ds_config(self.cfg.train, self.cfg.deepspeed)
+
+    def _hidden_lr_scale(self, shape: ModelShape) -> Optional[float]:
+        """``train.mup``: the hidden matrices' LR factor, first stage's width over this one's (μP for Adam:
+        per-coordinate updates shrink as the fan-in grows); None without ``mup``."""
+        if not self.cfg.train["mup"]:
+            return None
+        return self.cfg.stages[0].shape.d_model / shape.d_model
 
     def _new_engine(self, shape: ModelShape, fresh: bool, config: Optional[dict] = None):
         config = config or self._ds_config()
@@ -141,7 +149,23 @@ class StagedTrainer:
             model = build_model(shape, seed=self.cfg.seed)
         else:
             model = dse.construct_model(shape, self.cfg.deepspeed["zero_stage"], config)
-        return dse.build_engine(model, self.cfg.train, config)
+        return dse.build_engine(model, self.cfg.train, config, self._hidden_lr_scale(shape))
+
+    def _new_schedule(self) -> LRSchedule:
+        """The first stage's schedule over the whole run (its decay, if wsd, the run's last steps)."""
+        t = self.cfg.train
+        decay = int(round(t["decay_fraction"] * self.total_steps)) if t["schedule"] == "wsd" else 0
+        return LRSchedule(self.cfg.stage_lr(0), t["warmup_steps"], self.total_steps, t["min_lr_ratio"],
+                          kind=t["schedule"], decay_steps=decay, decay_shape=t["decay_shape"])
+
+    def _replan(self, plan, stage_idx: int) -> None:
+        """After a growth into ``stage_idx``: re-plan the run's end (``budget: flops``: from the FLOPs really
+        spent) and the schedule by the plan's LR policy, to end at that step with the stage's peak LR."""
+        p = self.progress
+        self.total_steps = p.total_steps = self.cfg.total_steps(self.world, p.step, p.flops, stage_idx)
+        self.schedule, p.schedule_step = plan.lr.apply(self.schedule, p.schedule_step,
+                                                       steps_left=self.total_steps - p.step,
+                                                       peak_lr=self.cfg.stage_lr(stage_idx))
 
     @torch.no_grad()
     def evaluate(self, engine) -> float:
@@ -181,13 +205,18 @@ class StagedTrainer:
                          depth=g.get("depth"), seed=g.get("seed", 0), moments=None if ligo else g.get("moments"),
                          lr=policy, positions=g.get("positions"))
         new_shape = plan.grown_shape
+        if g.get("reinit"):  # the control arm: the grown shape from a random init, a fresh optimizer
+            new = self._new_engine(new_shape, fresh=True)
+            self._replan(plan, stage_idx)
+            dse.release_engine(engine)
+            return new, new_shape, plan
         dse.link_optimizer_state(engine)
         if ligo:
-            return self._grow_ligo(engine, shape, plan, g)
+            return self._grow_ligo(engine, shape, plan, g, stage_idx)
         new = self._new_engine(new_shape, fresh=False)
         dse.materialise_optimizer_state(new, self.eval_set[0])
         self.growth_stats = grow_any(engine, new, plan)  # ZeRO 1-3: shard to shard, no gather
-        self.schedule, self.progress.schedule_step = plan.lr.apply(self.schedule, self.progress.schedule_step)
+        self._replan(plan, stage_idx)
         dse.release_engine(engine)
         return new, new_shape, plan
 
@@ -200,7 +229,7 @@ class StagedTrainer:
                 "bytes_received": st.bytes_received, "new_elements": st.new_elements,
                 "seconds_exchange": round(st.seconds_exchange, 4), "seconds_compute": round(st.seconds_compute, 4)}
 
-    def _grow_ligo(self, engine, shape: ModelShape, plan, g: dict):
+    def _grow_ligo(self, engine, shape: ModelShape, plan, g: dict, stage_idx: int):
         """LiGO (Wang et al. 2023): learn the growth operator for ``steps`` on the training stream with the
         small model frozen (data parallel: gradients averaged over ranks), then materialise the grown state.
         Operator steps consume tokens and FLOPs, counted in the run's compute. The operator's forward needs
@@ -251,7 +280,7 @@ class StagedTrainer:
                 dse.set_full(new, new_p[name], grown.exp_avg_sq[name], "exp_avg_sq")
             dse.set_step(new, grown.step)
             dse.refresh_low_precision(new)
-        self.schedule, p.schedule_step = plan.lr.apply(self.schedule, p.schedule_step)
+        self._replan(plan, stage_idx)
         self.ligo_losses = losses
         dse.release_engine(engine)
         return new, plan.grown_shape, plan
@@ -308,6 +337,7 @@ class StagedTrainer:
         Same world size: DeepSpeed's own per-rank files. Another world size, or a universal checkpoint (e.g.
         one grown offline by ``growth-ds grow --from CKPT_DIR``): through DeepSpeed's universal format, converted
         first if needed (rank 0, once, next to the checkpoint); every parameter's shape is checked by name."""
+        own = ckpt_dir is None
         ckpt_dir = Path(ckpt_dir or self.ckpt_dir)
         shape = ModelShape.from_dict(meta["shape"])
         prog = Progress(**meta["progress"])
@@ -337,6 +367,9 @@ class StagedTrainer:
         self.schedule = LRSchedule.from_dict(meta["schedule"])
         self.batches.load_state_dict(meta["batches"])  # the sample stream continues at any world size
         self.progress = prog
+        if prog.total_steps and own:  # this run's end as last planned (older: the config's)
+            self.total_steps = prog.total_steps
+        prog.total_steps = self.total_steps
         self.trigger = self._make_trigger()
         if self.trigger is not None and meta.get("trigger"):
             self.trigger.load_state_dict(meta["trigger"])
@@ -416,9 +449,10 @@ class StagedTrainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         t = self.cfg.train
         self.total_steps = self.cfg.total_steps(self.world)
-        self.schedule = LRSchedule(t["lr"], t["warmup_steps"], self.total_steps, t["min_lr_ratio"])
+        self.schedule = self._new_schedule()
         self._prepare_data()
         self.eval_set = self._eval_set()
+        self.eval_tokens = sum(x.numel() for x, _ in self.eval_set)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.rank == 0)
         meta = self.latest() if resume != "never" else None
@@ -442,7 +476,7 @@ class StagedTrainer:
         else:
             if self.rank == 0 and (self.run_dir / "metrics.jsonl").exists():
                 (self.run_dir / "metrics.jsonl").unlink()
-            self.progress = Progress()
+            self.progress = Progress(total_steps=self.total_steps)
             self.trigger = self._make_trigger()
             shape = self.cfg.stages[0].shape
             engine = self._new_engine(shape, fresh=True)
@@ -478,6 +512,7 @@ class StagedTrainer:
                            "executor": self._executor_record(),
                            "val_loss_before": before, "val_loss_after": after, "seconds": time.time() - t0})
                 if bar is not None:
+                    bar.total = self.total_steps
                     bar.write(f"grew at step {p.step}: {old_shape.describe()} -> {shape.describe()}; "
                               f"val loss {before:.4f} -> {after:.4f}")
             t0 = time.time()
@@ -490,10 +525,12 @@ class StagedTrainer:
             p.flops += flops_per_token(shape, t["seq_len"]) * tokens_per_step
             p.seconds = time.time() - t_start
             rec = {"event": "step", "step": p.step, "stage": p.stage, "tokens": p.tokens, "flops": p.flops,
-                   "n_params": shape.n_params, "train_loss": loss, "lr": lr, "seconds": p.seconds,
+                   "n_params": shape.n_params, "train_loss": loss, "lr": lr,
+                   "lr_groups": [g["lr"] for g in dse.base_optimizer(engine).param_groups], "seconds": p.seconds,
                    "tokens_per_s": tokens_per_step / max(dt, 1e-9)}
             if p.step % t["eval_every"] == 0 or p.step == self.total_steps:
                 rec["val_loss"] = self.evaluate(engine)
+                rec["val_tokens"] = self.eval_tokens
             log.write(rec)
             if "val_loss" in rec:
                 self._auto_decision(shape, rec["val_loss"], log)

@@ -1,0 +1,430 @@
+"""Does growth save compute? The protocol, one command, resumable (results are cached per run).
+
+    python benchmarks/saving.py tune    [--seeds 100 101]         # LR grids on screening seeds
+    python benchmarks/saving.py screen  [--seeds 100 101]         # the recipe study on screening seeds
+    python benchmarks/saving.py confirm --recipe NAME --seeds 0 1 2 3 4   # the headline on fresh seeds
+    python benchmarks/saving.py table                             # every table from what has run
+
+Protocol (each point is what a skeptical reviewer asks for):
+- paired seeds: seed k's arms share the data split, the sample order and the init seed;
+- every run ends with its schedule fully decayed (WSD: the final ``decay_fraction``; cosine to its floor)
+  and is scored on the same fixed validation set (``--eval-tokens``, 64k by default);
+- FLOPs: every matmul, the LM head included, every stage (``growth_ds.train.metrics.flops_per_token``);
+- arms: scratch at its best peak LR from a grid of factor-2 steps; the staged recipe (its stages' LRs from
+  the same grid); the small model trained for the whole budget (its own best LR); the grown shape
+  re-initialised at random at the boundary (``grow.reinit``, what the transferred state is worth);
+- budgets: 0.5x, 1x and 2x the demo's scratch FLOPs (the staged arm also at 0.25x), each a complete run;
+  the saving at a budget is the FLOPs the staged arm needs to reach the scratch arm's end loss, the staged
+  end losses interpolated in log FLOPs across its budgets (``stats.flops_to_match``); the single-curve
+  crossing (``report.flops_to_reach`` on the 1x run) is printed beside it;
+- statistics: every seed, mean, 90% CI, one-sided paired t-test of "staged end loss < scratch end loss at
+  equal FLOPs"; choices are made on screening seeds (100, 101), the headline comes from seeds not used to
+  choose.
+
+Runs are single-process (``micro_batch_size`` 16: the demo's 1024 tokens per step) and ``--jobs`` run side by
+side; everything lands under ``--out`` (default ``runs/saving``), one directory per run with ``result.json``.
+Run it in the background (``nohup python benchmarks/saving.py screen > screen.log &``); rerunning skips what
+is done and resumes what was cut off.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from growth_ds.shapes import ModelShape  # noqa: E402
+from growth_ds.train.metrics import flops_per_token, read_metrics, val_curve  # noqa: E402
+from growth_ds.train.report import flops_to_reach  # noqa: E402
+from growth_ds.train.stats import flops_to_match, paired_summary, saving_percent  # noqa: E402
+
+SHAPES = REPO / "configs" / "shapes"
+SMALL, LARGE = SHAPES / "demo-small.yaml", SHAPES / "demo-large.yaml"
+MID = {"flavour": "llama", "n_layers": 2, "d_model": 128, "n_heads": 8, "n_kv_heads": 4, "head_dim": 16,
+       "d_ffn": 344, "vocab_size": 2048, "max_seq_len": 64}  # demo-small at demo-large's width
+BASE_STEPS = 900                 # the demo's scratch run (budget 1x)
+LR_GRID = [1.5e-3, 3e-3, 6e-3, 1.2e-2]
+SCREEN_SEEDS = [100, 101]
+BUDGETS = [0.5, 1.0, 2.0]
+STAGED_BUDGETS = [0.25, 0.5, 1.0, 2.0]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A staged arm as data: the stages after the first (shape, growth block, when as a fraction of the
+    budget's scratch steps), per-stage peak LRs (None: the scratch arm's tuned LR) and train overrides."""
+
+    name: str
+    grows: tuple                              # ((shape, grow dict, at fraction of BASE_STEPS x budget), ...)
+    lrs: tuple = (None, None)                 # peak LR per stage (first, then each grown stage)
+    train: Dict = field(default_factory=dict)
+    note: str = ""
+
+
+def _r(name, width="zero", depth="identity", at=1 / 3, lrs=(None, None), note="", **grow):
+    g = {"width": width, "depth": depth, **grow}
+    return Recipe(name, ((LARGE, g, at),), lrs, {}, note)
+
+
+# The screened recipes: one factor changed at a time from `zero-id` (WSD in every arm).
+RECIPES: Dict[str, Recipe] = {r.name: r for r in [
+    _r("zero-id", note="new units: random fan-in, zero fan-out; identity blocks; continue; grow at 1/3"),
+    _r("zero-id@1/2", at=1 / 2), _r("zero-id@2/3", at=2 / 3), _r("zero-id@1/6", at=1 / 6),
+    _r("lemon-id", width="lemon"), _r("duplicate-id", width="duplicate"), _r("staged-id", width="staged", lr="continue"),
+    _r("hypercloning-id", width="hypercloning"),
+    _r("zero-stack", depth="stack"), _r("zero-interleave", depth="interleave"),
+    _r("zero-id-reset", moments="reset"), _r("zero-id-restart", lr="restart", moments="reset"),
+    _r("zero-id-rewarm", lr="rewarm", rho=1.5, rewarm_steps=30),
+    _r("zero-id-mup", note="mup: hidden matrices' LR x d_small/d"),
+    Recipe("zero-width-then-id", ((MID, {"width": "zero"}, 1 / 6), (LARGE, {"depth": "identity"}, 1 / 3)),
+           (None, None, None), {}, "one axis at a time: width at 1/6, depth at 1/3"),
+    _r("ligo", width=None, depth=None, method="ligo", steps=30),
+]}
+RECIPES["zero-id-mup"] = Recipe("zero-id-mup", RECIPES["zero-id"].grows, (None, None), {"mup": True},
+                                RECIPES["zero-id-mup"].note)
+# LiGO names its initialising plan's width/depth; without them make_plan uses lemon + the default depth
+RECIPES["ligo"] = Recipe("ligo", ((LARGE, {"method": "ligo", "width": "lemon", "depth": "identity",
+                                           "steps": 30}, 1 / 3),), (None, None), {}, "LiGO operator, 30 steps")
+SHIPPED_COSINE = Recipe("shipped-cosine", ((LARGE, {"width": "lemon", "depth": "identity", "moments": "adjoint",
+                                                    "lr": "continue"}, 1 / 3),), (3e-3, 3e-3),
+                        {"schedule": "cosine", "min_lr_ratio": 0.1}, "the demo as it shipped (cosine, lemon)")
+
+
+def base_train(eval_tokens: int) -> dict:
+    return dict(seq_len=64, micro_batch_size=16, warmup_steps=30, weight_decay=0.1, grad_clip=1.0,
+                schedule="wsd", decay_fraction=0.2, decay_shape="linear", min_lr_ratio=0.0,
+                eval_tokens=eval_tokens, save_every=400, keep_last=1, budget="flops")
+
+
+class Study:
+    def __init__(self, out: Path, jobs: int, eval_tokens: int):
+        self.out, self.jobs, self.eval_tokens = Path(out), jobs, eval_tokens
+
+    # ---- runs ------------------------------------------------------------------------------------
+    def data_dir(self, seed: int) -> Path:
+        return self.out / "data" / f"seed{seed}"
+
+    def prepare(self, seeds) -> None:
+        from growth_ds.train.data import prepare_data
+
+        for s in seeds:
+            prepare_data({"sources": "embedded", "vocab_size": 2048, "val_fraction": 0.02, "seed": s},
+                         self.data_dir(s))
+
+    def config(self, seed: int, stages: list, total_steps: int, train: dict) -> dict:
+        t = {**base_train(self.eval_tokens), **train, "total_steps": int(total_steps)}
+        t.setdefault("eval_every", max(25, int(total_steps) // 8))
+        return {"run": {"name": "saving", "seed": seed}, "train": t,
+                "data": {"sources": "embedded", "vocab_size": 2048, "val_fraction": 0.02,
+                         "out_dir": str(self.data_dir(seed))},
+                "deepspeed": {"zero_stage": 1, "precision": "fp32"}, "stages": stages}
+
+    def scratch(self, seed, lr, budget, schedule="wsd", shape=LARGE, min_lr_ratio=None):
+        steps = round(BASE_STEPS * budget)
+        kind = "scratch" if shape == LARGE else "small"
+        if shape != LARGE:  # the small model for the whole budget: the large scratch run's FLOPs
+            steps = round(steps * _fpt(LARGE) / _fpt(shape))
+        train = {"lr": lr, "schedule": schedule}
+        if min_lr_ratio is not None:
+            train["min_lr_ratio"] = min_lr_ratio
+        name = f"{kind}/{schedule}-lr{lr:g}/b{budget:g}/seed{seed}"
+        return name, self.config(seed, [{"shape": str(shape)}], steps, train)
+
+    def staged(self, seed, recipe: Recipe, budget, scratch_lr, reinit=False, lrs=None):
+        steps = round(BASE_STEPS * budget)
+        lrs = lrs or recipe.lrs
+        lr = [scratch_lr if x is None else x for x in lrs]
+        stages = [{"shape": str(SMALL), "lr": lr[0]}]
+        for i, (shape, grow, at) in enumerate(recipe.grows):
+            stages[-1]["until"] = {"steps": max(1, round(at * steps))}
+            g = dict(grow, reinit=True) if reinit else dict(grow)
+            stages.append({"shape": shape if isinstance(shape, dict) else str(shape), "grow": g, "lr": lr[i + 1]})
+        train = {"lr": lr[-1], **recipe.train}
+        tag = "-".join(f"{x:g}" for x in lr)
+        name = f"{'reinit' if reinit else 'staged'}/{recipe.name}-lr{tag}/b{budget:g}/seed{seed}"
+        return name, self.config(seed, stages, steps, train)
+
+    def run_all(self, runs) -> Dict[str, dict]:
+        """Run every ``(name, config)`` not yet done, ``self.jobs`` at a time; ``{name: result}``."""
+        todo = [(n, c) for n, c in dict(runs).items() if not (self.out / n / "result.json").exists()]
+        if todo:
+            print(f"{len(todo)} run(s) to do, {self.jobs} at a time", flush=True)
+            with cf.ThreadPoolExecutor(self.jobs) as ex:
+                for n, ok in zip([n for n, _ in todo], ex.map(lambda nc: self._run(*nc), todo)):
+                    print(f"  {'done' if ok else 'FAILED'}: {n}", flush=True)
+        return {n: self.result(n) for n, _ in dict(runs).items()}
+
+    def _run(self, name: str, cfg: dict) -> bool:
+        d = self.out / name
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = copy.deepcopy(cfg)
+        cfg["run"]["out_dir"] = str(d)
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        with open(d / "log.txt", "a") as log:
+            rc = subprocess.call([sys.executable, "-m", "growth_ds.cli", "train", str(d / "config.yaml"),
+                                  "--run-dir", str(d / "run"), "--no-progress"], env=env, stdout=log, stderr=log)
+        if rc != 0:
+            return False
+        recs = read_metrics(d / "run" / "metrics.jsonl")
+        curve = val_curve(recs)
+        res = {"final_val_loss": curve[-1][3], "flops": curve[-1][0], "steps": curve[-1][2], "curve": curve,
+               "growths": [{k: r.get(k) for k in ("step", "flops", "val_loss_before", "val_loss_after")}
+                           for r in recs if r.get("event") == "growth"]}
+        tmp = d / ".result.json.tmp"
+        tmp.write_text(json.dumps(res))
+        os.replace(tmp, d / "result.json")
+        return True
+
+    def result(self, name: str) -> Optional[dict]:
+        p = self.out / name / "result.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+
+def _fpt(shape) -> float:
+    s = ModelShape.from_dict(shape) if isinstance(shape, dict) else ModelShape.from_yaml(shape)
+    return flops_per_token(s, 64)
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def best_lr(results: Dict[float, List[Optional[dict]]]) -> float:
+    """The LR whose mean end loss over the screening seeds is lowest."""
+    return min(results, key=lambda lr: _mean([r and r["final_val_loss"] for r in results[lr]]))
+
+
+# ---- phases ----------------------------------------------------------------------------------------
+def tune(st: Study, seeds) -> dict:
+    """Scratch's and the small model's peak LR over LR_GRID at budget 1x; then the staged arm's per-stage
+    grid for the default recipe (the first stage's LR, then the grown stage's)."""
+    st.prepare(seeds)
+    out = {}
+    for kind, shape in (("scratch", LARGE), ("small", SMALL)):
+        runs = {lr: [st.scratch(s, lr, 1.0, shape=shape) for s in seeds] for lr in LR_GRID}
+        res = st.run_all([r for v in runs.values() for r in v])
+        table = {lr: [res[n] for n, _ in v] for lr, v in runs.items()}
+        out[kind] = {"best": best_lr(table), "grid": {lr: [r and r["final_val_loss"] for r in v]
+                                                      for lr, v in table.items()}}
+    lr0 = out["scratch"]["best"]
+    rec = RECIPES["zero-id"]
+    for which in (0, 1):  # one stage's LR at a time, the other at scratch's best
+        runs = {}
+        for lr in LR_GRID:
+            lrs = (lr, lr0) if which == 0 else (out.get("staged_lrs", (lr0, lr0))[0], lr)
+            runs[lr] = [st.staged(s, rec, 1.0, lr0, lrs=lrs) for s in seeds]
+        res = st.run_all([r for v in runs.values() for r in v])
+        table = {lr: [res[n] for n, _ in v] for lr, v in runs.items()}
+        b = best_lr(table)
+        prev = out.get("staged_lrs", (lr0, lr0))
+        out["staged_lrs"] = (b, prev[1]) if which == 0 else (prev[0], b)
+        out[f"staged_stage{which}"] = {lr: [r and r["final_val_loss"] for r in v] for lr, v in table.items()}
+    (st.out / "tuned.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def tuned(st: Study) -> dict:
+    p = st.out / "tuned.json"
+    if not p.exists():
+        raise SystemExit(f"{p} missing: run `saving.py tune` first")
+    return json.loads(p.read_text())
+
+
+def screen(st: Study, seeds, names=None) -> List[dict]:
+    """Every recipe at budget 1x on the screening seeds against tuned scratch (single budget: the
+    single-curve crossing and the end-loss gap at equal FLOPs)."""
+    st.prepare(seeds)
+    t = tuned(st)
+    lr0, lrs = t["scratch"]["best"], tuple(t["staged_lrs"])
+    scratch = {s: st.scratch(s, lr0, 1.0) for s in seeds}
+    runs = dict(scratch.values())
+    entries = []
+    for r in [RECIPES[n] for n in (names or RECIPES)] + ([SHIPPED_COSINE] if not names else []):
+        use = r.lrs if r is SHIPPED_COSINE else (lrs + (lrs[-1],) * (len(r.grows) - 1))
+        for s in seeds:
+            entries.append((r, s, st.staged(s, r, 1.0, lr0, lrs=use)))
+    if not names:  # the shipped demo's own baseline: scratch under its cosine at 3e-3
+        for s in seeds:
+            runs.update([st.scratch(s, 3e-3, 1.0, schedule="cosine", min_lr_ratio=0.1)])
+    runs.update(e[2] for e in entries)
+    res = st.run_all(runs)
+    rows = []
+    for r in {e[0].name: e[0] for e in entries}.values():
+        per = []
+        for rr, s, (n, _) in entries:
+            if rr.name != r.name or res.get(n) is None:
+                continue
+            base = res[scratch[s][0]] if r is not SHIPPED_COSINE else res[st.scratch(s, 3e-3, 1.0, "cosine",
+                                                                                       min_lr_ratio=0.1)[0]]
+            if base is None:
+                continue
+            target = base["final_val_loss"]
+            cross = flops_to_reach(res[n]["curve"], target)
+            per.append({"seed": s, "gap": res[n]["final_val_loss"] - target,
+                        "crossing_saving": saving_percent(flops_to_reach(base["curve"], target), cross)})
+        rows.append({"recipe": r.name, "note": r.note, "seeds": per})
+    (st.out / "screen.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def confirm(st: Study, seeds, recipe: str) -> dict:
+    """The headline: ``recipe`` and its controls at every budget on fresh seeds."""
+    st.prepare(seeds)
+    t = tuned(st)
+    lr0, lrs, lr_small = t["scratch"]["best"], tuple(t["staged_lrs"]), t["small"]["best"]
+    rec = RECIPES[recipe]
+    lrs = lrs + (lrs[-1],) * (len(rec.grows) - 1)
+    plan = {}
+    for s in seeds:
+        for b in BUDGETS:
+            plan[("scratch", s, b)] = st.scratch(s, lr0, b)
+        for b in STAGED_BUDGETS:
+            plan[("staged", s, b)] = st.staged(s, rec, b, lr0, lrs=lrs)
+        plan[("small", s, 1.0)] = st.scratch(s, lr_small, 1.0, shape=SMALL)
+        plan[("reinit", s, 1.0)] = st.staged(s, rec, 1.0, lr0, reinit=True, lrs=lrs)
+    res = st.run_all(list(plan.values()))
+    R = {k: res[v[0]] for k, v in plan.items()}
+    out = {"recipe": recipe, "seeds": seeds, "lrs": {"scratch": lr0, "staged": lrs, "small": lr_small},
+           "budgets": {}}
+    for b in BUDGETS:
+        per = []
+        for s in seeds:
+            sc = R[("scratch", s, b)]
+            stg = [(R[("staged", s, x)]["flops"], R[("staged", s, x)]["final_val_loss"]) for x in STAGED_BUDGETS
+                   if R[("staged", s, x)] is not None]
+            if sc is None or len(stg) < 2:
+                continue
+            target = sc["final_val_loss"]
+            f, extra = flops_to_match([f for f, _ in stg], [l for _, l in stg], target)
+            row = {"seed": s, "scratch_loss": target, "saving": saving_percent(sc["flops"], f),
+                   "extrapolated": extra}
+            eq = R[("staged", s, b)]
+            if eq is not None:
+                row["staged_loss"] = eq["final_val_loss"]
+                row["gap"] = target - eq["final_val_loss"]  # > 0: staged lower at equal FLOPs
+                row["crossing_saving"] = saving_percent(flops_to_reach(sc["curve"], target),
+                                                        flops_to_reach(eq["curve"], target))
+            if b == 1.0:
+                for k in ("small", "reinit"):
+                    if R[(k, s, 1.0)] is not None:
+                        row[f"{k}_loss"] = R[(k, s, 1.0)]["final_val_loss"]
+            per.append(row)
+        summ = {}
+        if len(per) >= 2:
+            summ["saving"] = paired_summary([r["saving"] if r["saving"] is not None else float("nan")
+                                             for r in per]).to_dict()
+            if all("gap" in r for r in per):
+                summ["gap"] = paired_summary([r["gap"] for r in per]).to_dict()
+            for k in ("small", "reinit"):
+                if all(f"{k}_loss" in r and "staged_loss" in r for r in per):
+                    summ[f"vs_{k}"] = paired_summary([r[f"{k}_loss"] - r["staged_loss"] for r in per]).to_dict()
+        out["budgets"][str(b)] = {"per_seed": per, **summ}
+    (st.out / f"confirm-{recipe}.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+# ---- tables ----------------------------------------------------------------------------------------
+def fmt_tune(t: dict) -> List[str]:
+    lines = ["| arm | " + " | ".join(f"lr {x:g}" for x in LR_GRID) + " | best |", "|---" * (len(LR_GRID) + 2) + "|"]
+    for kind in ("scratch", "small"):
+        g = t[kind]["grid"]
+        lines.append(f"| {kind} | " + " | ".join(_cell(g.get(str(x), g.get(x))) for x in LR_GRID) +
+                     f" | {t[kind]['best']:g} |")
+    for which in (0, 1):
+        g = t.get(f"staged_stage{which}", {})
+        lines.append(f"| staged zero-id, stage {which} LR | " +
+                     " | ".join(_cell(g.get(str(x), g.get(x))) for x in LR_GRID) + f" | {t['staged_lrs'][which]:g} |")
+    return lines
+
+
+def _cell(losses) -> str:
+    if not losses:
+        return "-"
+    return "/".join("-" if x is None else f"{x:.4f}" for x in losses)
+
+
+def fmt_screen(rows) -> List[str]:
+    lines = ["| recipe | end-loss gap vs tuned scratch (per seed) | crossing saving (per seed) | mean crossing |",
+             "|---|---|---|---|"]
+    for r in rows:
+        gaps = " / ".join(f"{p['gap']:+.4f}" for p in r["seeds"])
+        sv = [p["crossing_saving"] for p in r["seeds"]]
+        svs = " / ".join("not reached" if x is None else f"{x:.1f}%" for x in sv)
+        m = _mean(sv) if all(x is not None for x in sv) and sv else None
+        lines.append(f"| {r['recipe']} | {gaps} | {svs} | {'-' if m is None else f'{m:.1f}%'} |")
+    return lines
+
+
+def fmt_confirm(c: dict) -> List[str]:
+    lines = [f"recipe `{c['recipe']}`, seeds {c['seeds']}, peak LRs {c['lrs']}", "",
+             "| budget | seed | scratch end loss | staged end loss | saving (interp.) | crossing | small | reinit |",
+             "|---|---|---|---|---|---|---|---|"]
+    for b, blk in c["budgets"].items():
+        for r in blk["per_seed"]:
+            sv = "-" if r["saving"] is None else f"{r['saving']:.1f}%" + (" (extrap.)" if r["extrapolated"] else "")
+            cr = r.get("crossing_saving")
+            lines.append(f"| {b}x | {r['seed']} | {r['scratch_loss']:.4f} | {r.get('staged_loss', float('nan')):.4f} "
+                         f"| {sv} | {'-' if cr is None else f'{cr:.1f}%'} | {r.get('small_loss', float('nan')):.4f} "
+                         f"| {r.get('reinit_loss', float('nan')):.4f} |")
+    lines.append("")
+    for b, blk in c["budgets"].items():
+        if "saving" in blk:
+            s = blk["saving"]
+            lines.append(f"- {b}x: saving mean {s['mean']:.1f}% (90% CI [{s['lo']:.1f}%, {s['hi']:.1f}%], n={s['n']}); "
+                         + (f"end loss scratch - staged {blk['gap']['mean']:+.4f}, one-sided p={blk['gap']['p']:.2g}"
+                            if "gap" in blk else ""))
+        for k in ("small", "reinit"):
+            if f"vs_{k}" in blk:
+                v = blk[f"vs_{k}"]
+                lines.append(f"  - {k} - staged end loss {v['mean']:+.4f} (90% CI [{v['lo']:+.4f}, {v['hi']:+.4f}]), "
+                             f"p={v['p']:.2g}")
+    return lines
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("phase", choices=["tune", "screen", "confirm", "table"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=None)
+    ap.add_argument("--recipe", default=None, help="confirm: the recipe; screen: only these (comma-separated)")
+    ap.add_argument("--out", default=str(REPO / "runs" / "saving"))
+    ap.add_argument("--jobs", type=int, default=2, help="runs side by side (one process each)")
+    ap.add_argument("--eval-tokens", type=int, default=65536)
+    a = ap.parse_args(argv)
+    st = Study(Path(a.out), a.jobs, a.eval_tokens)
+    if a.phase == "tune":
+        print("\n".join(fmt_tune(tune(st, a.seeds or SCREEN_SEEDS))))
+    elif a.phase == "screen":
+        names = a.recipe.split(",") if a.recipe else None
+        print("\n".join(fmt_screen(screen(st, a.seeds or SCREEN_SEEDS, names))))
+    elif a.phase == "confirm":
+        if not a.recipe or not a.seeds:
+            raise SystemExit("confirm needs --recipe and fresh --seeds")
+        if set(a.seeds) & set(SCREEN_SEEDS):
+            raise SystemExit(f"confirm: seeds {sorted(set(a.seeds) & set(SCREEN_SEEDS))} were used to choose")
+        print("\n".join(fmt_confirm(confirm(st, a.seeds, a.recipe))))
+    else:
+        out = Path(a.out)
+        if (out / "tuned.json").exists():
+            print("\n".join(fmt_tune(json.loads((out / "tuned.json").read_text()))) + "\n")
+        if (out / "screen.json").exists():
+            print("\n".join(fmt_screen(json.loads((out / "screen.json").read_text()))) + "\n")
+        for p in sorted(out.glob("confirm-*.json")):
+            print("\n".join(fmt_confirm(json.loads(p.read_text()))) + "\n")
+
+
+if __name__ == "__main__":
+    main()

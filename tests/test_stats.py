@@ -1,0 +1,40 @@
+"""The saving study's statistics on synthetic inputs with known answers."""
+import math
+
+import pytest
+
+from growth_ds.train.stats import flops_to_match, paired_summary, saving_percent
+
+
+def test_paired_summary_known_values():
+    # mean 2, sample std 1 (values 1, 2, 3), se = 1/sqrt(3); t_{0.95, 2} = 2.919986
+    s = paired_summary([1.0, 2.0, 3.0])
+    assert s.n == 3 and s.mean == pytest.approx(2.0) and s.std == pytest.approx(1.0)
+    half = 2.919986 / math.sqrt(3)
+    assert s.lo == pytest.approx(2 - half, rel=1e-5) and s.hi == pytest.approx(2 + half, rel=1e-5)
+    # one-sided p of t = 2 / (1/sqrt 3) = 3.4641 with 2 dof: 0.037037
+    assert s.p == pytest.approx(0.0370, abs=2e-4)
+
+
+def test_paired_summary_direction_and_level():
+    assert paired_summary([-1.0, -2.0, -3.0]).p > 0.95          # evidence against "mean > 0"
+    wide, narrow = paired_summary([1, 2, 3, 4], level=0.99), paired_summary([1, 2, 3, 4], level=0.5)
+    assert wide.lo < narrow.lo < 2.5 < narrow.hi < wide.hi
+    assert paired_summary([5.0, 5.0]).p == 0.0                  # no spread: certain
+    assert paired_summary([3.0, 4.0], null=10.0).p > 0.9        # the null is shifted
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_summary([1.0])
+
+
+def test_flops_to_match_interpolates_in_log_flops():
+    budgets, losses = [1e12, 2e12, 4e12], [4.0, 3.8, 3.6]
+    f, extra = flops_to_match(budgets, losses, 3.9)
+    assert not extra and f == pytest.approx(math.sqrt(2) * 1e12)  # half-way in log between 1 and 2
+    f, extra = flops_to_match(budgets, losses, 3.8)
+    assert f == pytest.approx(2e12)
+    f, extra = flops_to_match(budgets, losses, 4.1)                # below the smallest budget
+    assert extra and f == pytest.approx(1e12 / math.sqrt(2))
+    f, extra = flops_to_match(budgets, losses, 3.5)                # beyond the largest
+    assert extra and f == pytest.approx(4e12 * math.sqrt(2))
+    assert flops_to_match([1e12, 2e12], [3.0, 3.1], 2.5) == (None, False)  # losses rise: no answer
+    assert saving_percent(1e12, 0.7e12) == pytest.approx(30.0) and saving_percent(1e12, None) is None

@@ -1,0 +1,76 @@
+"""What the saving study needs from the trainer, seen in the optimizer: WSD with growth in its stable phase,
+per-stage peak LRs, μP's hidden-matrix groups, schedules re-planned to end at the run's last step, the
+re-initialised control arm, and the size of the fixed validation set."""
+import pytest
+
+from dist_utils import launch, staged_config
+from growth_ds.train.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+GROW_AT, TOTAL = 10, 24
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("shared") / "data"
+
+
+def run(tmp_path, data_dir, name, stage_lrs=(None, None), grow=None, nproc=1, **train):
+    import yaml
+
+    path = staged_config(tmp_path, name, total=TOTAL, grow_at=GROW_AT, data_dir=data_dir, zero=1, width="zero",
+                         **train)
+    cfg = yaml.safe_load(path.read_text())
+    for st, lr in zip(cfg["stages"], stage_lrs):
+        if lr is not None:
+            st["lr"] = lr
+    cfg["stages"][1]["grow"].update(grow or {})
+    path.write_text(yaml.safe_dump(cfg))
+    res = launch(["train", path, "--no-progress"], nproc=nproc)
+    assert res.returncode == 0, res.stderr[-4000:]
+    recs = read_metrics(tmp_path / name / "staged" / "metrics.jsonl")
+    return {r["step"]: r for r in recs if r.get("event") == "step"}, [r for r in recs if r.get("event") == "growth"]
+
+
+def test_wsd_per_stage_lr_and_mup_groups(tmp_path, data_dir):
+    """Stage 0 at 4e-3, stage 1 at 2e-3; WSD decays the last 25% of the run whatever the stages; with mup
+    the hidden matrices' group runs at d_small/d_large = 1/2 of the schedule after the x2 width growth."""
+    steps, growth = run(tmp_path, data_dir, "wsd", stage_lrs=(4e-3, 2e-3), schedule="wsd", decay_fraction=0.25,
+                        min_lr_ratio=0.0, warmup_steps=4, mup=True)
+    assert len(growth) == 1 and abs(growth[0]["val_loss_after"] - growth[0]["val_loss_before"]) < 1e-4
+    assert sorted(steps) == list(range(1, TOTAL + 1))
+    for s in range(5, GROW_AT + 1):  # stable phase of stage 0: its peak, hidden group at scale 1
+        assert steps[s]["lr"] == pytest.approx(4e-3)
+        assert steps[s]["lr_groups"] == pytest.approx([4e-3, 4e-3, 4e-3])
+    decay_start = TOTAL - round(0.25 * TOTAL)
+    for s in range(GROW_AT + 1, decay_start + 1):  # stable phase of stage 1: its peak; hidden x 1/2
+        assert steps[s]["lr"] == pytest.approx(2e-3), s
+        assert steps[s]["lr_groups"] == pytest.approx([1e-3, 2e-3, 2e-3]), s
+    lrs = [steps[s]["lr"] for s in range(decay_start + 1, TOTAL + 1)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(2e-3 / 6)  # last step before 0
+    assert steps[TOTAL]["train_loss"] < steps[1]["train_loss"] - 0.1
+
+
+@pytest.mark.parametrize("policy", ["rewarm", "restart", "lemon"])
+def test_policies_end_at_the_last_step(tmp_path, data_dir, policy):
+    """``budget: flops`` lengthens the run past train.total_steps; every policy's schedule reaches its floor
+    at the run's (re-planned) last step, not at train.total_steps."""
+    grow = {"lr": policy, **({"rho": 2.0, "rewarm_steps": 3} if policy == "rewarm" else {})}
+    steps, _ = run(tmp_path, data_dir, policy, grow=grow, budget="flops", min_lr_ratio=0.0)
+    last = max(steps)
+    assert last > TOTAL  # equal FLOPs: the small stage was cheaper
+    tail = [steps[s]["lr"] for s in range(last - 4, last + 1)]
+    assert all(a > b for a, b in zip(tail, tail[1:]))
+    assert tail[-1] < 0.02 * max(r["lr"] for r in steps.values())  # one step before the floor (0)
+
+
+def test_reinit_control_and_eval_tokens(tmp_path, data_dir):
+    """``grow.reinit``: the grown shape restarts from a random init (the loss jumps back up), same FLOPs; the
+    validation set is ``eval_tokens`` rounded up to micro-batches, whatever the world size."""
+    steps, growth = run(tmp_path, data_dir, "reinit", grow={"reinit": True}, eval_tokens=300, nproc=2)
+    import math
+
+    assert growth[0]["val_loss_after"] > growth[0]["val_loss_before"] + 0.3
+    assert abs(growth[0]["val_loss_after"] - math.log(512)) < 0.2  # a random init's loss: ln(vocab)
+    evals = [r for r in steps.values() if "val_loss" in r]
+    assert evals and all(r["val_tokens"] == 3 * 4 * 32 for r in evals)  # ceil(300 / (4 x 32)) = 3 batches
