@@ -226,9 +226,15 @@ def cmd_plan(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from growth_ds.train.report import report
+    from growth_ds.train.report import report, report_many
 
-    _, lines = report(args.run_root, args.staged, args.scratch, args.png)
+    if len(args.run_root) > 1:
+        if args.staged or args.scratch:
+            raise ValueError("report: --staged/--scratch name the runs of one RUN_ROOT; with several, each root "
+                             "holds staged/ and scratch/")
+        _, lines = report_many(args.run_root, args.png)
+    else:
+        _, lines = report(args.run_root[0], args.staged, args.scratch, args.png)
     print("\n".join(lines))
     return 0
 
@@ -265,11 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config")
     c.set_defaults(func=cmd_check)
 
-    r = sub.add_parser("report", help="compare a staged run with its from-scratch baseline")
-    r.add_argument("run_root", help="directory holding staged/ and scratch/")
+    r = sub.add_parser("report", help="compare a staged run with its from-scratch baseline (several roots: "
+                       "paired seeds, with mean, 90%% CI and a one-sided paired test)")
+    r.add_argument("run_root", nargs="+", help="directory holding staged/ and scratch/ (one per seed)")
     r.add_argument("--staged", default=None)
     r.add_argument("--scratch", default=None)
-    r.add_argument("--png", default=None, help="default: RUN_ROOT/report.png")
+    r.add_argument("--png", default=None, help="default: RUN_ROOT/report.png (several: next to the first root)")
     r.set_defaults(func=cmd_report)
 
     pl = sub.add_parser("plan", help="fit a scaling law and plan stages: which shapes, when to grow, the saving")

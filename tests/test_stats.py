@@ -38,3 +38,36 @@ def test_flops_to_match_interpolates_in_log_flops():
     assert extra and f == pytest.approx(4e12 * math.sqrt(2))
     assert flops_to_match([1e12, 2e12], [3.0, 3.1], 2.5) == (None, False)  # losses rise: no answer
     assert saving_percent(1e12, 0.7e12) == pytest.approx(30.0) and saving_percent(1e12, None) is None
+
+
+def test_report_over_paired_seeds(tmp_path, capsys):
+    """`growth-ds report R1 R2 R3`: per-seed gaps and crossings from the runs' logs, then their statistics."""
+    import json
+
+    from growth_ds.cli import main
+
+    def write(d, curve):
+        d.mkdir(parents=True)
+        with open(d / "metrics.jsonl", "w") as f:
+            for i, (flops, loss) in enumerate(curve):
+                f.write(json.dumps({"event": "step", "step": i + 1, "flops": flops, "tokens": i, "val_loss": loss}) + "\n")
+
+    roots = []
+    for k, end in enumerate([3.9, 3.8, 3.85]):  # staged ends 0.1, 0.2, 0.15 below scratch's 4.0
+        root = tmp_path / f"seed{k}"
+        write(root / "scratch", [(1e12, 5.0), (2e12, 4.0)])
+        write(root / "staged", [(1e12, 4.5), (2e12, end)])
+        roots.append(str(root))
+    assert main(["report", *roots, "--png", str(tmp_path / "all.png")]) == 0
+    out = capsys.readouterr().out
+    assert "+0.1500" in out and "n=3" in out and (tmp_path / "all.png").stat().st_size > 1000
+    from growth_ds.train.report import report_many
+
+    res, _ = report_many(roots, str(tmp_path / "b.png"))
+    assert res["gap"]["mean"] == pytest.approx(0.15) and res["gap"]["p"] < 0.05
+    # crossing: 4.0 is reached between 1e12 (4.5) and 2e12 (end) in log FLOPs
+    for row, end in zip(res["per_seed"], [3.9, 3.8, 3.85]):
+        frac = (4.5 - 4.0) / (4.5 - end)
+        assert row["saving"] == pytest.approx(100 * (1 - 2 ** frac / 2))
+    with pytest.raises(ValueError, match="2 or more"):
+        report_many(roots[:1])

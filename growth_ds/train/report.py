@@ -1,4 +1,5 @@
-"""Staged vs from-scratch: FLOPs each needed to reach the scratch run's final validation loss."""
+"""Staged vs from-scratch: FLOPs each needed to reach the scratch run's final validation loss; over several
+paired seeds, every seed's figures with their mean, confidence interval and a one-sided paired test."""
 from __future__ import annotations
 
 import math
@@ -89,3 +90,58 @@ def report(run_root: str | Path, staged: Optional[str] = None, scratch: Optional
     out = Path(png) if png else root / "report.png"
     plot(result, out)
     return result, [format_report(result), f"plot: {out}"]
+
+
+def report_many(run_roots: Sequence[str | Path], png: Optional[str] = None, level: float = 0.90
+                ) -> Tuple[dict, List[str]]:
+    """Paired seeds: ``run_roots[k]`` holds seed k's ``staged/`` and ``scratch/`` (same data and sample order,
+    equal FLOPs). Per seed: end losses, the gap (scratch - staged: positive when the staged run ends lower)
+    and the single-curve crossing saving; then mean, ``level`` CI and the one-sided paired t-test of "staged
+    end loss < scratch end loss" (``stats.paired_summary``), and the saving's mean and CI."""
+    from growth_ds.train.stats import paired_summary
+
+    if len(run_roots) < 2:
+        raise ValueError("report: paired statistics need 2 or more run roots (one per seed)")
+    rows = []
+    for root in run_roots:
+        r = compare(Path(root) / "staged", Path(root) / "scratch")
+        rows.append({"root": str(root), "scratch": r["target_val_loss"], "staged": r["final_val_loss"]["staged"],
+                     "gap": r["target_val_loss"] - r["final_val_loss"]["staged"], "saving": r["saving_percent"],
+                     "result": r})
+    gap = paired_summary([r["gap"] for r in rows], level)
+    savings = [r["saving"] for r in rows]
+    saving = paired_summary(savings, level) if all(s is not None for s in savings) else None
+    lines = [f"{'run':<32} {'scratch end':>11} {'staged end':>10} {'gap':>8} {'saving':>8}"]
+    for r in rows:
+        sv = "n/r" if r["saving"] is None else f"{r['saving']:.1f}%"
+        lines.append(f"{Path(r['root']).name:<32} {r['scratch']:>11.4f} {r['staged']:>10.4f} {r['gap']:>+8.4f} {sv:>8}")
+    lines.append(f"end loss, scratch - staged at equal FLOPs: {gap.describe(fmt='+.4f')} (staged lower)")
+    lines.append("saving (single-curve crossing): " + (saving.describe("%") if saving else
+                                                        "not every seed reached scratch's final loss"))
+    out = Path(png) if png else Path(run_roots[0]).parent / "report.png"
+    _plot_many(rows, out)
+    lines.append(f"plot: {out}")
+    return {"per_seed": [{k: v for k, v in r.items() if k != "result"} for r in rows], "gap": gap.to_dict(),
+            "saving": None if saving is None else saving.to_dict()}, lines
+
+
+def _plot_many(rows, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, r in enumerate(rows):
+        for name, ls in (("scratch", "--"), ("staged", "-")):
+            c = r["result"]["curves"][name]
+            ax.plot([p[0] for p in c], [p[3] for p in c], ls, color=f"C{i}", lw=1,
+                    label=f"{Path(r['root']).name} {name}")
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"staged (solid) vs scratch (dashed), {len(rows)} paired seeds")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
