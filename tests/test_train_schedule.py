@@ -74,3 +74,42 @@ def test_reinit_control_and_eval_tokens(tmp_path, data_dir):
     assert abs(growth[0]["val_loss_after"] - math.log(512)) < 0.2  # a random init's loss: ln(vocab)
     evals = [r for r in steps.values() if "val_loss" in r]
     assert evals and all(r["val_tokens"] == 3 * 4 * 32 for r in evals)  # ceil(300 / (4 x 32)) = 3 batches
+
+
+def test_auto_trigger_on_the_train_loss_signal_resumes_exactly(tmp_path, data_dir):
+    """``until: {auto: {signal: train, every: 3}}``: the trigger is fed the mean train loss of every 3 steps
+    (points at steps 3, 6, 9, ...), fits from its 4th point and fires from its own fit (not the cap); a run
+    killed between two points (a partly filled buffer) and resumed takes the same decisions and losses."""
+    import json
+
+    import yaml
+
+    def cfg(name):
+        path = staged_config(tmp_path, name, total=TOTAL, grow_at=GROW_AT, data_dir=data_dir, zero=1, width="zero",
+                             save_every=4, schedule="wsd")
+        raw = yaml.safe_load(path.read_text())
+        raw["stages"][0]["until"] = {"auto": {"threshold": -10.0, "signal": "train", "every": 3, "min_points": 4,
+                                              "max_tokens": 10 ** 9}}
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    def records(name):
+        return read_metrics(tmp_path / name / "staged" / "metrics.jsonl")
+
+    ref = cfg("auto_ref")
+    assert launch(["train", ref, "--no-progress"], nproc=1).returncode == 0
+    dec = [r for r in records("auto_ref") if r.get("event") == "schedule"]
+    assert [d["step"] for d in dec] == [3, 6, 9, 12] and [d["grow"] for d in dec] == [False] * 3 + [True]
+    assert dec[-1]["reason"] == "slope" and dec[-1]["n_points"] == 4
+    steps = {r["step"]: r for r in records("auto_ref") if r.get("event") == "step"}
+    assert dec[0]["tokens"] == steps[3]["tokens"]
+    growth = [r for r in records("auto_ref") if r.get("event") == "growth"]
+    assert len(growth) == 1 and growth[0]["step"] == 12
+    killed = cfg("auto_killed")
+    assert launch(["train", killed, "--no-progress"], nproc=1, env={"GROWTH_DS_KILL_AT_STEP": "10"}).returncode != 0
+    assert json.loads((tmp_path / "auto_killed" / "staged" / "checkpoints" / "latest.json").read_text())["step"] == 8
+    assert launch(["train", killed, "--no-progress"], nproc=1).returncode == 0
+    got = [r for r in records("auto_killed") if r.get("event") == "schedule"]
+    assert [(d["step"], d["grow"]) for d in got] == [(d["step"], d["grow"]) for d in dec]
+    mine = {r["step"]: r["train_loss"] for r in records("auto_killed") if r.get("event") == "step"}
+    assert all(abs(mine[s] - steps[s]["train_loss"]) < 1e-6 for s in steps)

@@ -10,9 +10,12 @@
     stages:    - shape: PATH.yaml | {ModelShape fields}
                  lr: peak LR of this stage (default train.lr)
                  until: {steps: N} | {tokens: N}          (every stage but the last)
-                 until: {auto: {threshold | law, max_tokens, rho, min_points, skip_points, patience}}
+                 until: {auto: {threshold | law, max_tokens, rho, min_points, skip_points, patience,
+                                signal (val | train), every}}
                                                           (grow when the fitted slope d ln L / d ln C
-                                                           crosses the boundary; ``when: auto`` too)
+                                                           crosses the boundary; ``when: auto`` too;
+                                                           signal train: the mean train loss of every
+                                                           ``every`` steps, default 25)
                - shape: ...
                  grow: {width, depth, moments, lr, rho, rewarm_steps, positions, seed, reinit}
 
@@ -244,7 +247,10 @@ def parse_config(raw: Dict[str, Any], source: Optional[Path] = None) -> RunConfi
     return RunConfig(name, out_dir, int(run.get("seed", 0)), data, train, ds, stages, source, raw)
 
 
-AUTO_KEYS = {"threshold", "law", "rho", "max_tokens", "max_flops", "min_points", "skip_points", "patience"}
+AUTO_KEYS = {"threshold", "law", "rho", "max_tokens", "max_flops", "min_points", "skip_points", "patience",
+             "signal", "every"}
+AUTO_SIGNALS = ("val", "train")  # what the trigger fits: the eval points' val loss, or the mean train loss of
+# every ``every`` steps (dense and free; on a constant LR, e.g. WSD's stable phase, it follows the val curve)
 
 
 def _auto_trigger_args(until, where: str, base: Path) -> Dict[str, Any]:
@@ -252,6 +258,10 @@ def _auto_trigger_args(until, where: str, base: Path) -> Dict[str, Any]:
     (``growth-ds plan`` writes one) and a hard ``max_tokens`` cap."""
     args = dict(until["auto"] or {}) if isinstance(until, dict) else {}
     _check_keys(args, AUTO_KEYS, where)
+    if args.get("signal", "val") not in AUTO_SIGNALS:
+        raise ValueError(f"{where}.signal: must be one of {AUTO_SIGNALS}, got {args['signal']!r}")
+    if "every" in args and (not isinstance(args["every"], int) or args["every"] < 1):
+        raise ValueError(f"{where}.every: must be a positive integer, got {args['every']!r}")
     if "max_tokens" not in args and "max_flops" not in args:
         raise ValueError(f"{where}.max_tokens: when: auto needs a hard cap so a bad fit cannot run forever")
     if "threshold" not in args and "law" not in args:
@@ -269,7 +279,7 @@ def _auto_trigger_args(until, where: str, base: Path) -> Dict[str, Any]:
 def make_trigger(args: Dict[str, Any], n_params: int, next_n_params: int):
     from growth_ds.schedule import GrowthTrigger, law_from_json
 
-    kw = dict(args)
+    kw = {k: v for k, v in args.items() if k not in ("signal", "every")}  # (the trainer's: what it feeds)
     if "law" in kw:
         kw["law"] = law_from_json(Path(kw["law"]).read_text())
     return GrowthTrigger(kw.pop("threshold", None), n_params=n_params, next_n_params=next_n_params, **kw)

@@ -302,6 +302,7 @@ class StagedTrainer:
             "tag": tag, "progress": p.__dict__, "shape": shape.to_dict(), "schedule": self.schedule.to_dict(),
             "batches": self.batches.state_dict(), "world_size": self.world,
             "zero_stage": self.cfg.deepspeed["zero_stage"], "precision": self.cfg.deepspeed["precision"],
+            "trigger_buffer": list(self.trigger_buffer),
             "config": self.cfg.raw, "trigger": None if self.trigger is None else self.trigger.state_dict(),  # no RNG state: sampling is keyed by (seed, sample), growth by (seed, name)
         }
         ptr = self.ckpt_dir / "latest.json"
@@ -373,6 +374,7 @@ class StagedTrainer:
         self.trigger = self._make_trigger()
         if self.trigger is not None and meta.get("trigger"):
             self.trigger.load_state_dict(meta["trigger"])
+            self.trigger_buffer = list(meta.get("trigger_buffer") or [])
         return engine, shape
 
     def _universal(self, ckpt_dir: Path, tag: str):
@@ -425,16 +427,34 @@ class StagedTrainer:
     def _make_trigger(self):
         """The online ``when: auto`` rule of the current stage (None for fixed boundaries)."""
         p = self.progress
+        self.trigger_buffer = []
         if p.stage + 1 >= len(self.cfg.stages) or self.cfg.stages[p.stage].until_auto is None:
             return None
         return make_trigger(self.cfg.stages[p.stage].until_auto, self.cfg.stages[p.stage].shape.n_params,
                             self.cfg.stages[p.stage + 1].shape.n_params)
 
-    def _auto_decision(self, shape: ModelShape, val_loss: float, log: MetricsLog) -> None:
+    def _auto_signal(self, rec: dict, shape: ModelShape, log: MetricsLog) -> None:
+        """After a step: feed the trigger (``until: auto``) what its ``signal`` names. ``val``: each eval
+        point's val loss; ``train``: the mean train loss of every ``every`` steps (``self.trigger_buffer``,
+        checkpointed, so a resumed run feeds the same points)."""
+        if self.trigger is None:
+            return
+        auto = self.cfg.stages[self.progress.stage].until_auto
+        if auto.get("signal", "val") == "val":
+            self._auto_signal(rec, shape, log)
+            return
+        self.trigger_buffer.append(rec["train_loss"])
+        if self.progress.step % int(auto.get("every", 25)) == 0:
+            mean = sum(self.trigger_buffer) / len(self.trigger_buffer)
+            self.trigger_buffer = []
+            self._auto_decision(shape, mean, log)
+
+    def _auto_decision(self, shape: ModelShape, loss: float, log: MetricsLog) -> None:
         """Feed the trigger this stage's position on its own curve (compute of the current shape over all
         tokens so far: lossless growth continues the curve) and log the decision with its fit."""
         if self.trigger is None:
             return
+        val_loss = loss
         p = self.progress
         position = flops_per_token(shape, self.cfg.train["seq_len"]) * p.tokens
         decision = self.trigger.update(position, val_loss, p.tokens)
@@ -532,8 +552,7 @@ class StagedTrainer:
                 rec["val_loss"] = self.evaluate(engine)
                 rec["val_tokens"] = self.eval_tokens
             log.write(rec)
-            if "val_loss" in rec:
-                self._auto_decision(shape, rec["val_loss"], log)
+            self._auto_signal(rec, shape, log)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(stage=p.stage, loss=f"{loss:.3f}", lr=f"{lr:.2e}")
