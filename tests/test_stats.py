@@ -71,3 +71,26 @@ def test_report_over_paired_seeds(tmp_path, capsys):
         assert row["saving"] == pytest.approx(100 * (1 - 2 ** frac / 2))
     with pytest.raises(ValueError, match="2 or more"):
         report_many(roots[:1])
+
+
+def test_report_end_of_run_saving_from_shorter_staged_runs(tmp_path, capsys):
+    """RUN_ROOT/staged-short*/ are the staged arm at smaller budgets: the report interpolates their end
+    losses (and the full run's) in log FLOPs to the scratch run's end loss."""
+    import json
+
+    from growth_ds.train.report import report
+
+    def write(d, curve):
+        d.mkdir(parents=True)
+        d.joinpath("metrics.jsonl").write_text("".join(json.dumps({"event": "step", "step": i + 1, "flops": f,
+                                                                   "tokens": i, "val_loss": v}) + "\n"
+                                                       for i, (f, v) in enumerate(curve)))
+
+    write(tmp_path / "scratch", [(1e12, 5.0), (4e12, 4.0)])
+    write(tmp_path / "staged", [(1e12, 4.6), (4e12, 3.8)])
+    write(tmp_path / "staged-short", [(1e12, 4.7), (2e12, 4.1)])
+    res, lines = report(tmp_path)
+    # 4.0 lies between 4.1 at 2e12 and 3.8 at 4e12: a third of the way in log FLOPs -> 2e12 * 2**(1/3)
+    assert res["flops_staged_end"] == pytest.approx(2e12 * 2 ** (1 / 3)) and not res["extrapolated"]
+    assert res["saving_end_percent"] == pytest.approx(100 * (1 - 2 ** (1 / 3) / 2))
+    assert any("interpolated between" in line for line in lines)

@@ -58,10 +58,14 @@ def plot(result: dict, path: str | Path) -> None:
         ax.annotate(f"grow ({g['width'] or ''}{'+' if g['width'] and g['depth'] else ''}{g['depth'] or ''})",
                     (g["flops"], ax.get_ylim()[1]), fontsize=8, rotation=90, va="top", ha="right")
     ax.axhline(result["target_val_loss"], color="k", lw=0.8, ls="--", label="scratch final loss")
+    if result.get("staged_budgets"):
+        ax.plot(*zip(*result["staged_budgets"]), "s", color="C1", mfc="none", label="staged end loss per budget")
+        if result.get("flops_staged_end"):
+            ax.axvline(result["flops_staged_end"], color="C1", lw=0.8, ls="--")
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("validation loss")
-    s = result["saving_percent"]
+    s = result.get("saving_end_percent", result["saving_percent"])
     ax.set_title("staged vs from scratch" + (f": {s:.1f}% FLOPs saved" if s is not None else ""))
     ax.legend()
     fig.tight_layout()
@@ -76,20 +80,59 @@ def format_report(result: dict) -> str:
         lines.append(f"                 staged: not reached (final val loss {result['final_val_loss']['staged']:.4f})")
     else:
         lines.append(f"                 staged: {result['flops_staged']:.3e}  (small stages included)")
-        lines.append(f"saving: {result['saving_percent']:.1f}% of the scratch run's FLOPs")
+        lines.append(f"saving (single-curve crossing): {result['saving_percent']:.1f}% of the scratch run's FLOPs")
     for g in result["growths"]:
         lines.append(f"growth at step {g['step']}: {g['width']}/{g['depth']}, val loss {g['val_loss_before']:.4f} -> "
                      f"{g['val_loss_after']:.4f}")
     return "\n".join(lines)
 
 
+def end_of_run_saving(result: dict, shorter: Sequence[str | Path]) -> dict:
+    """The saving measured on complete runs: the staged arm also trained (schedule fully decayed) at
+    smaller budgets (``shorter``: run directories), its end losses interpolated in log FLOPs across its
+    budgets to the scratch run's end loss (``stats.flops_to_match``). Adds ``flops_staged_end``,
+    ``saving_end_percent``, ``extrapolated`` and the budgets' ``(flops, end loss)`` to ``result``."""
+    from growth_ds.train.stats import flops_to_match, saving_percent
+
+    pts = []
+    for d in shorter:
+        c = val_curve(read_metrics(Path(d) / "metrics.jsonl"))
+        if c:
+            pts.append((c[-1][0], c[-1][3]))
+    pts.append((result["total_flops"]["staged"], result["final_val_loss"]["staged"]))
+    f, extra = flops_to_match([p[0] for p in pts], [p[1] for p in pts], result["target_val_loss"])
+    total = result["total_flops"]["scratch"]
+    return dict(result, staged_budgets=sorted(pts), flops_staged_end=f, extrapolated=extra,
+                saving_end_percent=saving_percent(total, f))
+
+
 def report(run_root: str | Path, staged: Optional[str] = None, scratch: Optional[str] = None,
            png: Optional[str] = None) -> Tuple[dict, List[str]]:
+    """One staged run against its scratch baseline; when ``RUN_ROOT/staged-short*/`` hold the staged arm
+    at smaller budgets (the demo writes one), also the end-of-run saving (:func:`end_of_run_saving`)."""
     root = Path(run_root)
     result = compare(staged or root / "staged", scratch or root / "scratch")
+    shorter = sorted(d for d in root.glob("staged-short*") if (d / "metrics.jsonl").exists()) if not staged else []
+    lines = [format_report(result)]
+    if shorter:
+        result = end_of_run_saving(result, shorter)
+        lines.append(format_end_of_run(result))
     out = Path(png) if png else root / "report.png"
     plot(result, out)
-    return result, [format_report(result), f"plot: {out}"]
+    return result, lines + [f"plot: {out}"]
+
+
+def format_end_of_run(result: dict) -> str:
+    budgets = ", ".join(f"{f:.3e} FLOPs -> {loss:.4f}" for f, loss in result["staged_budgets"])
+    lines = [f"staged arm at {len(result['staged_budgets'])} budgets (each run fully decayed): {budgets}"]
+    if result["saving_end_percent"] is None:
+        lines.append("saving at the end of complete runs: the staged end losses do not fall with the budget")
+    else:
+        how = "extrapolated beyond" if result["extrapolated"] else "interpolated between"
+        lines.append(f"saving: {result['saving_end_percent']:.1f}% of the scratch run's FLOPs: the staged arm reaches "
+                     f"{result['target_val_loss']:.4f} at {result['flops_staged_end']:.3e} FLOPs ({how} its budgets, "
+                     f"small stages included)")
+    return "\n".join(lines)
 
 
 def report_many(run_roots: Sequence[str | Path], png: Optional[str] = None, level: float = 0.90
