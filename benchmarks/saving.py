@@ -52,9 +52,9 @@ from growth_ds.train.stats import flops_to_match, paired_summary, saving_percent
 
 SHAPES = REPO / "configs" / "shapes"
 SMALL, LARGE = SHAPES / "demo-small.yaml", SHAPES / "demo-large.yaml"
-MID = {"flavour": "llama", "n_layers": 2, "d_model": 128, "n_heads": 8, "n_kv_heads": 4, "head_dim": 16,
-       "d_ffn": 344, "vocab_size": 2048, "max_seq_len": 64}  # demo-small at demo-large's width
-BASE_STEPS = 900                 # the demo's scratch run (budget 1x)
+MID = {"flavour": "llama", "n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16,
+       "d_ffn": 172, "vocab_size": 2048, "max_seq_len": 64}  # demo-small at demo-large's width
+BASE_STEPS = 1500                # the demo's scratch run (budget 1x), 2048 tokens per step
 LR_GRID = [1.5e-3, 3e-3, 6e-3, 1.2e-2]
 SCREEN_SEEDS = [100, 101]
 BUDGETS = [0.5, 1.0, 2.0]
@@ -63,47 +63,47 @@ STAGED_BUDGETS = [0.25, 0.5, 1.0, 2.0]
 
 @dataclass(frozen=True)
 class Recipe:
-    """A staged arm as data: the stages after the first (shape, growth block, when as a fraction of the
-    budget's scratch steps), per-stage peak LRs (None: the scratch arm's tuned LR) and train overrides."""
+    """A staged arm as data: the stages after the first (shape, growth block, when: the fraction of the
+    budget's FLOPs spent before that growth), per-stage peak LRs (None: the tuned LRs) and train overrides."""
 
     name: str
-    grows: tuple                              # ((shape, grow dict, at fraction of BASE_STEPS x budget), ...)
+    grows: tuple                              # ((shape, grow dict, at: fraction of the budget's FLOPs), ...)
     lrs: tuple = (None, None)                 # peak LR per stage (first, then each grown stage)
     train: Dict = field(default_factory=dict)
     note: str = ""
 
 
-def _r(name, width="zero", depth="identity", at=1 / 3, lrs=(None, None), note="", **grow):
+def _r(name, width="zero", depth="identity", at=0.3, lrs=(None, None), note="", **grow):
     g = {"width": width, "depth": depth, **grow}
     return Recipe(name, ((LARGE, g, at),), lrs, {}, note)
 
 
 # The screened recipes: one factor changed at a time from `zero-id` (WSD in every arm).
 RECIPES: Dict[str, Recipe] = {r.name: r for r in [
-    _r("zero-id", note="new units: random fan-in, zero fan-out; identity blocks; continue; grow at 1/3"),
-    _r("zero-id@1/2", at=1 / 2), _r("zero-id@2/3", at=2 / 3), _r("zero-id@1/6", at=1 / 6),
+    _r("zero-id", note="new units: random fan-in, zero fan-out; identity blocks; continue; grow at 30% of FLOPs"),
+    _r("zero-id@15%", at=0.15), _r("zero-id@45%", at=0.45), _r("zero-id@60%", at=0.6),
     _r("lemon-id", width="lemon"), _r("duplicate-id", width="duplicate"), _r("staged-id", width="staged", lr="continue"),
     _r("hypercloning-id", width="hypercloning"),
     _r("zero-stack", depth="stack"), _r("zero-interleave", depth="interleave"),
     _r("zero-id-reset", moments="reset"), _r("zero-id-restart", lr="restart", moments="reset"),
     _r("zero-id-rewarm", lr="rewarm", rho=1.5, rewarm_steps=30),
     _r("zero-id-mup", note="mup: hidden matrices' LR x d_small/d"),
-    Recipe("zero-width-then-id", ((MID, {"width": "zero"}, 1 / 6), (LARGE, {"depth": "identity"}, 1 / 3)),
-           (None, None, None), {}, "one axis at a time: width at 1/6, depth at 1/3"),
+    Recipe("zero-width-then-id", ((MID, {"width": "zero"}, 0.15), (LARGE, {"depth": "identity"}, 0.3)),
+           (None, None, None), {}, "one axis at a time: width at 15% of FLOPs, depth at 30%"),
     _r("ligo", width=None, depth=None, method="ligo", steps=30),
 ]}
 RECIPES["zero-id-mup"] = Recipe("zero-id-mup", RECIPES["zero-id"].grows, (None, None), {"mup": True},
                                 RECIPES["zero-id-mup"].note)
 # LiGO names its initialising plan's width/depth; without them make_plan uses lemon + the default depth
 RECIPES["ligo"] = Recipe("ligo", ((LARGE, {"method": "ligo", "width": "lemon", "depth": "identity",
-                                           "steps": 30}, 1 / 3),), (None, None), {}, "LiGO operator, 30 steps")
+                                           "steps": 30}, 0.3),), (None, None), {}, "LiGO operator, 30 steps")
 SHIPPED_COSINE = Recipe("shipped-cosine", ((LARGE, {"width": "lemon", "depth": "identity", "moments": "adjoint",
-                                                    "lr": "continue"}, 1 / 3),), (3e-3, 3e-3),
+                                                    "lr": "continue"}, 0.3),), (3e-3, 3e-3),
                         {"schedule": "cosine", "min_lr_ratio": 0.1}, "the demo as it shipped (cosine, lemon)")
 
 
 def base_train(eval_tokens: int) -> dict:
-    return dict(seq_len=64, micro_batch_size=16, warmup_steps=30, weight_decay=0.1, grad_clip=1.0,
+    return dict(seq_len=64, micro_batch_size=32, warmup_steps=30, weight_decay=0.1, grad_clip=1.0,
                 schedule="wsd", decay_fraction=0.2, decay_shape="linear", min_lr_ratio=0.0,
                 eval_tokens=eval_tokens, save_every=400, keep_last=1, budget="flops")
 
@@ -147,8 +147,11 @@ class Study:
         lrs = lrs or recipe.lrs
         lr = [scratch_lr if x is None else x for x in lrs]
         stages = [{"shape": str(SMALL), "lr": lr[0]}]
-        for i, (shape, grow, at) in enumerate(recipe.grows):
-            stages[-1]["until"] = {"steps": max(1, round(at * steps))}
+        budget_flops, step, spent, prev = steps * _fpt(LARGE), 0, 0.0, SMALL
+        for i, (shape, grow, at) in enumerate(recipe.grows):  # stage i ends once `at` of the FLOPs are spent
+            step += max(1, round((at * budget_flops - spent) / _fpt(prev)))
+            spent, prev = at * budget_flops, shape
+            stages[-1]["until"] = {"steps": step}
             g = dict(grow, reinit=True) if reinit else dict(grow)
             stages.append({"shape": shape if isinstance(shape, dict) else str(shape), "grow": g, "lr": lr[i + 1]})
         train = {"lr": lr[-1], **recipe.train}
@@ -209,9 +212,10 @@ def best_lr(results: Dict[float, List[Optional[dict]]]) -> float:
 
 
 # ---- phases ----------------------------------------------------------------------------------------
-def tune(st: Study, seeds) -> dict:
-    """Scratch's and the small model's peak LR over LR_GRID at budget 1x; then the staged arm's per-stage
-    grid for the default recipe (the first stage's LR, then the grown stage's)."""
+def tune(st: Study, seeds, staged_grid: bool = False) -> dict:
+    """Scratch's and the small model's peak LR over LR_GRID at budget 1x. The staged arm's stages take their
+    shapes' tuned LRs (the small model's, then scratch's); with ``staged_grid``, the grid is searched on the
+    staged arm itself, one stage's LR at a time, for the default recipe."""
     st.prepare(seeds)
     out = {}
     for kind, shape in (("scratch", LARGE), ("small", SMALL)):
@@ -221,16 +225,17 @@ def tune(st: Study, seeds) -> dict:
         out[kind] = {"best": best_lr(table), "grid": {lr: [r and r["final_val_loss"] for r in v]
                                                       for lr, v in table.items()}}
     lr0 = out["scratch"]["best"]
+    out["staged_lrs"] = (out["small"]["best"], lr0)
     rec = RECIPES["zero-id"]
-    for which in (0, 1):  # one stage's LR at a time, the other at scratch's best
+    for which in ((0, 1) if staged_grid else ()):  # one stage's LR at a time, the other at scratch's best
         runs = {}
         for lr in LR_GRID:
-            lrs = (lr, lr0) if which == 0 else (out.get("staged_lrs", (lr0, lr0))[0], lr)
+            lrs = (lr, out["staged_lrs"][1]) if which == 0 else (out["staged_lrs"][0], lr)
             runs[lr] = [st.staged(s, rec, 1.0, lr0, lrs=lrs) for s in seeds]
         res = st.run_all([r for v in runs.values() for r in v])
         table = {lr: [res[n] for n, _ in v] for lr, v in runs.items()}
         b = best_lr(table)
-        prev = out.get("staged_lrs", (lr0, lr0))
+        prev = out["staged_lrs"]
         out["staged_lrs"] = (b, prev[1]) if which == 0 else (prev[0], b)
         out[f"staged_stage{which}"] = {lr: [r and r["final_val_loss"] for r in v] for lr, v in table.items()}
     (st.out / "tuned.json").write_text(json.dumps(out, indent=1))
@@ -345,7 +350,9 @@ def fmt_tune(t: dict) -> List[str]:
         lines.append(f"| {kind} | " + " | ".join(_cell(g.get(str(x), g.get(x))) for x in LR_GRID) +
                      f" | {t[kind]['best']:g} |")
     for which in (0, 1):
-        g = t.get(f"staged_stage{which}", {})
+        g = t.get(f"staged_stage{which}")
+        if g is None:
+            continue
         lines.append(f"| staged zero-id, stage {which} LR | " +
                      " | ".join(_cell(g.get(str(x), g.get(x))) for x in LR_GRID) + f" | {t['staged_lrs'][which]:g} |")
     return lines
@@ -403,10 +410,11 @@ def main(argv=None):
     ap.add_argument("--out", default=str(REPO / "runs" / "saving"))
     ap.add_argument("--jobs", type=int, default=2, help="runs side by side (one process each)")
     ap.add_argument("--eval-tokens", type=int, default=65536)
+    ap.add_argument("--staged-grid", action="store_true", help="tune: also search the staged arm's per-stage LRs")
     a = ap.parse_args(argv)
     st = Study(Path(a.out), a.jobs, a.eval_tokens)
     if a.phase == "tune":
-        print("\n".join(fmt_tune(tune(st, a.seeds or SCREEN_SEEDS))))
+        print("\n".join(fmt_tune(tune(st, a.seeds or SCREEN_SEEDS, a.staged_grid))))
     elif a.phase == "screen":
         names = a.recipe.split(",") if a.recipe else None
         print("\n".join(fmt_screen(screen(st, a.seeds or SCREEN_SEEDS, names))))
