@@ -84,9 +84,46 @@ def _launch(args, nproc: int) -> None:
     subprocess.run(cmd, check=True, env=env)
 
 
+SHORT_BUDGET = 0.5  # the staged arm's second budget: the saving is read off complete (fully decayed) runs
+
+
+def scaled_config(cfg, factor: float, path: Path) -> Path:
+    """Write ``cfg`` (its YAML as loaded) at ``factor`` x its budget to ``path``: ``train.total_steps`` and
+    every stage boundary (``until`` steps or tokens, an ``auto`` stage's caps) scaled, so growth comes at the
+    same fraction of the FLOPs; shape paths made absolute."""
+    import copy
+
+    import yaml
+
+    raw = copy.deepcopy(cfg.raw)
+    base = cfg.source.parent if cfg.source else Path.cwd()
+    raw["train"]["total_steps"] = max(1, round(raw["train"]["total_steps"] * factor))
+    for st in raw["stages"]:
+        if isinstance(st.get("shape"), str) and not Path(st["shape"]).is_absolute():
+            st["shape"] = str((base / st["shape"]).resolve())
+        until = st.get("until")
+        if isinstance(until, dict):
+            for k in ("steps", "tokens"):
+                if k in until:
+                    until[k] = max(1, round(until[k] * factor))
+            for k in ("max_tokens", "max_flops"):
+                if isinstance(until.get("auto"), dict) and k in until["auto"]:
+                    until["auto"][k] = until["auto"][k] * factor
+    data = raw.setdefault("data", {})
+    data["out_dir"] = str(Path(data.get("out_dir") or Path(cfg.out_dir) / "data").resolve())
+    if data.get("sources") not in (None, "embedded"):
+        srcs = data["sources"] if isinstance(data["sources"], list) else [data["sources"]]
+        data["sources"] = [s if s == "embedded" else str((base / s).resolve()) if not Path(s).is_absolute() else s
+                           for s in srcs]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 def run_main_job(config=None, nproc: int = 2, out=print) -> int:
     """The main job: prepare the embedded corpus, train the final shape from scratch and the staged run
-    (small -> grown) on ``nproc`` CPU processes, then print the report and write its plot."""
+    (small -> grown) at equal FLOPs on ``nproc`` CPU processes, and the staged run again at half the budget;
+    then print the report (the saving read off the complete runs) and write its plot."""
     from growth_ds.train.config import load_config
     from growth_ds.train.data import _resolve_source, prepare_data
     from growth_ds.train.report import report
@@ -104,10 +141,14 @@ def run_main_job(config=None, nproc: int = 2, out=print) -> int:
     st = info["stats"]
     out(f"data: {', '.join(st['sources'])}; {st['n_tokens']['train']:,} train / {st['n_tokens']['val']:,} val tokens "
         f"(vocab {st['vocab_size']}) in {time.time() - t0:.0f}s")
-    for label, extra in (("from scratch", ["--scratch"]), ("staged", [])):
+    short = scaled_config(cfg, SHORT_BUDGET, Path(cfg.out_dir) / "staged-short.yaml")
+    runs = (("from scratch", [str(config), "--scratch"]), ("staged", [str(config)]),
+            (f"staged at {SHORT_BUDGET:g}x the budget", [str(short), "--run-dir",
+                                                          str(Path(cfg.out_dir) / "staged-short")]))
+    for label, args in runs:
         t0 = time.time()
         out(f"\n== {label}: {config.name}, {nproc} processes ==")
-        _launch(["train", str(config), "--no-resume"] + extra, nproc)
+        _launch(["train", "--no-resume"] + args, nproc)
         out(f"{label} run took {time.time() - t0:.0f}s")
     _, lines = report(cfg.out_dir)
     out("\n== report ==\n" + "\n".join(lines))

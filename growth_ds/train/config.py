@@ -5,7 +5,8 @@
     train:     seq_len, micro_batch_size, grad_accum, lr, min_lr_ratio, warmup_steps, total_steps,
                schedule (cosine | wsd), decay_fraction (wsd: the final fraction of the run that decays),
                decay_shape (linear | 1-sqrt), mup (hidden matrices' LR x base d_model / d_model),
-               weight_decay, betas, grad_clip, eval_every, eval_batches | eval_tokens, save_every, keep_last
+               weight_decay, betas, grad_clip, eval_every, eval_batches | eval_tokens, save_every, keep_last,
+               log_every (steps between plain progress lines when not on a terminal; 0: ~20 per run)
     deepspeed: zero_stage (0-3), precision (fp32 | bf16), extra (merged into the DeepSpeed config)
     stages:    - shape: PATH.yaml | {ModelShape fields}
                  lr: peak LR of this stage (default train.lr)
@@ -35,7 +36,7 @@ from growth_ds.shapes import ModelShape
 
 TRAIN_DEFAULTS = dict(seq_len=64, micro_batch_size=8, grad_accum=1, lr=3e-3, min_lr_ratio=0.1, warmup_steps=20,
                       total_steps=200, weight_decay=0.1, betas=[0.9, 0.95], eps=1e-8, grad_clip=1.0, eval_every=20,
-                      eval_batches=4, save_every=50, keep_last=2, log_every=1, checkpoint_before_growth=True,
+                      eval_batches=4, save_every=50, keep_last=2, log_every=0, checkpoint_before_growth=True,
                       budget="steps", schedule="cosine", decay_fraction=0.2, decay_shape="linear", mup=False,
                       eval_tokens=None)
 DS_DEFAULTS = dict(zero_stage=0, precision="fp32", extra={})

@@ -504,10 +504,9 @@ class StagedTrainer:
         kill_at = int(os.environ.get("GROWTH_DS_KILL_AT_STEP", "0"))
         bar = None
         if self.progress_bar and self.rank == 0:
-            from tqdm import tqdm
+            from growth_ds.train.progress import ProgressOutput
 
-            bar = tqdm(total=self.total_steps, initial=self.progress.step, desc=self.cfg.name, unit="step",
-                       dynamic_ncols=True)
+            bar = ProgressOutput(self.cfg.name, self.total_steps, self.progress.step, t["log_every"])
         p = self.progress
         last_saved = p.step if own_checkpoint else -1
         t_start = time.time() - p.seconds
@@ -532,7 +531,7 @@ class StagedTrainer:
                            "executor": self._executor_record(),
                            "val_loss_before": before, "val_loss_after": after, "seconds": time.time() - t0})
                 if bar is not None:
-                    bar.total = self.total_steps
+                    bar.set_total(self.total_steps)
                     bar.write(f"grew at step {p.step}: {old_shape.describe()} -> {shape.describe()}; "
                               f"val loss {before:.4f} -> {after:.4f}")
             t0 = time.time()
@@ -554,8 +553,7 @@ class StagedTrainer:
             log.write(rec)
             self._auto_signal(rec, shape, log)
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(stage=p.stage, loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+                bar.update(p.step, p.stage, loss, lr, rec["tokens_per_s"], rec.get("val_loss"))
             if p.step % t["save_every"] == 0 or p.step == self.total_steps:
                 self.save(engine, shape)
                 last_saved = p.step
