@@ -10,7 +10,8 @@ setup(
     packages=find_packages(include=["growth_ds", "growth_ds.*"]),
     python_requires=">=3.10",
     # torch is pinned by the Makefile (the CPU build on disk); any 2.x >= 2.4 works.
-    install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm", "safetensors", "sentencepiece", "scipy", "matplotlib"],
+    install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm", "safetensors", "sentencepiece", "scipy", "matplotlib",
+                      "tensorboard"],
     extras_require={
         "deepspeed": ["deepspeed==0.19.8"],
         "megatron": ["megatron-core==0.16.1"],

@@ -113,3 +113,30 @@ def test_auto_trigger_on_the_train_loss_signal_resumes_exactly(tmp_path, data_di
     assert [(d["step"], d["grow"]) for d in got] == [(d["step"], d["grow"]) for d in dec]
     mine = {r["step"]: r["train_loss"] for r in records("auto_killed") if r.get("event") == "step"}
     assert all(abs(mine[s] - steps[s]["train_loss"]) < 1e-6 for s in steps)
+
+
+def test_monitor_writes_tensorboard_and_csv(tmp_path, data_dir):
+    """``monitor: {tensorboard: true, csv: true}``: TensorBoard's own reader finds the val loss at every eval
+    point and the growth at its step; the CSV holds one row per step."""
+    import csv
+
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path = staged_config(tmp_path, "mon", total=TOTAL, grow_at=GROW_AT, data_dir=data_dir, zero=1, width="zero")
+    raw = yaml.safe_load(path.read_text())
+    raw["monitor"] = {"tensorboard": True, "csv": True}
+    path.write_text(yaml.safe_dump(raw))
+    assert launch(["train", path, "--no-progress"], nproc=2).returncode == 0
+    run_dir = tmp_path / "mon" / "staged"
+    ea = EventAccumulator(str(run_dir / "tensorboard"))
+    ea.Reload()
+    steps = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "step"}
+    val = {e.step: e.value for e in ea.Scalars("val/loss")}
+    assert val and val == pytest.approx({s: r["val_loss"] for s, r in steps.items() if "val_loss" in r})
+    assert [(e.step, e.value) for e in ea.Scalars("growth/stage")] == [(GROW_AT, 1.0)]
+    assert len(ea.Scalars("train/loss")) == TOTAL
+    with open(run_dir / "steps.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, TOTAL + 1))
+    assert float(rows[-1]["train_loss"]) == pytest.approx(steps[TOTAL]["train_loss"])

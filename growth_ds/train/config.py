@@ -8,6 +8,7 @@
                weight_decay, betas, grad_clip, eval_every, eval_batches | eval_tokens, save_every, keep_last,
                log_every (steps between plain progress lines when not on a terminal; 0: ~20 per run)
     deepspeed: zero_stage (0-3), precision (fp32 | bf16), extra (merged into the DeepSpeed config)
+    monitor:   {tensorboard, csv, tensorboard_dir} (growth_ds.train.monitor)
     stages:    - shape: PATH.yaml | {ModelShape fields}
                  lr: peak LR of this stage (default train.lr)
                  until: {steps: N} | {tokens: N}          (every stage but the last)
@@ -142,7 +143,13 @@ def parse_config(raw: Dict[str, Any], source: Optional[Path] = None) -> RunConfi
 
     if not isinstance(raw, dict):
         raise ValueError("config: expected a mapping at the top level")
-    _check_keys(raw, {"run", "data", "train", "deepspeed", "stages", "schedule"}, "config")
+    _check_keys(raw, {"run", "data", "train", "deepspeed", "stages", "schedule", "monitor"}, "config")
+    from growth_ds.train.monitor import MONITOR_KEYS
+
+    monitor = raw.get("monitor") or {}
+    if not isinstance(monitor, dict):
+        raise ValueError(f"monitor: expected a mapping, got {monitor!r}")
+    _check_keys(monitor, MONITOR_KEYS, "monitor")
     base = source.parent if source else Path.cwd()
     run = raw.get("run") or {}
     _check_keys(run, {"name", "out_dir", "seed"}, "run")

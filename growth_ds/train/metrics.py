@@ -24,9 +24,11 @@ def flops_per_token(shape: ModelShape, seq_len: int) -> float:
 class MetricsLog:
     """Append-only JSON-lines log; on resume, records past the resumed step are dropped first."""
 
-    def __init__(self, path: str | Path, enabled: bool = True):
+    def __init__(self, path: str | Path, enabled: bool = True, sink=None):
+        """``sink``: also called with every record written (e.g. ``Monitor.write``: TensorBoard, CSV)."""
         self.path = Path(path)
         self.enabled = enabled
+        self.sink = sink
 
     def truncate_after(self, step: int, stage: int) -> None:
         """Drop what was logged after a checkpoint at (``step``, ``stage``): a checkpoint written just
@@ -48,6 +50,8 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+        if self.sink is not None:
+            self.sink(record)
 
 
 def read_metrics(path: str | Path) -> List[dict]:

@@ -474,7 +474,10 @@ class StagedTrainer:
         self.eval_set = self._eval_set()
         self.eval_tokens = sum(x.numel() for x, _ in self.eval_set)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.rank == 0)
+        from growth_ds.train.monitor import Monitor
+
+        self.monitor = Monitor(self.cfg.raw.get("monitor"), self.run_dir, enabled=self.rank == 0)
+        log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.rank == 0, sink=self.monitor.write)
         meta = self.latest() if resume != "never" else None
         own_checkpoint = meta is not None
         if resume == "always" and meta is None:
@@ -482,6 +485,7 @@ class StagedTrainer:
         if meta is not None:
             engine, shape = self._resume(meta)
             log.truncate_after(self.progress.step, self.progress.stage)
+            self.monitor.truncate_after(self.progress.step)
         elif init_from is not None:
             init_meta, init_dir = self.init_from(Path(init_from))
             if self.rank == 0 and (self.run_dir / "metrics.jsonl").exists():
@@ -561,6 +565,7 @@ class StagedTrainer:
                 os._exit(137)
         if bar is not None:
             bar.close()
+        self.monitor.close()
         result = {"step": p.step, "stage": p.stage, "tokens": p.tokens, "flops": p.flops,
                   "shape": shape.to_dict(), "val_loss": self.evaluate(engine)}
         dse.release_engine(engine)
