@@ -129,3 +129,25 @@ def test_identity_positions():
     for bad in ([1], [0, 0], [0, 5]):
         with pytest.raises(ValueError, match="positions"):
             make_plan(small, large, depth="identity", positions=bad)
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+@pytest.mark.parametrize("axes", ["width", "depth", "both"])
+def test_recommended_recipe_is_lossless_and_fills_only_what_grows(axes, flavour):
+    """``make_plan(..., recipe="recommended")`` names the methods of the axes that grow (ops.plan.RECIPES) and
+    keeps what the caller names; the plan is lossless."""
+    from growth_ds.ops.plan import RECIPES
+
+    small = small_shape(flavour)
+    large = grown(small, width=axes in ("width", "both"), depth=axes in ("depth", "both"))
+    plan = make_plan(small, large, recipe="recommended", seed=1)
+    rec = RECIPES["recommended"]
+    assert plan.width == (rec["width"] if axes != "depth" else None)
+    assert plan.depth == (rec["depth"] if axes != "width" else None)
+    assert plan.moments == rec["moments"] and plan.lr.kind == rec["lr"]
+    model = randomised_model(small)
+    big, _ = grow_module(model, torch.optim.AdamW(model.parameters()), plan)
+    assert_same_function(model, big, small)
+    assert make_plan(small, large, recipe="recommended", moments="reset").moments == "reset"
+    with pytest.raises(ValueError, match="recipe: unknown"):
+        make_plan(small, large, recipe="best")

@@ -44,6 +44,12 @@ DEFAULT_MOMENTS = {
 }
 DEFAULT_LR = {"staged": "rewarm", "lemon": "lemon", "stack": "restart"}
 MOMENT_RULES = ("adjoint", "reset")
+
+#: ``make_plan(..., recipe="recommended")``: the growth the saving study (benchmarks/saving.py, README
+#: "Results") found best at its scale, for whichever axes grow: new width units with random fan-in and
+#: zero fan-out, new layers as identity blocks, Adam moments kept for old entries and zero for new ones,
+#: the LR schedule continued (under WSD: growth in the stable phase, the decay at the run's end).
+RECIPES = {"recommended": {"width": "zero", "depth": "identity", "moments": "adjoint", "lr": "continue"}}
 LEMON_NOISE_STD = 0.02  # LEMON draws the asymmetric fan-in split from the large model's init
 
 
@@ -144,7 +150,7 @@ def _depth_layers(small: ModelShape, large: ModelShape, method: Optional[str],
 def make_plan(small: ModelShape, large: ModelShape, width: Optional[str] = None, depth: Optional[str] = None,
               seed: int = 0, *, moments: Optional[str] = None, lr: Optional[LRPolicy | str] = None,
               positions: Optional[Sequence[int]] = None, noise_std: Optional[float] = None,
-              snr_db: float = 10.0) -> GrowthPlan:
+              snr_db: float = 10.0, recipe: Optional[str] = None) -> GrowthPlan:
     """Plan the growth of ``small`` into ``large``.
 
     Args:
@@ -164,22 +170,33 @@ def make_plan(small: ModelShape, large: ModelShape, width: Optional[str] = None,
         positions: indices in the new model of the ``identity`` blocks.
         noise_std: std of LEMON's random fan-in split (default 0.02) or, for hypercloning, overrides
             the relative noise given by ``snr_db``.
+        recipe: ``"recommended"`` (:data:`RECIPES`) fills whatever of width, depth, moments and lr is not
+            given, for the axes that grow.
 
     Raises ``ValueError`` naming the field for any growth the method cannot do exactly.
     """
     if not isinstance(small, ModelShape) or not isinstance(large, ModelShape):
         raise TypeError("make_plan(small, large, ...) takes two ModelShape objects")
     validate_growth(small, large)
+    widens = any(getattr(small, f) != getattr(large, f) for f in ("d_model", "d_ffn", "n_heads", "n_kv_heads"))
+    if recipe is not None:
+        if recipe not in RECIPES:
+            raise ValueError(f"recipe: unknown recipe {recipe!r}; choose from {tuple(RECIPES)}")
+        r = RECIPES[recipe]
+        width = width or (r["width"] if widens else None)
+        depth = depth or (r["depth"] if large.n_layers != small.n_layers else None)
+        moments = moments or r["moments"]
+        lr = lr or r["lr"]
     if width is not None and width not in WIDTH_METHODS:
         raise ValueError(f"width: unknown width method {width!r}; choose from {WIDTH_METHODS}")
     if depth is not None and depth not in DEPTH_METHODS:
         raise ValueError(f"depth: unknown depth method {depth!r}; choose from {DEPTH_METHODS}")
-    widens = any(getattr(small, f) != getattr(large, f) for f in ("d_model", "d_ffn", "n_heads", "n_kv_heads"))
     if widens and width is None:
-        raise ValueError(f"width: the width grows but no width method was given; choose from {WIDTH_METHODS}")
+        raise ValueError(f"width: the width grows but no width method was given; choose from {WIDTH_METHODS} "
+                         f"(or recipe='recommended')")
     if large.n_layers != small.n_layers and depth is None:
         raise ValueError(f"depth: n_layers grows {small.n_layers} -> {large.n_layers} but no depth method was given; "
-                         f"choose from {DEPTH_METHODS}")
+                         f"choose from {DEPTH_METHODS} (or recipe='recommended')")
     if moments is not None and moments not in MOMENT_RULES:
         raise ValueError(f"moments: must be one of {MOMENT_RULES}, got {moments!r}")
 

@@ -19,7 +19,8 @@
                                                            signal train: the mean train loss of every
                                                            ``every`` steps, default 25)
                - shape: ...
-                 grow: {width, depth, moments, lr, rho, rewarm_steps, positions, seed, reinit}
+                 grow: {width, depth, moments, lr, rho, rewarm_steps, positions, seed, reinit, recipe}
+                       (recipe: recommended fills the methods not named: ops.plan.RECIPES)
 
 Every error is a ``ValueError`` whose message starts with the offending key, e.g.
 ``stages[1].grow.width: unknown width method 'lemonade'``.
@@ -42,7 +43,7 @@ TRAIN_DEFAULTS = dict(seq_len=64, micro_batch_size=8, grad_accum=1, lr=3e-3, min
                       eval_tokens=None)
 DS_DEFAULTS = dict(zero_stage=0, precision="fp32", extra={})
 GROW_KEYS = {"width", "depth", "moments", "lr", "rho", "rewarm_steps", "horizon", "positions", "seed",
-             "method", "steps", "ligo_lr", "reinit"}
+             "method", "steps", "ligo_lr", "reinit", "recipe"}
 # method: ligo (width/depth then name the initialising plan); reinit: true replaces the grown model by a random
 # init of the new shape with a fresh optimizer (a control: what the transferred weights are worth)
 
@@ -231,7 +232,7 @@ def parse_config(raw: Dict[str, Any], source: Optional[Path] = None) -> RunConfi
                 make_plan(prev, stage.shape, width=grow.get("width") or ("lemon" if ligo else None),
                           depth=grow.get("depth"), seed=grow.get("seed", 0),
                           moments=None if ligo else grow.get("moments"), lr=policy,
-                          positions=grow.get("positions"))
+                          positions=grow.get("positions"), recipe=grow.get("recipe"))
             except ValueError as e:
                 msg = str(e)
                 key = msg.split(":", 1)[0]

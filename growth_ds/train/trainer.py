@@ -203,7 +203,7 @@ class StagedTrainer:
         policy = _lr_policy(g) or ("restart" if ligo else None)
         plan = make_plan(shape, stage.shape, width=g.get("width") or ("lemon" if ligo else None),
                          depth=g.get("depth"), seed=g.get("seed", 0), moments=None if ligo else g.get("moments"),
-                         lr=policy, positions=g.get("positions"))
+                         lr=policy, positions=g.get("positions"), recipe=g.get("recipe"))
         new_shape = plan.grown_shape
         if g.get("reinit"):  # the control arm: the grown shape from a random init, a fresh optimizer
             new = self._new_engine(new_shape, fresh=True)
