@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,17 @@ from growth_ds.shapes import ModelShape
 from growth_ds.train import deepspeed_engine as dse
 from growth_ds.train.config import RunConfig, _lr_policy, make_trigger
 from growth_ds.train.metrics import MetricsLog, flops_per_token
+from growth_ds.train.stop import EXIT_STOPPED, StopRequest
 
 dist = dse.dist
+
+
+class StoppedBySignal(SystemExit):
+    """Raised on every rank after a stop signal and the checkpoint it asked for; exits with EXIT_STOPPED."""
+
+    def __init__(self, signal_name: str, step: int):
+        super().__init__(EXIT_STOPPED)
+        self.signal_name, self.step = signal_name, step
 
 
 @dataclass
@@ -196,6 +206,8 @@ class StagedTrainer:
         """Grow ``engine`` (of ``shape``) into stage ``stage_idx``. Under ZeRO 1-3 every rank computes its own
         partitions of the grown weights and Adam state from the old partitions (``distributed.zero``, no
         gather); under ZeRO 0 one parameter at a time is grown on every rank. Returns (engine, shape, plan)."""
+        if os.environ.get("GROWTH_DS_SIGNAL_IN_GROWTH") == str(self.rank):  # tests: a stop signal mid-growth
+            os.kill(os.getpid(), signal.SIGTERM)
         stage = self.cfg.stages[stage_idx]
         g = stage.grow
         ligo = g.get("method") == "ligo"
@@ -514,6 +526,7 @@ class StagedTrainer:
         p = self.progress
         last_saved = p.step if own_checkpoint else -1
         t_start = time.time() - p.seconds
+        stop = StopRequest().install()
         while p.step < self.total_steps:
             if self._boundary():
                 if t["checkpoint_before_growth"] and last_saved != p.step:
@@ -563,6 +576,21 @@ class StagedTrainer:
                 last_saved = p.step
             if kill_at and p.step == kill_at:  # tests: simulate a job killed mid-stage
                 os._exit(137)
+            signum = stop.agreed(self.world, dse.comm_device())
+            if signum is not None and p.step < self.total_steps:
+                if last_saved != p.step:
+                    self.save(engine, shape)
+                name = signal.Signals(signum).name
+                log.write({"event": "stopped", "signal": name, "step": p.step, "stage": p.stage})
+                if bar is not None:
+                    bar.write(f"{name}: stopped at step {p.step} after a complete checkpoint; the same command "
+                              f"resumes it")
+                    bar.close()
+                self.monitor.close()
+                stop.restore()
+                dse.release_engine(engine)
+                raise StoppedBySignal(name, p.step)
+        stop.restore()
         if bar is not None:
             bar.close()
         self.monitor.close()
