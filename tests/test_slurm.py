@@ -5,7 +5,7 @@ The module fixture installs Slurm if needed (apt-get, as root), writes a slurm.c
 and stops exactly the daemons it started, by PID. If Slurm cannot be installed or started the test
 fails with the reason; it never skips.
 
-One test, three jobs of a 2-task staged run on the test corpus (ZeRO-2, fp32, world size 2):
+One test, four jobs of a 2-task staged run on the test corpus (ZeRO-2, fp32, world size 2):
 
 1. ``LAUNCHER=torchrun``: runs to the end; metrics, growth and checkpoints are checked.
 2. ``LAUNCHER=deepspeed`` (DeepSpeed's ``--launcher slurm``): ``scancel`` in the first stage once a
@@ -13,6 +13,8 @@ One test, three jobs of a 2-task staged run on the test corpus (ZeRO-2, fp32, wo
 3. The same script resubmitted with ``LAUNCHER=srun`` and no other change: it resumes from the latest
    complete checkpoint, grows, is ``scontrol requeue``-d in the second stage, restarts by itself (about
    11 s later, once its old credential expires) and finishes. Every step's loss equals job 1's within 1e-6.
+4. ``LAUNCHER=torchrun`` sent USR1 in the second stage (Slurm's ``--signal=B:USR1@T`` warning): every rank
+   checkpoints and stops, the script requeues the job, which resumes and finishes; losses equal job 1's.
 """
 from __future__ import annotations
 
@@ -340,3 +342,23 @@ def test_sbatch_staged_run_cancel_resubmit_requeue(slurm, tmp_path):
         assert abs(ref[s] - got[s]) < 1e-6, (s, ref[s], got[s])
     growths = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "growth"]
     assert len(growths) == 1 and growths[0]["step"] == GROW_AT
+
+    # 4. Slurm's warning signal (what --signal=B:USR1@120 sends the batch shell): every rank checkpoints at its
+    #    next step and stops, the job requeues itself, resumes and finishes; the losses equal job 1's
+    cfg = write_config(tmp_path, "warned", data_dir)
+    run_dir = tmp_path / "warned" / "staged"
+    log = tmp_path / "warned.out"
+    job = slurm.sbatch([*common, f"--output={log}", SBATCH, cfg, "--no-progress"], {**env, "LAUNCHER": "torchrun"})
+    step = wait_for_checkpoint(slurm, job, run_dir, GROW_AT + SAVE_EVERY, TOTAL - 2 * SAVE_EVERY, log)
+    _sh(["scancel", "--batch", "--signal=USR1", job], env=slurm.env, check=True)
+    info = slurm.wait(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"))
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info.get("Restarts") == "1", (info, text[-4000:])
+    assert "USR1" in text and "requeueing" in text
+    recs = read_metrics(run_dir / "metrics.jsonl")
+    stopped = [r for r in recs if r.get("event") == "stopped"]
+    assert len(stopped) == 1 and stopped[0]["signal"] == "SIGTERM" and stopped[0]["step"] >= step, stopped
+    got = step_losses(run_dir)
+    assert sorted(got) == list(range(1, TOTAL + 1))
+    for s in ref:
+        assert abs(ref[s] - got[s]) < 1e-6, (s, ref[s], got[s])
