@@ -58,3 +58,38 @@ def test_rewarm_ramp():
     new, t = LRPolicy("rewarm", rho=2.0, rewarm_steps=50).apply(s, 400)
     assert t == 200 and new.total_steps == 800  # 600 steps left, as before the growth
     assert new.lr(200) == pytest.approx(new.base(250) / 50) and new.lr(249) == pytest.approx(new.base(250))
+
+
+def test_config_schedule_keys_and_flops_budget(tmp_path):
+    """Config: schedule keys are validated; under ``budget: flops`` a growth may come after
+    ``train.total_steps`` (the small stage is cheaper per step) but not once the small stages have spent the
+    whole budget."""
+    import yaml
+
+    from dist_utils import staged_config
+    from growth_ds.train.config import parse_config
+
+    raw = yaml.safe_load(staged_config(tmp_path, "c", total=20, grow_at=10).read_text())
+
+    def cfg(**train):
+        r = yaml.safe_load(yaml.safe_dump(raw))
+        r["train"].update(train)
+        return r
+
+    for bad, match in ((dict(schedule="linear"), "train.schedule"), (dict(decay_fraction=0.0), "decay_fraction"),
+                       (dict(eval_tokens=0), "eval_tokens"), (dict(mup="yes"), "train.mup")):
+        with pytest.raises(ValueError, match=match):
+            parse_config(cfg(**bad))
+    r = cfg(budget="flops")
+    r["stages"][0]["until"] = {"steps": 30}  # after total_steps, but the tiny stage costs < 1/3 of the large
+    c = parse_config(r)
+    assert c.total_steps(1) > 30 and c.stage_lr(0) == c.stage_lr(1) == 3e-3
+    r["stages"][0]["until"] = {"steps": 500}
+    with pytest.raises(ValueError, match="spend"):
+        parse_config(r)
+    r["stages"][0]["until"] = {"steps": 10}
+    r["stages"][1]["lr"] = 1e-3
+    assert parse_config(r).stage_lr(1) == 1e-3 and parse_config(r).scratch().stage_lr(0) == 1e-3
+    r["stages"][1]["lr"] = -1
+    with pytest.raises(ValueError, match=r"stages\[1\].lr"):
+        parse_config(r)

@@ -248,8 +248,20 @@ def parse_config(raw: Dict[str, Any], source: Optional[Path] = None) -> RunConfi
     steps = [s.until_steps for s in stages if s.until_steps is not None]
     if any(b <= a for a, b in zip(steps, steps[1:])):
         raise ValueError(f"stages: until.steps must increase, got {steps}")
-    if steps and steps[-1] >= train["total_steps"]:
+    if steps and train["budget"] == "steps" and steps[-1] >= train["total_steps"]:
         raise ValueError(f"stages: growth at step {steps[-1]} is not before train.total_steps={train['total_steps']}")
+    if train["budget"] == "flops" and len(stages) > 1:  # the small stages must leave compute for the last one
+        from growth_ds.train.metrics import flops_per_token
+
+        spent, step = 0.0, 0
+        for st in stages[:-1]:
+            if st.until_steps is not None:
+                spent += flops_per_token(st.shape, train["seq_len"]) * (st.until_steps - step)
+                step = st.until_steps
+        budget = flops_per_token(stages[-1].shape, train["seq_len"]) * train["total_steps"]
+        if spent >= budget:
+            raise ValueError(f"stages: the stages before the last spend {spent / budget:.2f}x the budget "
+                             f"(train.total_steps={train['total_steps']} steps of the last shape) before growing")
     name = run.get("name") or (source.stem if source else "run")
     out_dir = Path(run.get("out_dir") or Path("runs") / name)
     data = dict(raw.get("data") or {})
