@@ -453,7 +453,8 @@ class StagedTrainer:
             return
         auto = self.cfg.stages[self.progress.stage].until_auto
         if auto.get("signal", "val") == "val":
-            self._auto_signal(rec, shape, log)
+            if "val_loss" in rec:
+                self._auto_decision(shape, rec["val_loss"], log)
             return
         self.trigger_buffer.append(rec["train_loss"])
         if self.progress.step % int(auto.get("every", 25)) == 0:
