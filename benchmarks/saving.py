@@ -54,8 +54,9 @@ SHAPES = REPO / "configs" / "shapes"
 SMALL, LARGE = SHAPES / "demo-small.yaml", SHAPES / "demo-large.yaml"
 MID = {"flavour": "llama", "n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16,
        "d_ffn": 172, "vocab_size": 2048, "max_seq_len": 64}  # demo-small at demo-large's width
-BASE_STEPS = 1500                # the demo's scratch run (budget 1x), 2048 tokens per step
-LR_GRID = [1.5e-3, 3e-3, 6e-3, 1.2e-2]
+TOKENS_PER_STEP = 32 * 64
+BASE_STEPS = 750                 # the demo's scratch run (budget 1x), 2048 tokens per step
+LR_GRID = [2e-3, 4e-3, 8e-3, 1.6e-2]
 SCREEN_SEEDS = [100, 101]
 BUDGETS = [0.5, 1.0, 2.0]
 STAGED_BUDGETS = [0.25, 0.5, 1.0, 2.0]
@@ -82,6 +83,7 @@ def _r(name, width="zero", depth="identity", at=0.3, lrs=(None, None), note="", 
 RECIPES: Dict[str, Recipe] = {r.name: r for r in [
     _r("zero-id", note="new units: random fan-in, zero fan-out; identity blocks; continue; grow at 30% of FLOPs"),
     _r("zero-id@15%", at=0.15), _r("zero-id@45%", at=0.45), _r("zero-id@60%", at=0.6),
+    _r("zero-id@5%", at=0.05), _r("zero-id@10%", at=0.10), _r("zero-id@20%", at=0.20),
     _r("lemon-id", width="lemon"), _r("duplicate-id", width="duplicate"), _r("staged-id", width="staged", lr="continue"),
     _r("hypercloning-id", width="hypercloning"),
     _r("zero-stack", depth="stack"), _r("zero-interleave", depth="interleave"),
@@ -100,6 +102,11 @@ RECIPES["ligo"] = Recipe("ligo", ((LARGE, {"method": "ligo", "width": "lemon", "
 SHIPPED_COSINE = Recipe("shipped-cosine", ((LARGE, {"width": "lemon", "depth": "identity", "moments": "adjoint",
                                                     "lr": "continue"}, 0.3),), (3e-3, 3e-3),
                         {"schedule": "cosine", "min_lr_ratio": 0.1}, "the demo as it shipped (cosine, lemon)")
+
+
+#: what `screen` runs by default (the rest: `--recipe a,b`); the cosine demo as it shipped is `shipped-cosine`
+SCREENED = ["zero-id@5%", "zero-id@10%", "zero-id@15%", "zero-id@20%", "zero-id", "zero-id@45%", "zero-id@60%",
+            "lemon-id", "duplicate-id", "zero-stack", "zero-id-mup", "zero-width-then-id", "zero-id-restart"]
 
 
 def base_train(eval_tokens: int) -> dict:
@@ -149,6 +156,12 @@ class Study:
         stages = [{"shape": str(SMALL), "lr": lr[0]}]
         budget_flops, step, spent, prev = steps * _fpt(LARGE), 0, 0.0, SMALL
         for i, (shape, grow, at) in enumerate(recipe.grows):  # stage i ends once `at` of the FLOPs are spent
+            if isinstance(at, dict):  # until: auto, its cap at `cap` of the FLOPs (first stage only)
+                auto = {k: v for k, v in at.items() if k != "cap"}
+                cap_steps = round(at["cap"] * budget_flops / _fpt(prev))
+                stages[-1]["until"] = {"auto": {**auto, "max_tokens": cap_steps * TOKENS_PER_STEP}}
+                prev = shape
+                continue
             step += max(1, round((at * budget_flops - spent) / _fpt(prev)))
             spent, prev = at * budget_flops, shape
             stages[-1]["until"] = {"steps": step}
@@ -258,11 +271,12 @@ def screen(st: Study, seeds, names=None) -> List[dict]:
     scratch = {s: st.scratch(s, lr0, 1.0) for s in seeds}
     runs = dict(scratch.values())
     entries = []
-    for r in [RECIPES[n] for n in (names or RECIPES)] + ([SHIPPED_COSINE] if not names else []):
+    names = names or SCREENED
+    for r in [SHIPPED_COSINE if n == SHIPPED_COSINE.name else RECIPES[n] for n in names]:
         use = r.lrs if r is SHIPPED_COSINE else (lrs + (lrs[-1],) * (len(r.grows) - 1))
         for s in seeds:
             entries.append((r, s, st.staged(s, r, 1.0, lr0, lrs=use)))
-    if not names:  # the shipped demo's own baseline: scratch under its cosine at 3e-3
+    if SHIPPED_COSINE.name in names:  # the shipped demo's own baseline: scratch under its cosine at 3e-3
         for s in seeds:
             runs.update([st.scratch(s, 3e-3, 1.0, schedule="cosine", min_lr_ratio=0.1)])
     runs.update(e[2] for e in entries)
@@ -284,6 +298,16 @@ def screen(st: Study, seeds, names=None) -> List[dict]:
         rows.append({"recipe": r.name, "note": r.note, "seeds": per})
     (st.out / "screen.json").write_text(json.dumps(rows, indent=1))
     return rows
+
+
+def baselines(st: Study, seeds) -> None:
+    """The arms of :func:`confirm` that do not depend on the recipe (scratch at every budget, the small model
+    for the whole budget), to run while the screen is still choosing."""
+    st.prepare(seeds)
+    t = tuned(st)
+    runs = [st.scratch(s, t["scratch"]["best"], b) for s in seeds for b in BUDGETS]
+    runs += [st.scratch(s, t["small"]["best"], 1.0, shape=SMALL) for s in seeds]
+    st.run_all(runs)
 
 
 def confirm(st: Study, seeds, recipe: str) -> dict:
@@ -340,6 +364,86 @@ def confirm(st: Study, seeds, recipe: str) -> dict:
         out["budgets"][str(b)] = {"per_seed": per, **summ}
     (st.out / f"confirm-{recipe}.json").write_text(json.dumps(out, indent=1))
     return out
+
+
+AUTO_EVERY, AUTO_SKIP, AUTO_CAP = 25, 2, 0.6
+
+
+def train_points(run_dir: Path, shape, every: int = AUTO_EVERY):
+    """What ``until: {auto: {signal: train, every}}`` feeds its trigger, rebuilt from a run's log: for every
+    ``every`` steps of the first stage, (FLOPs of ``shape`` over the tokens so far, mean train loss)."""
+    recs = [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r.get("event") == "step" and r["stage"] == 0]
+    pts = []
+    for i in range(every, len(recs) + 1, every):
+        chunk = recs[i - every:i]
+        pts.append((_fpt(shape) * chunk[-1]["tokens"], sum(r["train_loss"] for r in chunk) / every))
+    return pts
+
+
+def calibrate(st: Study, best: str, long: str, seeds) -> dict:
+    """The trigger's slope threshold, chosen on the screening seeds: the slope its own fit reports (from the
+    first stage of the ``long`` recipe's runs, which train the small model past every boundary) at the
+    boundary of the ``best`` hand-picked recipe."""
+    from growth_ds.schedule.scaling_law import fit_curve
+
+    t = tuned(st)
+    lr0, lrs = t["scratch"]["best"], tuple(t["staged_lrs"])
+    at = RECIPES[best].grows[0][2]
+    slopes = []
+    for s in seeds:
+        name, cfg = st.staged(s, RECIPES[long], 1.0, lr0, lrs=lrs)
+        pts = train_points(st.out / name / "run", SMALL)
+        boundary = at * BASE_STEPS * _fpt(LARGE) * TOKENS_PER_STEP
+        upto = [p for p in pts if p[0] <= boundary][AUTO_SKIP:]
+        fit = fit_curve([p[0] for p in upto], [p[1] for p in upto])
+        slopes.append(fit.slope)
+    return {"best": best, "long": long, "seeds": list(seeds), "slopes": slopes, "threshold": sum(slopes) / len(slopes)}
+
+
+def auto(st: Study, seeds, best: str, long: str = "zero-id@60%") -> dict:
+    """``until: auto`` on fresh seeds at budget 1x, its threshold from :func:`calibrate` on the screening
+    seeds, against the hand-picked ``best`` recipe and tuned scratch on the same seeds."""
+    t = tuned(st)
+    lr0, lrs = t["scratch"]["best"], tuple(t["staged_lrs"])
+    cal = calibrate(st, best, long, SCREEN_SEEDS)
+    shape, grow, _ = RECIPES[best].grows[0]
+    rec = Recipe(f"{best}-auto", ((shape, grow, {"threshold": cal["threshold"], "signal": "train",
+                                                 "every": AUTO_EVERY, "skip_points": AUTO_SKIP, "cap": AUTO_CAP}),),
+                 RECIPES[best].lrs, RECIPES[best].train, "until: auto (train-loss signal)")
+    plan = {s: {"auto": st.staged(s, rec, 1.0, lr0, lrs=lrs), "hand": st.staged(s, RECIPES[best], 1.0, lr0, lrs=lrs),
+                "scratch": st.scratch(s, lr0, 1.0)} for s in seeds}
+    res = st.run_all([r for v in plan.values() for r in v.values()])
+    rows = []
+    for s, v in plan.items():
+        R = {k: res[n] for k, (n, _) in v.items()}
+        if any(x is None for x in R.values()):
+            continue
+        target = R["scratch"]["final_val_loss"]
+        row = {"seed": s, "grew_at_flops_fraction": R["auto"]["growths"][0]["flops"] / R["auto"]["flops"]
+               if R["auto"]["growths"] else None}
+        for k in ("auto", "hand"):
+            row[f"{k}_loss"] = R[k]["final_val_loss"]
+            row[f"{k}_crossing"] = saving_percent(flops_to_reach(R["scratch"]["curve"], target),
+                                                  flops_to_reach(R[k]["curve"], target))
+        row["scratch_loss"] = target
+        rows.append(row)
+    out = {"calibration": cal, "rows": rows}
+    (st.out / "auto.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def fmt_auto(a: dict) -> List[str]:
+    c = a["calibration"]
+    lines = [f"threshold {c['threshold']:.4f}: the fitted slope at `{c['best']}`'s boundary on screening seeds "
+             f"{c['seeds']} ({', '.join(f'{x:.4f}' for x in c['slopes'])})", "",
+             "| seed | auto grew at (share of FLOPs) | auto end loss | hand-picked end loss | scratch end loss | "
+             "auto crossing | hand crossing |", "|---|---|---|---|---|---|---|"]
+    for r in a["rows"]:
+        g = r["grew_at_flops_fraction"]
+        lines.append(f"| {r['seed']} | {'-' if g is None else f'{g:.2f}'} | {r['auto_loss']:.4f} | {r['hand_loss']:.4f} "
+                     f"| {r['scratch_loss']:.4f} | " + " | ".join("-" if r[k] is None else f"{r[k]:.1f}%"
+                                                                for k in ("auto_crossing", "hand_crossing")) + " |")
+    return lines
 
 
 # ---- tables ----------------------------------------------------------------------------------------
@@ -402,15 +506,84 @@ def fmt_confirm(c: dict) -> List[str]:
     return lines
 
 
+def plot(out: Path, dest: Path) -> List[Path]:
+    """PNGs of what has run: the screen (end-loss gap per recipe and seed) and each confirm (end loss against
+    FLOPs at every budget, per seed, with the controls at 1x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    if (out / "screen.json").exists():
+        rows = json.loads((out / "screen.json").read_text())
+        fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
+        for i, r in enumerate(rows):
+            g = [p["gap"] for p in r["seeds"]]
+            ax.plot(g, [i] * len(g), "o", color="C0")
+            if g:
+                ax.plot([sum(g) / len(g)], [i], "|", color="k", ms=14)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_yticks(range(len(rows)), [r["recipe"] for r in rows])
+        ax.invert_yaxis()
+        ax.set_xlabel("end val loss, staged - tuned scratch, equal FLOPs (screening seeds; | = mean)")
+        fig.tight_layout()
+        fig.savefig(dest / "screen.png", dpi=110)
+        plt.close(fig)
+        written.append(dest / "screen.png")
+    for p in sorted(out.glob("confirm-*.json")):
+        c = json.loads(p.read_text())
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, seed in enumerate(c["seeds"]):
+            for arm, ls, budgets in (("scratch", "--", BUDGETS), ("staged", "-", STAGED_BUDGETS)):
+                pts = []
+                for b in budgets:
+                    rr = _confirm_run(out, c, arm, seed, b)
+                    if rr is not None:
+                        pts.append((rr["flops"], rr["final_val_loss"]))
+                if pts:
+                    ax.plot(*zip(*sorted(pts)), ls, marker="o", color=f"C{i}", ms=3, lw=1,
+                            label=f"seed {seed}" if arm == "staged" else None)
+            for arm, m in (("small", "s"), ("reinit", "x")):
+                rr = _confirm_run(out, c, arm, seed, 1.0)
+                if rr is not None:
+                    ax.plot([rr["flops"]], [rr["final_val_loss"]], m, color=f"C{i}", mfc="none")
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs (each point: a complete run, schedule decayed)")
+        ax.set_ylabel("end val loss (64k tokens)")
+        ax.set_title(f"{c['recipe']} (solid) vs tuned scratch (dashed); square: small model, x: re-init")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        f = dest / f"{p.stem}.png"
+        fig.savefig(f, dpi=110)
+        plt.close(fig)
+        written.append(f)
+    return written
+
+
+def _confirm_run(out: Path, c: dict, arm: str, seed: int, budget: float) -> Optional[dict]:
+    st = Study(out, 1, 0)
+    lrs = c["lrs"]
+    if arm == "scratch":
+        name = st.scratch(seed, lrs["scratch"], budget)[0]
+    elif arm == "small":
+        name = st.scratch(seed, lrs["small"], budget, shape=SMALL)[0]
+    else:
+        name = st.staged(seed, RECIPES[c["recipe"]], budget, lrs["scratch"], reinit=arm == "reinit",
+                         lrs=tuple(lrs["staged"]))[0]
+    return st.result(name)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("phase", choices=["tune", "screen", "confirm", "table"])
+    ap.add_argument("phase", choices=["tune", "screen", "baselines", "confirm", "auto", "table"])
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--recipe", default=None, help="confirm: the recipe; screen: only these (comma-separated)")
     ap.add_argument("--out", default=str(REPO / "runs" / "saving"))
     ap.add_argument("--jobs", type=int, default=2, help="runs side by side (one process each)")
     ap.add_argument("--eval-tokens", type=int, default=65536)
     ap.add_argument("--staged-grid", action="store_true", help="tune: also search the staged arm's per-stage LRs")
+    ap.add_argument("--write", default=None, help="table: also write DIR/saving.md and the PNGs")
     a = ap.parse_args(argv)
     st = Study(Path(a.out), a.jobs, a.eval_tokens)
     if a.phase == "tune":
@@ -418,20 +591,41 @@ def main(argv=None):
     elif a.phase == "screen":
         names = a.recipe.split(",") if a.recipe else None
         print("\n".join(fmt_screen(screen(st, a.seeds or SCREEN_SEEDS, names))))
+    elif a.phase == "baselines":
+        if not a.seeds or set(a.seeds) & set(SCREEN_SEEDS):
+            raise SystemExit("baselines needs fresh --seeds")
+        baselines(st, a.seeds)
     elif a.phase == "confirm":
         if not a.recipe or not a.seeds:
             raise SystemExit("confirm needs --recipe and fresh --seeds")
         if set(a.seeds) & set(SCREEN_SEEDS):
             raise SystemExit(f"confirm: seeds {sorted(set(a.seeds) & set(SCREEN_SEEDS))} were used to choose")
         print("\n".join(fmt_confirm(confirm(st, a.seeds, a.recipe))))
+    elif a.phase == "auto":
+        if not a.recipe or not a.seeds:
+            raise SystemExit("auto needs --recipe (the hand-picked best) and fresh --seeds")
+        print("\n".join(fmt_auto(auto(st, a.seeds, a.recipe))))
     else:
-        out = Path(a.out)
+        out, parts = Path(a.out), []
         if (out / "tuned.json").exists():
-            print("\n".join(fmt_tune(json.loads((out / "tuned.json").read_text()))) + "\n")
+            parts.append("## Peak LR grids (end val loss, screening seeds)\n\n" +
+                         "\n".join(fmt_tune(json.loads((out / "tuned.json").read_text()))))
         if (out / "screen.json").exists():
-            print("\n".join(fmt_screen(json.loads((out / "screen.json").read_text()))) + "\n")
+            parts.append("## Screen (budget 1x, screening seeds)\n\n" +
+                         "\n".join(fmt_screen(json.loads((out / "screen.json").read_text()))))
         for p in sorted(out.glob("confirm-*.json")):
-            print("\n".join(fmt_confirm(json.loads(p.read_text()))) + "\n")
+            parts.append("## Confirmation on fresh seeds\n\n" + "\n".join(fmt_confirm(json.loads(p.read_text()))))
+        if (out / "auto.json").exists():
+            parts.append("## until: auto\n\n" + "\n".join(fmt_auto(json.loads((out / "auto.json").read_text()))))
+        text = "\n\n".join(parts) + "\n"
+        print(text)
+        if a.write:
+            dest = Path(a.write)
+            dest.mkdir(parents=True, exist_ok=True)
+            (dest / "saving.md").write_text("# The saving study (`python benchmarks/saving.py table --write "
+                                            "benchmarks/results`)\n\n" + text)
+            for f in plot(out, dest):
+                print(f"plot: {f}")
 
 
 if __name__ == "__main__":
