@@ -84,6 +84,7 @@ RECIPES: Dict[str, Recipe] = {r.name: r for r in [
     _r("zero-id", note="new units: random fan-in, zero fan-out; identity blocks; continue; grow at 30% of FLOPs"),
     _r("zero-id@15%", at=0.15), _r("zero-id@45%", at=0.45), _r("zero-id@60%", at=0.6),
     _r("zero-id@5%", at=0.05), _r("zero-id@10%", at=0.10), _r("zero-id@20%", at=0.20),
+    _r("zero-stack@10%", depth="stack", at=0.10), _r("zero-stack@15%", depth="stack", at=0.15),
     _r("lemon-id", width="lemon"), _r("duplicate-id", width="duplicate"), _r("staged-id", width="staged", lr="continue"),
     _r("hypercloning-id", width="hypercloning"),
     _r("zero-stack", depth="stack"), _r("zero-interleave", depth="interleave"),
@@ -106,7 +107,8 @@ SHIPPED_COSINE = Recipe("shipped-cosine", ((LARGE, {"width": "lemon", "depth": "
 
 #: what `screen` runs by default (the rest: `--recipe a,b`); the cosine demo as it shipped is `shipped-cosine`
 SCREENED = ["zero-id@5%", "zero-id@10%", "zero-id@15%", "zero-id@20%", "zero-id", "zero-id@45%", "zero-id@60%",
-            "lemon-id", "duplicate-id", "zero-stack", "zero-id-mup", "zero-width-then-id", "zero-id-restart"]
+            "lemon-id", "duplicate-id", "zero-stack", "zero-id-mup", "zero-width-then-id", "zero-id-restart",
+            "zero-stack@10%", "zero-stack@15%", "hypercloning-id", "staged-id", "ligo", "zero-id-reset"]
 
 
 def base_train(eval_tokens: int) -> dict:

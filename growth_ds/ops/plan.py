@@ -47,9 +47,10 @@ MOMENT_RULES = ("adjoint", "reset")
 
 #: ``make_plan(..., recipe="recommended")``: the growth the saving study (benchmarks/saving.py, README
 #: "Results") found best at its scale, for whichever axes grow: new width units with random fan-in and
-#: zero fan-out, new layers as identity blocks, Adam moments kept for old entries and zero for new ones,
+#: zero fan-out (lossless), the layer stack repeated (G_stack; not lossless: ``identity`` is the lossless
+#: depth method, a little behind it in the study), Adam moments kept for old entries and zero for new ones,
 #: the LR schedule continued (under WSD: growth in the stable phase, the decay at the run's end).
-RECIPES = {"recommended": {"width": "zero", "depth": "identity", "moments": "adjoint", "lr": "continue"}}
+RECIPES = {"recommended": {"width": "zero", "depth": "stack", "moments": "adjoint", "lr": "continue"}}
 LEMON_NOISE_STD = 0.02  # LEMON draws the asymmetric fan-in split from the large model's init
 
 
