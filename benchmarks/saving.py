@@ -118,8 +118,8 @@ def base_train(eval_tokens: int) -> dict:
 
 
 class Study:
-    def __init__(self, out: Path, jobs: int, eval_tokens: int):
-        self.out, self.jobs, self.eval_tokens = Path(out), jobs, eval_tokens
+    def __init__(self, out: Path, jobs: int, eval_tokens: int, cached: bool = False):
+        self.out, self.jobs, self.eval_tokens, self.cached = Path(out), jobs, eval_tokens, cached
 
     # ---- runs ------------------------------------------------------------------------------------
     def data_dir(self, seed: int) -> Path:
@@ -162,11 +162,11 @@ class Study:
                 auto = {k: v for k, v in at.items() if k != "cap"}
                 cap_steps = round(at["cap"] * budget_flops / _fpt(prev))
                 stages[-1]["until"] = {"auto": {**auto, "max_tokens": cap_steps * TOKENS_PER_STEP}}
-                prev = shape
-                continue
-            step += max(1, round((at * budget_flops - spent) / _fpt(prev)))
-            spent, prev = at * budget_flops, shape
-            stages[-1]["until"] = {"steps": step}
+            else:
+                step += max(1, round((at * budget_flops - spent) / _fpt(prev)))
+                spent = at * budget_flops
+                stages[-1]["until"] = {"steps": step}
+            prev = shape
             g = dict(grow, reinit=True) if reinit else dict(grow)
             stages.append({"shape": shape if isinstance(shape, dict) else str(shape), "grow": g, "lr": lr[i + 1]})
         train = {"lr": lr[-1], **recipe.train}
@@ -177,7 +177,9 @@ class Study:
     def run_all(self, runs) -> Dict[str, dict]:
         """Run every ``(name, config)`` not yet done, ``self.jobs`` at a time; ``{name: result}``."""
         todo = [(n, c) for n, c in dict(runs).items() if not (self.out / n / "result.json").exists()]
-        if todo:
+        if todo and self.cached:
+            print(f"--cached: {len(todo)} run(s) not done are left out", flush=True)
+        elif todo:
             print(f"{len(todo)} run(s) to do, {self.jobs} at a time", flush=True)
             with cf.ThreadPoolExecutor(self.jobs) as ex:
                 for n, ok in zip([n for n, _ in todo], ex.map(lambda nc: self._run(*nc), todo)):
@@ -586,8 +588,9 @@ def main(argv=None):
     ap.add_argument("--eval-tokens", type=int, default=65536)
     ap.add_argument("--staged-grid", action="store_true", help="tune: also search the staged arm's per-stage LRs")
     ap.add_argument("--write", default=None, help="table: also write DIR/saving.md and the PNGs")
+    ap.add_argument("--cached", action="store_true", help="tabulate the runs that are done; start none")
     a = ap.parse_args(argv)
-    st = Study(Path(a.out), a.jobs, a.eval_tokens)
+    st = Study(Path(a.out), a.jobs, a.eval_tokens, a.cached)
     if a.phase == "tune":
         print("\n".join(fmt_tune(tune(st, a.seeds or SCREEN_SEEDS, a.staged_grid))))
     elif a.phase == "screen":
