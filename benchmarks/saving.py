@@ -476,6 +476,9 @@ def fmt_screen(rows) -> List[str]:
     lines = ["| recipe | end-loss gap vs tuned scratch (per seed) | crossing saving (per seed) | mean crossing |",
              "|---|---|---|---|"]
     for r in rows:
+        if not r["seeds"]:
+            lines.append(f"| {r['recipe']} | not run | | |")
+            continue
         gaps = " / ".join(f"{p['gap']:+.4f}" for p in r["seeds"])
         sv = [p["crossing_saving"] for p in r["seeds"]]
         svs = " / ".join("not reached" if x is None else f"{x:.1f}%" for x in sv)
@@ -555,7 +558,8 @@ def plot(out: Path, dest: Path) -> List[Path]:
         ax.set_xscale("log")
         ax.set_xlabel("training FLOPs (each point: a complete run, schedule decayed)")
         ax.set_ylabel("end val loss (64k tokens)")
-        ax.set_title(f"{c['recipe']} (solid) vs tuned scratch (dashed); square: small model, x: re-init")
+        ax.set_title(f"{c['recipe']} (solid) vs tuned scratch (dashed)\nat 1x: square = small model for the "
+                     f"whole budget, x = grown shape re-initialised", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
         f = dest / f"{p.stem}.png"
