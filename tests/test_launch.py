@@ -213,7 +213,13 @@ def test_cluster_configs_pass_check(name, capsys):
     assert cfg.tokens_per_step(gpus) == tokens
     # ~20 tokens per parameter of the final model (Chinchilla), within a factor of 2
     assert 10 <= t["total_steps"] * tokens / large.n_params <= 40
-    assert cfg.stages[1].grow["width"] == "lemon" and cfg.stages[1].grow["depth"] == "identity"
+    # the saving study's recipe (README Results), under WSD with the decay at the run's end
+    from growth_ds.ops import make_plan
+    from growth_ds.ops.plan import RECIPES
+
+    assert cfg.stages[1].grow == {"recipe": "recommended"} and t["schedule"] == "wsd"
+    plan = make_plan(small, large, recipe=cfg.stages[1].grow["recipe"])
+    assert (plan.width, plan.depth) == (RECIPES["recommended"]["width"], RECIPES["recommended"]["depth"])
 
 
 def test_check_names_the_bad_key(tmp_path, capsys):
