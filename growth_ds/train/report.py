@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from growth_ds.train.metrics import read_metrics, val_curve
+from growth_ds.train.stats import saving_percent
 
 
 def flops_to_reach(curve: Sequence[Tuple[float, float, int, float]], target: float) -> Optional[float]:
@@ -35,7 +36,7 @@ def compare(staged_dir: str | Path, scratch_dir: str | Path) -> dict:
     f_staged = flops_to_reach(s_curve, target)
     return {
         "target_val_loss": target, "flops_scratch": f_scratch, "flops_staged": f_staged,
-        "saving_percent": None if f_staged is None else 100.0 * (1 - f_staged / f_scratch),
+        "saving_percent": saving_percent(f_scratch, f_staged),
         "final_val_loss": {"staged": s_curve[-1][3], "scratch": target},
         "total_flops": {"staged": s_curve[-1][0], "scratch": b_curve[-1][0]},
         "growths": [r for r in staged if r.get("event") == "growth"],
@@ -92,7 +93,7 @@ def end_of_run_saving(result: dict, shorter: Sequence[str | Path]) -> dict:
     smaller budgets (``shorter``: run directories), its end losses interpolated in log FLOPs across its
     budgets to the scratch run's end loss (``stats.flops_to_match``). Adds ``flops_staged_end``,
     ``saving_end_percent``, ``extrapolated`` and the budgets' ``(flops, end loss)`` to ``result``."""
-    from growth_ds.train.stats import flops_to_match, saving_percent
+    from growth_ds.train.stats import flops_to_match
 
     pts = []
     for d in shorter:

@@ -467,10 +467,9 @@ class StagedTrainer:
         tokens so far: lossless growth continues the curve) and log the decision with its fit."""
         if self.trigger is None:
             return
-        val_loss = loss
         p = self.progress
         position = flops_per_token(shape, self.cfg.train["seq_len"]) * p.tokens
-        decision = self.trigger.update(position, val_loss, p.tokens)
+        decision = self.trigger.update(position, loss, p.tokens)
         log.write({"event": "schedule", "step": p.step, "stage": p.stage, "tokens": p.tokens,
                    **json.loads(json.dumps(decision.to_dict(), default=float))})
 
