@@ -7,13 +7,12 @@ as saved by a plain training loop over the reference model.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from growth_ds import atomic
 from growth_ds.models.schema import parameter_schema
 from growth_ds.ops.lr import LRSchedule
 from growth_ds.ops.state import TrainingState
@@ -23,7 +22,8 @@ FORMAT = "growth-ds/1"
 
 
 def atomic_torch_save(obj, path: str | Path, overwrite: bool = False) -> None:
-    """Write ``obj`` to ``path`` via a temp file in the same directory, fsync, then rename.
+    """Write ``obj`` to ``path`` via a temp file in the same directory, fsync, then rename
+    (:func:`growth_ds.atomic.replace_on_success`).
 
     A crash leaves either the old file or the new one, never a partial file. Refuses to replace an
     existing file unless ``overwrite``.
@@ -32,17 +32,8 @@ def atomic_torch_save(obj, path: str | Path, overwrite: bool = False) -> None:
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (--force) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic.replace_on_success(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def save_state(state: TrainingState, path: str | Path, overwrite: bool = False) -> None:

