@@ -13,10 +13,11 @@ from _runs import REPO
 
 from growth_ds.models import build_model, lm_loss
 from growth_ds.ops import TrainingState, grow_module, make_plan
-from growth_ds.ops.ligo import LigoOperator, materialise_state, train_ligo
+from growth_ds.ops.ligo import LigoOperator, materialise_state
 from growth_ds.ops.state import load_into, make_adamw
 from growth_ds.shapes import ModelShape
 from growth_ds.train.data import Batches, TokenStore, eval_batches, prepare_data
+from growth_ds.train.ligo_fit import train_ligo
 
 
 @torch.no_grad()

@@ -95,7 +95,7 @@ def worker(args):
     import torch
 
     from growth_ds.distributed.zero import ZeroLayout, gather_grow, grow_engine
-    from growth_ds.distributed.zero_memory import TensorAccountant, malloc_trim, rss_peak_window
+    from growth_ds.distributed.zero.memory import TensorAccountant, malloc_trim, rss_peak_window
     from growth_ds.models import build_model
     from growth_ds.cli import _parse_methods
     from growth_ds.ops import make_plan

@@ -25,7 +25,7 @@ def cmd_grow(args) -> int:
     from pathlib import Path
 
     from growth_ds.checkpoint import load_state, save_state
-    from growth_ds.interop.megatron import cmd_grow_dist, is_dist_checkpoint
+    from growth_ds.interop.megatron import is_dist_checkpoint
     from growth_ds.ops import grow, make_plan
     from growth_ds.shapes import ModelShape
 
@@ -34,15 +34,11 @@ def cmd_grow(args) -> int:
         "deepspeed" if Path(src).is_dir() else "file"
     _check_grow_options(args, kind)
     if kind == "hf":
-        from growth_ds.interop.hf import cmd_grow_from_hf
-
         return cmd_grow_from_hf(args)
     if kind == "dist":  # a megatron-core dist checkpoint: TP-aware growth
         return cmd_grow_dist(args)
     if kind == "deepspeed":  # a DeepSpeed ZeRO / universal checkpoint directory
-        from growth_ds.distributed.zero_universal import cli_grow
-
-        return cli_grow(args)
+        return cmd_grow_deepspeed(args)
     out = Path(args.out)
     if out.exists() and not args.force:  # before any work: nothing already saved is touched
         raise FileExistsError(f"--out {out} exists; pass --force to replace it")
@@ -105,8 +101,9 @@ def _grow_ligo(args, state, large):
     from pathlib import Path
 
     from growth_ds.ops import make_plan
-    from growth_ds.ops.ligo import LigoOperator, materialise_state, train_ligo
+    from growth_ds.ops.ligo import LigoOperator, materialise_state
     from growth_ds.train.data import Batches, TokenStore
+    from growth_ds.train.ligo_fit import train_ligo
 
     if not args.data:
         raise ValueError("--data: ligo trains its operator on text; give a prepared data dir (growth-ds data prepare)")
@@ -126,6 +123,78 @@ def _grow_ligo(args, state, large):
                         log=lambda i, l: print(f"ligo step {i + 1}/{steps}: loss {l:.4f}") if (i + 1) % 10 == 0 else None)
     print(f"ligo: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} operator steps")
     return materialise_state(op, state, moments), plan
+
+
+def cmd_grow_from_hf(args) -> int:
+    """``growth-ds grow --from-hf DIR --to SHAPE --method M --out HF_DIR``."""
+    from growth_ds.interop.hf import SUPPORTED, grow_hf
+
+    width, depth = _parse_methods(args.method)
+    plan = grow_hf(args.from_hf, args.to, args.out, width=width, depth=depth, seed=args.seed, moments=args.moments,
+                   lr=args.lr_policy, dtype=getattr(args, "dtype", None),
+                   max_seq_len=getattr(args, "max_seq_len", None), overwrite=args.force)
+    print(plan.describe())
+    print(f"wrote {args.out}: {plan.grown_shape.describe()} ({SUPPORTED[plan.large.flavour]}, safetensors)")
+    return 0
+
+
+def cmd_grow_dist(args) -> int:
+    """``growth-ds grow`` / ``grow-megatron`` for a megatron-core dist checkpoint directory (``--tp``)."""
+    import torch.distributed as dist
+
+    from growth_ds.interop.megatron import grow_dist_checkpoint
+    from growth_ds.shapes import ModelShape
+
+    large = ModelShape.from_yaml(args.to)
+    small = ModelShape.from_yaml(args.shape) if getattr(args, "shape", None) else None
+    width, depth = _parse_methods(args.method)
+    grown = grow_dist_checkpoint(getattr(args, "from"), large, args.out, width=width, depth=depth, seed=args.seed,
+                                 moments=args.moments, lr=args.lr_policy, tp=getattr(args, "tp", None), small=small,
+                                 overwrite=args.force)
+    if dist.get_rank() == 0:
+        print(grown.plan.describe())
+        print(grown.tp_plan.describe())
+        print(f"wrote {args.out}: {grown.shape.describe()}, step {grown.step}, moments={grown.plan.moments}, "
+              f"TP={grown.tp_plan.tp}")
+    return 0
+
+
+def cmd_grow_deepspeed(args) -> int:
+    """``growth-ds grow --from CKPT_DIR ...``: a DeepSpeed checkpoint directory -> a grown universal one."""
+    from growth_ds.distributed.zero.universal import grow_universal_checkpoint, select_tag
+    from growth_ds.shapes import ModelShape
+
+    large = ModelShape.from_yaml(args.to)
+    small = ModelShape.from_yaml(args.shape) if getattr(args, "shape", None) else None
+    width, depth = _parse_methods(args.method)
+    src = select_tag(getattr(args, "from"), getattr(args, "tag", None))  # default: the directory's latest
+    summary = grow_universal_checkpoint(src, large, args.out, width=width, depth=depth,
+                                        seed=args.seed, moments=getattr(args, "moments", None),
+                                        lr=getattr(args, "lr_policy", None), small=small,
+                                        overwrite=getattr(args, "force", False))
+    print(f"{summary['params']} parameters, {summary['bytes'] / 2**20:.1f} MiB of new state in "
+          f"{summary['seconds']:.1f}s")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from growth_ds.interop.hf import convert
+    from growth_ds.shapes import ModelShape
+
+    shape = ModelShape.from_yaml(args.shape) if args.shape else None
+    print(convert(args.src, args.out, to=args.to, dtype=args.dtype, shape=shape, max_seq_len=args.max_seq_len,
+                  overwrite=args.force))
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    """``growth-ds data prepare CONFIG.yaml [--out DIR]``: run ``prepare_data`` on ``data:``."""
+    import json
+
+    from growth_ds.train.data import prepare_from_config
+
+    print(json.dumps(prepare_from_config(args.config, args.out), indent=1))
+    return 0
 
 
 def cmd_verify(args) -> int:
@@ -189,9 +258,9 @@ def cmd_check(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    import os
     from pathlib import Path
 
+    from growth_ds import atomic
     from growth_ds.schedule import (fit_from_logs, format_stage_table, law_from_json, load_metrics, plan_stages,
                                     plot_fit)
     from growth_ds.shapes import ModelShape
@@ -214,9 +283,7 @@ def cmd_plan(args) -> int:
     print(format_stage_table(plan))
     if args.out:
         for o, text in zip(outs, (plan.to_json(indent=2), law.to_json())):
-            tmp = o.with_name(f".{o.name}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, o)
+            atomic.write_text(o, text)
         print(f"wrote {outs[0]} and the law to {outs[1]}")
     if args.png:
         points = load_metrics(args.logs) if args.logs else None
@@ -240,9 +307,7 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from growth_ds.interop.hf import add_hf_commands, add_hf_grow_arguments
-    from growth_ds.interop.megatron import add_megatron_commands
-    from growth_ds.train.data import add_data_commands
+    from growth_ds.interop.hf import DTYPES
 
     p = argparse.ArgumentParser(prog="growth-ds", description="Grow trained GPT models and their training state.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -292,10 +357,43 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--png", help="plot of fits, data points and boundaries")
     pl.set_defaults(func=cmd_plan)
 
-    add_megatron_commands(sub)
-    add_hf_commands(sub)  # growth-ds convert SRC OUT [--to hf|growth-ds]
+    gm = sub.add_parser("grow-megatron", help="grow a megatron-core dist checkpoint (torch_dist) in memory "
+                                              "and save it at the new shape; torchrun -nproc N for TP=N")
+    gm.add_argument("--from", required=True, metavar="DIR", help="dist checkpoint directory")
+    gm.add_argument("--to", required=True, metavar="SHAPE_YAML", help="target ModelShape YAML")
+    gm.add_argument("--method", required=True, help="WIDTH, DEPTH or WIDTH+DEPTH, e.g. lemon+identity")
+    gm.add_argument("--out", required=True, metavar="DIR", help="output dist checkpoint directory")
+    gm.add_argument("--tp", type=int, help="tensor-parallel size (default: the world size)")
+    gm.add_argument("--shape", help="ModelShape YAML of the checkpoint when it records none")
+    gm.add_argument("--seed", type=int, default=0)
+    gm.add_argument("--moments", choices=["adjoint", "reset"], help="default: the method's paper")
+    gm.add_argument("--lr-policy", choices=["continue", "rewarm", "lemon", "restart"])
+    gm.add_argument("--force", action="store_true", help="replace --out if it exists")
+    gm.set_defaults(func=cmd_grow_dist)
 
-    add_data_commands(sub)
+    cv = sub.add_parser(
+        "convert", help="Hugging Face GPT2LMHeadModel/LlamaForCausalLM directory <-> growth-ds checkpoint or run",
+        description="SRC: a Hugging Face model directory (config.json + safetensors/.bin), a growth-ds checkpoint "
+                    "file, or a training run directory (its latest complete checkpoint, any ZeRO stage). "
+                    "A Hugging Face SRC becomes a growth-ds checkpoint file; anything else a Hugging Face "
+                    "directory written with save_pretrained (safetensors).")
+    cv.add_argument("src")
+    cv.add_argument("out")
+    cv.add_argument("--to", choices=["hf", "growth-ds"], default=None, help="output format (default: the other one)")
+    cv.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="dtype of the written weights")
+    cv.add_argument("--shape", default=None, help="ModelShape YAML of a plain torch checkpoint that records none")
+    cv.add_argument("--max-seq-len", type=int, default=None, help="Hugging Face SRC: override the context length")
+    cv.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    cv.set_defaults(func=cmd_convert)
+
+    da = sub.add_parser("data", help="corpus, tokenizer and token stores")
+    da_sub = da.add_subparsers(dest="data_command", required=True)
+    dp = da_sub.add_parser("prepare", help="build tokenizer + train/val token stores")
+    dp.add_argument("config", help="YAML file with a `data:` section")
+    dp.add_argument("--out", default=None,
+                    help="output directory (default: where `growth-ds train` looks: data.out_dir, else "
+                         "run.out_dir/data, else runs/<run.name or the config's stem>/data)")
+    dp.set_defaults(func=cmd_data_prepare)
 
     g = sub.add_parser("grow", help="grow a saved checkpoint (model + optimizer + step) into a larger shape")
     src = g.add_mutually_exclusive_group(required=True)
@@ -320,7 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seq-len", type=int, help="ligo: tokens per sequence (default 128, at most the context)")
     g.add_argument("--tp", type=int, help="TP size for a megatron dist checkpoint (default: world size)")
     g.add_argument("--tag", help="DeepSpeed checkpoint directory: the tag to grow (default: latest)")
-    add_hf_grow_arguments(g)  # --dtype, --max-seq-len
+    g.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="--from-hf: dtype of the saved Hugging Face weights (default float32)")
+    g.add_argument("--max-seq-len", type=int, default=None,
+                   help="--from-hf: context length of the imported model (e.g. below Llama's config value)")
     g.set_defaults(func=cmd_grow)
 
     v = sub.add_parser("verify", help="max logit difference between a small and a grown checkpoint")

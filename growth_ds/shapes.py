@@ -72,33 +72,29 @@ class ModelShape:
             "kv": self.n_kv_heads * self.head_dim, "vocab": self.vocab_size, "pos": self.max_seq_len,
         }[space]
 
+    def _layer_params(self) -> int:
+        """Parameters of one decoder layer (the ``layers.{i}.*`` rows of ``models.schema``)."""
+        d, f = self.d_model, self.d_ffn
+        heads, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        n = 2 * d + heads * d + 2 * kv * d + d * heads  # attn_norm, mlp_norm gains; q, k, v, o weights
+        if self.flavour == "gpt2":  # norm biases, q/k/v/o biases, up + down (with biases)
+            return n + 2 * d + heads + 2 * kv + d + 2 * f * d + f + d
+        return n + 3 * f * d  # llama: gate, up, down
+
     @property
     def n_params(self) -> int:
-        """Total parameter count (embeddings included, tied head counted once)."""
-        from growth_ds.models.schema import parameter_schema
+        """Total parameter count (embeddings included, tied head counted once).
 
-        total = 0
-        for spec in parameter_schema(self).values():
-            n = 1
-            for s in spec.axes:
-                n *= self.space_dim(s)
-            total += n
-        return total
+        Closed form of ``growth_ds.models.schema.parameter_schema`` (tests check the two agree)."""
+        emb = self.vocab_size * self.d_model + (self.max_seq_len * self.d_model if self.flavour == "gpt2" else 0)
+        head = 0 if self.tied_embeddings else self.vocab_size * self.d_model
+        return emb + self.n_nonembedding_params + head
 
     @property
     def n_nonembedding_params(self) -> int:
         """Parameters outside the token/position embeddings and the output head (Kaplan's N)."""
-        from growth_ds.models.schema import parameter_schema
-
-        total = 0
-        for spec in parameter_schema(self).values():
-            if spec.role in ("embedding", "head"):
-                continue
-            n = 1
-            for s in spec.axes:
-                n *= self.space_dim(s)
-            total += n
-        return total
+        final_norm = self.d_model * (2 if self.flavour == "gpt2" else 1)
+        return self.n_layers * self._layer_params() + final_norm
 
     # ---- (de)serialisation -----------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -166,3 +162,15 @@ def validate_growth(small: ModelShape, large: ModelShape) -> None:
                          f"rotate differently); set the target's rope_theta to the source's")
     if large.n_heads % large.n_kv_heads:
         raise ValueError(f"n_heads: {large.n_heads} query heads do not divide into {large.n_kv_heads} kv groups")
+
+
+def flops_per_token(shape: ModelShape, seq_len: int) -> float:
+    """Training FLOPs per token: ``6 N + 6 L T d_attn``.
+
+    ``N`` counts every matmul weight, the output layer included (tied or not), and excludes the
+    embedding lookups; the attention term is the causal score and value products (Kaplan et al.
+    2020, halved for causality), forward + backward.
+    """
+    matmul_params = shape.n_nonembedding_params + shape.vocab_size * shape.d_model  # + the output layer
+    d_attn = shape.n_heads * shape.head_dim
+    return 6.0 * matmul_params + 6.0 * shape.n_layers * seq_len * d_attn

@@ -18,7 +18,7 @@ import torch
 from growth_ds.train import corpus
 from growth_ds.train.data import (
     FIXTURE, Batches, TokenStore, content_hash, eval_batches, load_documents, load_tokenizer,
-    main, prepare_data, shuffle_documents, split_documents, train_tokenizer)
+    prepare_data, shuffle_documents, split_documents, train_tokenizer)
 
 FIXTURE_PATH = Path(__file__).parent / "fixtures" / "corpus_excerpt.txt"
 VOCAB = 512
@@ -264,7 +264,9 @@ def test_cli_data_prepare(tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"model: {{}}\ndata:\n  sources: [{FIXTURE_PATH}]\n  vocab_size: {VOCAB}\n"
                    f"  seed: 3\n")
-    assert main(["prepare", str(cfg), "--out", str(tmp_path / "out")]) == 0
+    from growth_ds.cli import main
+
+    assert main(["data", "prepare", str(cfg), "--out", str(tmp_path / "out")]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert Path(printed["train"]).exists() and printed["stats"]["n_docs"]["val"] >= 1
     assert (tmp_path / "out" / "data.json").exists()

@@ -7,7 +7,6 @@ model's logits within 1e-4 for lossless methods.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 
@@ -204,7 +203,10 @@ def test_grown_export_reproduces_small_hf_model(tmp_path, name, changes, method)
     small.save_pretrained(tmp_path / "small")
     shape = hf.shape_from_hf_config(small.config)
     to = _target_yaml(tmp_path, shape, changes)
-    plan = hf.grow_hf(tmp_path / "small", to, method, tmp_path / "big", seed=1)
+    from growth_ds.cli import _parse_methods
+
+    width, depth = _parse_methods(method)
+    plan = hf.grow_hf(tmp_path / "small", to, tmp_path / "big", width=width, depth=depth, seed=1)
     assert plan.lossless
     big = AutoModelForCausalLM.from_pretrained(tmp_path / "big").eval()
     grown_shape = hf.shape_from_hf_config(big.config)
@@ -218,41 +220,17 @@ def test_grown_export_reproduces_small_hf_model(tmp_path, name, changes, method)
     assert max_diff(hf_logits(big, x), hf_logits(small, x)) < 1e-4
 
 
-def _subcommands():
-    from growth_ds import cli
-
-    return cli.build_parser()._subparsers._group_actions[0].choices
-
-
 def _grow_args(argv):
-    """`growth-ds grow --from-hf ...` through the real CLI once it has --from-hf, else the same arguments."""
+    """`growth-ds grow --from-hf ...` through the real CLI."""
     from growth_ds import cli
 
-    if any("--from-hf" in a.option_strings for a in _subcommands()["grow"]._actions):
-        return lambda: cli.main(argv)
-    p = argparse.ArgumentParser()
-    for opt in ("--from-hf", "--to", "--method", "--out", "--moments", "--lr-policy"):
-        p.add_argument(opt)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true")
-    hf.add_hf_grow_arguments(p)
-    args = p.parse_args(argv[1:])
-    return lambda: hf.cmd_grow_from_hf(args)
+    return lambda: cli.main(argv)
 
 
 def _convert(argv):
     from growth_ds import cli
 
-    if "convert" in _subcommands():
-        return cli.main(["convert", *argv])
-    p = argparse.ArgumentParser(prog="growth-ds")
-    hf.add_hf_commands(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(["convert", *argv])
-    try:
-        return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:  # what cli.main does
-        print(f"growth-ds convert: error: {e}")
-        return 2
+    return cli.main(["convert", *argv])
 
 
 def test_cli_grow_from_hf_and_convert_both_ways(tmp_path, capsys):
@@ -302,5 +280,5 @@ def test_grow_from_hf_refuses_a_different_rope_base(tmp_path):
     to.write_text(yaml.safe_dump(dataclasses.replace(shape, d_model=64, n_heads=8, n_kv_heads=4, d_ffn=112,
                                                      rope_theta=10000.0).to_dict()))
     with pytest.raises(ValueError, match="rope_theta"):
-        hf.grow_hf(tmp_path / "small", to, "lemon", tmp_path / "big")
+        hf.grow_hf(tmp_path / "small", to, tmp_path / "big", width="lemon")
     assert not (tmp_path / "big").exists()

@@ -8,8 +8,9 @@ import torch
 from growth_ds.demo import byte_batches
 from growth_ds.models import Decoder, build_model, lm_loss
 from growth_ds.ops import TrainingState, grow, grow_module, make_plan
-from growth_ds.ops.ligo import LigoOperator, materialise_state, train_ligo
+from growth_ds.ops.ligo import LigoOperator, materialise_state
 from growth_ds.ops.state import load_into
+from growth_ds.train.ligo_fit import train_ligo
 from helpers import batch, grown, randomised_model, small_shape
 from dist_utils import FIXTURE
 
@@ -81,7 +82,7 @@ def test_step_flops_counts_model_and_materialisation():
     small = small_shape("llama")
     plan = make_plan(small, grown(small, True, True), width="duplicate", depth="identity")
     op = LigoOperator(plan, TrainingState.from_module(randomised_model(small)).params)
-    from growth_ds.train.metrics import flops_per_token
+    from growth_ds.shapes import flops_per_token
 
     f = op.step_flops(1000, 16)
     assert f > flops_per_token(plan.grown_shape, 16) * 1000

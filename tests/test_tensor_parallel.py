@@ -317,11 +317,10 @@ def test_grow_dist_checkpoint(tp_run):
 
 
 _CLI = """
-import argparse, json, sys, torch
+import json, sys, torch
+from growth_ds.cli import build_parser
 from growth_ds.interop import megatron as gm
-parser = argparse.ArgumentParser()
-gm.add_megatron_commands(parser.add_subparsers(dest="command"))
-args = parser.parse_args(sys.argv[1:])
+args = build_parser().parse_args(sys.argv[1:])
 rc = args.func(args)
 x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
 logits = []

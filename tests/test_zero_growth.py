@@ -18,10 +18,13 @@ import pytest
 import torch
 
 from dist_utils import REPO, free_port
-from growth_ds.distributed.zero_index import (OldData, ParamGrowth, PlanCache, _strided_runs, chunk_range,
-                                              clip_intervals, grow_rows_reference, intervals_numel, make_schedule,
-                                              owner_pieces, runs_to_intervals)
-from growth_ds.distributed.zero_shm import TRANSPORT_ENV
+from growth_ds.distributed.zero.intervals import (chunk_range, clip_intervals, intervals_numel, owner_pieces,
+                                                  runs_to_intervals)
+from growth_ds.distributed.zero.old_data import OldData
+from growth_ds.distributed.zero.param_growth import ParamGrowth, PlanCache, grow_rows_reference
+from growth_ds.distributed.zero.param_growth import strided_runs as _strided_runs
+from growth_ds.distributed.zero.schedule import make_schedule
+from growth_ds.distributed.zero.shm import TRANSPORT_ENV
 from growth_ds.models.schema import parameter_schema
 from growth_ds.ops import grow, make_plan
 from growth_ds.ops.apply import source_name
@@ -50,7 +53,7 @@ def test_interval_helpers():
 def test_keyed_noise_rows_are_drawn_block_by_block_independent_of_the_split(rows, cols):
     """Any row range of a keyed random matrix equals those rows of the whole draw, whatever order the
     ranges are drawn in (so a rank draws only its own rows' blocks and sharding changes nothing)."""
-    from growth_ds.ops.apply import NOISE_BLOCK, keyed_randn
+    from growth_ds.ops.noise import NOISE_BLOCK, keyed_randn
 
     full = keyed_randn(7, "layers.0.mlp.up.weight", "fan_in_split", rows, cols)
     assert full.shape == (rows, cols) and full.dtype == torch.float64
@@ -204,7 +207,8 @@ def test_packing_on_numpy_and_torch_agree_on_channel_major_planes(pieces):
     the same elements into a channel-major plane (channel c at c * plane stride), for few and many runs."""
     import numpy as np
 
-    from growth_ds.distributed.zero import Slot, _pack, _pack_host
+    from growth_ds.distributed.zero.exchange import pack as _pack, pack_host as _pack_host
+    from growth_ds.distributed.zero.layout import Slot
 
     flats = [torch.randn(80) for _ in range(3)]
     lo, offset = 8, 5  # this rank holds flat [8, 70) of the parameter at offset 5 of its partitions
@@ -227,8 +231,11 @@ def test_stacked_packing_equals_packing_each_request():
     writes, and a request off the stride, with other pieces or channels starts a new run."""
     import numpy as np
 
-    from growth_ds.distributed.zero import Slot, _pack_host, _pack_host_stacked, _stackable
-    from growth_ds.distributed.zero_index import Request
+    from growth_ds.distributed.zero.exchange import pack_host as _pack_host
+    from growth_ds.distributed.zero.exchange import pack_host_stacked as _pack_host_stacked
+    from growth_ds.distributed.zero.exchange import stackable as _stackable
+    from growth_ds.distributed.zero.layout import Slot
+    from growth_ds.distributed.zero.schedule import Request, Send
 
     flats = [torch.randn(400) for _ in range(3)]
     host = [f.numpy() for f in flats]
@@ -239,8 +246,8 @@ def test_stacked_packing_equals_packing_each_request():
     for m, off in enumerate(offsets):
         slot = Slot(f"l{m}", (4, 10), 40, [0, 8, 40], flats, off, 32, host)
         req = Request(m, 1, "piece", 0, 0, pieces, 3)
-        items.append((m, req, slot, lo, pieces if m % 2 else list(pieces), 15))
-    items.append((6, Request(6, 1, "piece", 0, 0, pieces, 1), Slot("x", (4, 10), 40, [0, 8, 40], flats, 227, 32,
+        items.append(Send(m, req, slot, lo, pieces if m % 2 else list(pieces), 15))
+    items.append(Send(6, Request(6, 1, "piece", 0, 0, pieces, 1), Slot("x", (4, 10), 40, [0, 8, 40], flats, 227, 32,
                                                                   host), lo, pieces, 15))
     runs, j = [], 0
     while j < len(items):
@@ -390,7 +397,7 @@ def runs(tmp_path_factory):
     """Every multi-process run of this module, once. Returns the output directory."""
     from zero_worker import universal_case
 
-    from growth_ds.distributed.zero_universal import grow_universal_checkpoint
+    from growth_ds.distributed.zero.universal import grow_universal_checkpoint
 
     out = tmp_path_factory.mktemp("zero")
     # world size 2: memory; ZeRO 1/2/3 x every case (+ bf16); a ZeRO-2 checkpoint for offline growth; three
@@ -576,7 +583,7 @@ def test_universal_checkpoint_of_wrong_shape_is_refused_with_the_parameter_name(
     # offline: a source checkpoint that does not match the declared small shape
     from zero_worker import universal_case
 
-    from growth_ds.distributed.zero_universal import grow_universal_checkpoint
+    from growth_ds.distributed.zero.universal import grow_universal_checkpoint
 
     small, large, kw = universal_case()
     meta_path = runs / "src_ckpt" / "step00000003" / "growth_meta.json"
@@ -613,7 +620,7 @@ def test_offline_growth_is_atomic_and_the_cli_entry_point_works(runs, tmp_path, 
     small, large, kw = universal_case()
     out = tmp_path / "grown"
     code = ("import sys; sys.path.insert(0, 'tests'); from zero_worker import universal_case; "
-            "from growth_ds.distributed.zero_universal import grow_universal_checkpoint as g; "
+            "from growth_ds.distributed.zero.universal import grow_universal_checkpoint as g; "
             f"s, l, kw = universal_case(); g({str(runs / 'src_ckpt')!r}, l, {str(out)!r}, **kw)")
     env = dict(os.environ, DS_ACCELERATOR="cpu", GROWTH_DS_UNIVERSAL_KILL_AFTER="5")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,

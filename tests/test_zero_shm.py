@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from growth_ds.distributed import zero_shm
+from growth_ds.distributed.zero import shm as zero_shm
 from dist_utils import free_port
 
 
@@ -30,7 +30,7 @@ def _worker(rank: int, world: int, port: int, fenced: bool, die: int, out: str) 
     cap = max(sum(_payload(k, rank, q).numel() for q in range(world) if q != rank) for k in range(rounds))
     offer = zero_shm.ShmOffer(world, True, cap)
     every = torch.empty(world * offer.ROW, dtype=torch.int64)
-    zero_shm._all_gather(dist)(every, torch.tensor(offer.row, dtype=torch.int64))
+    zero_shm.all_gather_fn(dist)(every, torch.tensor(offer.row, dtype=torch.int64))
     rows = every.view(world, offer.ROW).tolist()
     assert offer.agreed(rows)
     tr = offer.open(dist, None, rank, rows)

@@ -285,17 +285,15 @@ def grow_checkpoint(tp, out, res, keep):
         src = os.path.join(out, f"{flavour}_small_tp1")
         dst = os.path.join(out, f"{flavour}_grown_by_ckpt_tp{tp}")
         if flavour == "llama":  # through the command line (growth-ds grow-megatron), as torchrun would run it
-            import argparse
-
             import yaml
+
+            from growth_ds.cli import build_parser
 
             to = os.path.join(out, f"{flavour}_large_tp{tp}.yaml")
             with open(to + f".{dist.get_rank()}", "w") as f:
                 yaml.safe_dump(large.to_dict(), f)
             os.replace(to + f".{dist.get_rank()}", to)
-            parser = argparse.ArgumentParser()
-            gm.add_megatron_commands(parser.add_subparsers(dest="command"))
-            args = parser.parse_args(["grow-megatron", "--from", src, "--to", to, "--method", specs[0], "--out", dst,
+            args = build_parser().parse_args(["grow-megatron", "--from", src, "--to", to, "--method", specs[0], "--out", dst,
                                       "--tp", str(tp), "--seed", "11"])
             res[f"ckpt_grow.tp{tp}.{flavour}.cli_rc"] = args.func(args)
         else:

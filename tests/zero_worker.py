@@ -19,7 +19,7 @@ Tasks (run in order, all ranks):
                  shapes do not match the target model is refused with the parameter's name. Writes ``load_ws{N}.json``.
 * ``job``        a staged job in miniature (train, pre-growth checkpoint, grow, train) that resumes from the
                  pre-growth checkpoint when relaunched; ``run=NAME``. Writes ``NAME/final.json``.
-* ``dense``      LiGO-style dense maps through ``zero_dense.grow_dense_engine``. Writes ``dense_ws{N}.json``.
+* ``dense``      LiGO-style dense maps through ``zero.dense.grow_dense_engine``. Writes ``dense_ws{N}.json``.
 * ``killjob``    ``job`` of run ``killed`` whose rank 1 SIGKILLs itself mid-growth (the launch then fails).
 
 Rank 0 writes ``done_TASK_wsN`` after each task.
@@ -218,7 +218,7 @@ def digest(got, names):
         for n in names:
             h.update(got[field][n].contiguous().float().numpy().tobytes())
     h.update(str(got["step"]).encode())
-    return h.hexdigest()[:16]
+    return h.hexdigest()
 
 
 def lp_mismatch(engine, full=None):
@@ -445,7 +445,7 @@ def memory_bound(plan):
     parameter (GPT-2 mean rows, HyperCloning's relative noise), that old parameter in float64; plus the
     O(sum of space sizes) index vectors (at most 64 bytes per new coordinate of every space: source index,
     adjoint and its two inverse powers, for the out and the in side)."""
-    from growth_ds.distributed.zero_index import ParamGrowth
+    from growth_ds.distributed.zero.param_growth import ParamGrowth
     from growth_ds.models.schema import parameter_schema
 
     gs = [ParamGrowth(plan, n, s) for n, s in parameter_schema(plan.grown_shape).items()]
@@ -458,7 +458,7 @@ def memory_bound(plan):
 def task_memory(out_dir, opts):
     """Tensor memory allocated during growth (auto bucket) against one full new parameter."""
     from growth_ds.distributed.zero import ZeroLayout, grow_engine
-    from growth_ds.distributed.zero_memory import TensorAccountant
+    from growth_ds.distributed.zero.memory import TensorAccountant
     from growth_ds.ops import grow, make_plan
 
     ws = dist.get_world_size()
@@ -521,7 +521,7 @@ def task_leak(out_dir, opts):
     import dataclasses
 
     from growth_ds.distributed.zero import grow_engine
-    from growth_ds.distributed.zero_memory import malloc_trim, rss
+    from growth_ds.distributed.zero.memory import malloc_trim, rss
     from growth_ds.ops import make_plan
     from growth_ds.shapes import ModelShape
 
@@ -651,7 +651,7 @@ def task_load(out_dir, opts):
     """Load the grown universal checkpoint at this world size and ZeRO stage; refuse a mismatched one."""
     import dataclasses
 
-    from growth_ds.distributed.zero_universal import load_universal_checkpoint
+    from growth_ds.distributed.zero.universal import load_universal_checkpoint
     from growth_ds.ops import grow, make_plan
     from growth_ds.ops.state import TrainingState
     from growth_ds.shapes import ModelShape
@@ -753,7 +753,7 @@ def task_dense(out_dir, opts):
     reduce-scattered to the new owners, against B W A on the full tensors."""
     import dataclasses
 
-    from growth_ds.distributed.zero_dense import DenseMap, grow_dense_engine
+    from growth_ds.distributed.zero.dense import DenseMap, grow_dense_engine
     from growth_ds.models.schema import parameter_schema
     from helpers import small_shape
 

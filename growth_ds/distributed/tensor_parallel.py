@@ -47,7 +47,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from growth_ds.models.schema import ParamSpec
-from growth_ds.ops.apply import grow_moment, grow_value, is_identity_block, keyed_randn
+from growth_ds.ops.apply import grow_moment, grow_value, is_identity_block
+from growth_ds.ops.noise import needs_full_std, noise_window
+from growth_ds.ops.roles import param_axes
 from growth_ds.ops.plan import GrowthPlan
 from growth_ds.ops.spaces import SpaceMap, circular_map, head_maps, space_from_src
 from growth_ds.shapes import ModelShape
@@ -358,17 +360,6 @@ def sharded_std(local: torch.Tensor, reduce_sum: Optional[ReduceSum]) -> float:
     return math.sqrt(float(sq[0]) / (n - 1))
 
 
-def _axes(spec: ParamSpec):
-    """(space of the output axis, space of the input axis) of a 2-D weight or output layer."""
-    return spec.axes[0], ("model" if spec.role == "head" else spec.axes[1])
-
-
-def _positions(mask: torch.Tensor, sl) -> torch.Tensor:
-    """For the True entries of ``mask[sl]``: their index among all True entries of ``mask``."""
-    rank_of = torch.cumsum(mask.to(torch.long), 0) - 1
-    return rank_of[sl][mask[sl]]
-
-
 class ShardGrower:
     """Grows one TP rank's shards of reference-named parameters and Adam moments.
 
@@ -399,9 +390,7 @@ class ShardGrower:
         """
         x = grow_value(self.local, name, spec, w_local.to(torch.float64))
         if spec.role in ("weight", "head") and not (spec.residual_out and is_identity_block(self.plan, name)):
-            noise = self._noise(name, spec, w_local, full_std)
-            if noise is not None:
-                x = x + noise
+            x = x + self._noise(name, spec, w_local, full_std)
         return x.to(w_local.dtype)
 
     def moment(self, name: str, spec: ParamSpec, m_local: torch.Tensor, power: int) -> torch.Tensor:
@@ -409,56 +398,22 @@ class ShardGrower:
         return grow_moment(self.local, name, spec, m_local, power)
 
     def _noise(self, name: str, spec: ParamSpec, w_local: torch.Tensor, full_std: Optional[float]
-               ) -> Optional[torch.Tensor]:
-        """The slice of the reference's random part ``N`` that lies in this rank's shard (float64)."""
+               ) -> torch.Tensor:
+        """The window of the reference's random part ``N`` that lies in this rank's shard (float64). A
+        TP-aware plan keeps every copy of an input unit on one rank, so the zero-sum window is local."""
         plan = self.plan
-        b_space, a_space = _axes(spec)
+        if full_std is None and needs_full_std(plan, spec):
+            sharded = shard_axis(spec) is not None and self.tp > 1
+            if sharded and self.reduce_sum is None:
+                raise RuntimeError(f"{name}: hypercloning's noise is relative to the std of the whole weight; "
+                                   f"pass reduce_sum (a sum over the TP group) or full_std")
+            full_std = sharded_std(w_local, self.reduce_sum if sharded else None)
+        (b_space, _), (a_space, _) = param_axes(spec)
         b, a = plan.spaces[b_space], plan.spaces[a_space]
         axis = shard_axis(spec)
         rows = block(b.new, self.tp, self.rank) if axis == 0 else slice(0, b.new)
-        cols = block(a.new, self.tp, self.rank) if axis == 1 else slice(0, a.new)
-        n_rows, n_cols = rows.stop - rows.start, cols.stop - cols.start
-        a_new, b_new = a.src < 0, b.src < 0
-        N: Optional[torch.Tensor] = None
-
-        if plan.noise == "zero_sum" and plan.noise_std > 0 and not a.is_identity:
-            scale = 1.0
-            if plan.noise_relative:
-                if full_std is None:
-                    sharded = axis is not None and self.tp > 1
-                    if sharded and self.reduce_sum is None:
-                        raise RuntimeError(f"{name}: hypercloning's noise is relative to the std of the whole weight; "
-                                           f"pass reduce_sum (a sum over the TP group) or full_std")
-                    full_std = sharded_std(w_local, self.reduce_sum if sharded else None)
-                scale = full_std
-            R = keyed_randn(plan.seed, name, "fan_in_split", b.new, a.new, rows.start, rows.stop)[:, cols]
-            R = R * (plan.noise_std * scale)
-            keep = ~a_new[cols]
-            src = a.src[cols][keep]
-            group_sum = torch.zeros(n_rows, a.old, dtype=torch.float64)
-            group_sum.index_add_(1, src, R[:, keep])  # all copies of an input unit live on this rank
-            cnt = a.counts.to(torch.float64).clamp(min=1)
-            N = torch.zeros(n_rows, n_cols, dtype=torch.float64)
-            N[:, keep] = R[:, keep] - (group_sum / cnt)[:, src]
-
-        if bool(a_new.any()) and a.residue in ("zero", "mean") and plan.random_std > 0:
-            C = keyed_randn(plan.seed, name, "residue_columns", b.new, int(a_new.sum()), rows.start, rows.stop)
-            C = C * plan.random_std
-            local_new = a_new[cols]
-            if bool(local_new.any()):
-                N = torch.zeros(n_rows, n_cols, dtype=torch.float64) if N is None else N
-                N[:, local_new] = C[:, _positions(a_new, cols)]
-
-        if bool(b_new.any()) and b.residue == "random":
-            U = keyed_randn(plan.seed, name, "new_units", int(b_new.sum()), a.new) * plan.random_std
-            if bool(a_new.any()) and a.residue == "random":
-                U[:, a_new] = 0.0
-            local_new = b_new[rows]
-            if bool(local_new.any()):
-                N = torch.zeros(n_rows, n_cols, dtype=torch.float64) if N is None else N
-                N[local_new] = U[_positions(b_new, rows)][:, cols]
-        return N
-
+        cols = block(a.new, self.tp, self.rank) if axis == 1 else slice(None)
+        return noise_window(plan, name, spec, rows, cols, full_std)
 
 __all__ = ["LAYER_SHARDED", "SHARDED_SPACES", "ShardSpec", "TPPlan", "ShardGrower", "block", "check_tp_shape",
            "divide", "is_block_diagonal", "local_map", "local_plan", "make_tp_plan", "permute_like", "permute_map",

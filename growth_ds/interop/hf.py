@@ -38,7 +38,6 @@ scaling, GPT-2's per-layer attention scaling, cross-attention) are refused with 
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import inspect
@@ -532,11 +531,14 @@ def _target_shape(path: str | Path, small: ModelShape) -> ModelShape:
     return large
 
 
-def grow_hf(src: str | Path, to: str | Path, method: str, out: str | Path, seed: int = 0,
-            moments: Optional[str] = None, lr: Optional[str] = None, dtype=None, max_seq_len: Optional[int] = None,
-            overwrite: bool = False):
-    """Grow a Hugging Face model directory straight into a grown Hugging Face directory. Returns the plan."""
-    from growth_ds.cli import _parse_methods
+def grow_hf(src: str | Path, to: str | Path, out: str | Path, *, width: Optional[str] = None,
+            depth: Optional[str] = None, seed: int = 0, moments: Optional[str] = None, lr: Optional[str] = None,
+            dtype=None, max_seq_len: Optional[int] = None, overwrite: bool = False):
+    """Grow a Hugging Face model directory straight into a grown Hugging Face directory. Returns the plan.
+
+    ``to``: the target shape's YAML (``rope_theta`` / ``norm_eps`` it does not set are the source's);
+    ``width`` / ``depth`` and the rest are :func:`growth_ds.ops.make_plan`'s arguments.
+    """
     from growth_ds.ops import grow, make_plan
 
     out = Path(out)
@@ -544,56 +546,10 @@ def grow_hf(src: str | Path, to: str | Path, method: str, out: str | Path, seed:
         raise FileExistsError(f"--out {out} exists; pass --force to replace it")
     state = load_hf(src, torch.float32, max_seq_len)
     large = _target_shape(to, state.shape)
-    width, depth = _parse_methods(method)
     plan = make_plan(state.shape, large, width=width, depth=depth, seed=seed, moments=moments, lr=lr)
     save_hf(grow(state, plan), out, dtype, overwrite=overwrite)
     return plan
 
 
-# ---- command line -------------------------------------------------------------------------------
-def cmd_convert(args) -> int:
-    shape = ModelShape.from_yaml(args.shape) if args.shape else None
-    print(convert(args.src, args.out, to=args.to, dtype=args.dtype, shape=shape, max_seq_len=args.max_seq_len,
-                  overwrite=args.force))
-    return 0
-
-
-def cmd_grow_from_hf(args) -> int:
-    """``growth-ds grow --from-hf DIR --to SHAPE --method M --out HF_DIR``."""
-    plan = grow_hf(args.from_hf, args.to, args.method, args.out, seed=args.seed, moments=args.moments,
-                   lr=args.lr_policy, dtype=getattr(args, "dtype", None),
-                   max_seq_len=getattr(args, "max_seq_len", None), overwrite=args.force)
-    print(plan.describe())
-    print(f"wrote {args.out}: {plan.grown_shape.describe()} ({SUPPORTED[plan.large.flavour]}, safetensors)")
-    return 0
-
-
-def add_hf_grow_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options ``grow --from-hf`` adds to the ``grow`` parser (besides ``--from-hf`` itself)."""
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="--from-hf: dtype of the saved Hugging Face weights (default float32)")
-    parser.add_argument("--max-seq-len", type=int, default=None,
-                        help="--from-hf: context length of the imported model (e.g. below Llama's config value)")
-
-
-def add_hf_commands(subparsers) -> None:
-    """Register ``growth-ds convert`` on the CLI's subparsers."""
-    c = subparsers.add_parser(
-        "convert", help="Hugging Face GPT2LMHeadModel/LlamaForCausalLM directory <-> growth-ds checkpoint or run",
-        description="SRC: a Hugging Face model directory (config.json + safetensors/.bin), a growth-ds checkpoint "
-                    "file, or a training run directory (its latest complete checkpoint, any ZeRO stage). "
-                    "A Hugging Face SRC becomes a growth-ds checkpoint file; anything else a Hugging Face "
-                    "directory written with save_pretrained (safetensors).")
-    c.add_argument("src")
-    c.add_argument("out")
-    c.add_argument("--to", choices=["hf", "growth-ds"], default=None, help="output format (default: the other one)")
-    c.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="dtype of the written weights")
-    c.add_argument("--shape", default=None, help="ModelShape YAML of a plain torch checkpoint that records none")
-    c.add_argument("--max-seq-len", type=int, default=None, help="Hugging Face SRC: override the context length")
-    c.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    c.set_defaults(func=cmd_convert)
-
-
 __all__ = ["shape_from_hf_config", "hf_config", "params_from_hf", "params_to_hf", "read_hf_state_dict", "load_hf",
-           "from_hf_model", "to_hf_model", "save_hf", "load_run", "load_any", "convert", "grow_hf",
-           "add_hf_commands", "add_hf_grow_arguments", "cmd_convert", "cmd_grow_from_hf"]
+           "from_hf_model", "to_hf_model", "save_hf", "load_run", "load_any", "convert", "grow_hf"]

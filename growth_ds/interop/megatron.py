@@ -746,43 +746,8 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
     return grown
 
 
-def cmd_grow_dist(args) -> int:
-    """``growth-ds grow`` for a dist checkpoint directory (same flags as ``grow``, plus ``--tp``)."""
-    from growth_ds.cli import _parse_methods
-
-    large = ModelShape.from_yaml(args.to)
-    small = ModelShape.from_yaml(args.shape) if getattr(args, "shape", None) else None
-    width, depth = _parse_methods(args.method)
-    grown = grow_dist_checkpoint(getattr(args, "from"), large, args.out, width=width, depth=depth, seed=args.seed,
-                                 moments=args.moments, lr=args.lr_policy, tp=getattr(args, "tp", None), small=small,
-                                 overwrite=args.force)
-    if dist.get_rank() == 0:
-        print(grown.plan.describe())
-        print(grown.tp_plan.describe())
-        print(f"wrote {args.out}: {grown.shape.describe()}, step {grown.step}, moments={grown.plan.moments}, "
-              f"TP={grown.tp_plan.tp}")
-    return 0
-
-
-def add_megatron_commands(subparsers) -> None:
-    """Add ``grow-megatron`` (a dist checkpoint -> a grown dist checkpoint) to a ``growth-ds`` parser."""
-    g = subparsers.add_parser("grow-megatron", help="grow a megatron-core dist checkpoint (torch_dist) in memory "
-                                                    "and save it at the new shape; torchrun -nproc N for TP=N")
-    g.add_argument("--from", required=True, metavar="DIR", help="dist checkpoint directory")
-    g.add_argument("--to", required=True, metavar="SHAPE_YAML", help="target ModelShape YAML")
-    g.add_argument("--method", required=True, help="WIDTH, DEPTH or WIDTH+DEPTH, e.g. lemon+identity")
-    g.add_argument("--out", required=True, metavar="DIR", help="output dist checkpoint directory")
-    g.add_argument("--tp", type=int, help="tensor-parallel size (default: the world size)")
-    g.add_argument("--shape", help="ModelShape YAML of the checkpoint when it records none")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--moments", choices=["adjoint", "reset"], help="default: the method's paper")
-    g.add_argument("--lr-policy", choices=["continue", "rewarm", "lemon", "restart"])
-    g.add_argument("--force", action="store_true", help="replace --out if it exists")
-    g.set_defaults(func=cmd_grow_dist)
-
-
-__all__ = ["CHECKPOINT_FORMAT", "Entry", "GrownGPT", "add_megatron_commands", "build_gpt_model", "checkpoint_common",
-           "checkpoint_shape", "checkpoint_state_dict", "cmd_grow_dist", "ensure_model_parallel",
+__all__ = ["CHECKPOINT_FORMAT", "Entry", "GrownGPT", "build_gpt_model", "checkpoint_common",
+           "checkpoint_shape", "checkpoint_state_dict", "ensure_model_parallel",
            "ensure_tp_attributes",
            "forward_logits", "fuse_megatron", "gather_logits", "gather_tensor", "gelu_tanh", "grow_config",
            "grow_dist_checkpoint", "grow_gpt_model", "is_dist_checkpoint", "layer_spec", "load_dist_checkpoint",

@@ -8,7 +8,7 @@ One grown parameter is
 with ``B``/``A`` None meaning the identity, ``sources`` the ``(name, c_j)`` of the old parameters mixed in
 (depth mixing), ``scale``/``shift`` optional elementwise tensors of the new shape (a fixed plan's coupling
 and noise, a norm's offset). :func:`apply_dense` is the reference on full tensors;
-``growth_ds.distributed.zero_dense`` computes the same on ZeRO partitions (per-rank partial products,
+``growth_ds.distributed.zero.dense`` computes the same on ZeRO partitions (per-rank partial products,
 reduce-scattered to the new owners).
 """
 from __future__ import annotations

@@ -22,15 +22,17 @@ with ``torch.func.functional_call``. Expansions go through :func:`growth_ds.kern
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Iterable, List
+from typing import TYPE_CHECKING, Dict
 
 import torch
 import torch.nn as nn
 
 from growth_ds.kernels import kron_expand
-from growth_ds.models import Decoder, lm_loss
+from growth_ds.models import Decoder
 from growth_ds.models.schema import parameter_schema
-from growth_ds.ops.apply import _axes, _coupling, _noise, grow_moment
+from growth_ds.ops.apply import grow_moment
+from growth_ds.ops.noise import needs_full_std, noise_window
+from growth_ds.ops.roles import coupling
 from growth_ds.ops.plan import GrowthPlan
 from growth_ds.ops.state import TrainingState
 
@@ -90,12 +92,14 @@ class LigoOperator(nn.Module):
 
         for name, spec in parameter_schema(self.shape).items():
             if spec.role in ("weight", "head") and not (spec.residual_out and is_identity_block(plan, name)):
-                N = _noise(plan, name, spec, self.small[source_name(plan, name)], _axes(spec))
+                w = self.small[source_name(plan, name)]
+                N = noise_window(plan, name, spec, full_std=float(w.double().std()) if needs_full_std(plan, spec)
+                                 else None)
                 if N.abs().max() > 0:
                     self.constants[name] = N.to(torch.float32)
-                K = _coupling(plan, spec)
+                K = coupling(plan, spec)
                 if K is not None:
-                    self.couplings[name] = K.to(torch.float32)
+                    self.couplings[name] = K.rows().to(torch.float32)
         self.skeleton = Decoder(self.shape).requires_grad_(False)
 
     # ---- materialisation ------------------------------------------------------------------------
@@ -211,7 +215,7 @@ class LigoOperator(nn.Module):
     def step_flops(self, tokens: int, seq_len: int) -> float:
         """FLOPs of one operator step: the large model's forward+backward on ``tokens`` plus three
         times the materialisation (forward and the two backward products)."""
-        from growth_ds.train.metrics import flops_per_token
+        from growth_ds.shapes import flops_per_token
 
         mat = 0.0
         schema = parameter_schema(self.shape)
@@ -221,38 +225,6 @@ class LigoOperator(nn.Module):
                     (M, N), (P, Q) = self.skeleton.get_parameter(n0).shape, self.small[n0].shape
                     mat += self.L2 * (2 * self.L * P * Q + 2 * M * P * Q + 2 * M * Q * N)
         return flops_per_token(self.shape, seq_len) * tokens + 3 * mat
-
-
-def train_ligo(op: LigoOperator, batches: Iterable, steps: int = 100, lr: float = 1e-3,
-               weight_decay: float = 0.0, warmup: int = 10, grad_clip: float = 1.0, log=None,
-               all_reduce=None) -> List[float]:
-    """Train the operator on the LM loss (small model frozen). ``batches`` yields ``(x, y)``.
-
-    AdamW with linear warmup then constant LR (the paper trains ~100 steps). ``all_reduce`` (optional)
-    averages gradients across data-parallel ranks. Returns the loss of every step.
-    """
-    params = [p for p in op.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    losses = []
-    it = iter(batches)
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))
-        x, y = next(it)
-        loss = lm_loss(op(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for p in params:
-            if p.grad is None:  # e.g. a depth row that only feeds zeroed outputs
-                p.grad = torch.zeros_like(p)
-            if all_reduce is not None:
-                all_reduce(p.grad)
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        opt.step()
-        losses.append(loss.item())
-        if log is not None:
-            log(step, loss.item())
-    return losses
 
 
 def materialise_state(op: LigoOperator, small: TrainingState, moments: str = "fresh") -> TrainingState:
@@ -279,4 +251,4 @@ def materialise_state(op: LigoOperator, small: TrainingState, moments: str = "fr
     return TrainingState(op.shape, params, m, v, step, schedule, schedule_step, dict(small.extra))
 
 
-__all__ = ["LigoOperator", "train_ligo", "materialise_state"]
+__all__ = ["LigoOperator", "materialise_state"]  # the operator's training loop: growth_ds.train.ligo_fit

@@ -101,7 +101,7 @@ class RunConfig:
         ``step``, ``flops``, ``stage``: where the run is now (at a growth: what it really spent, LiGO's
         operator steps and an early ``until: auto`` included); the stages from ``stage`` on are planned by
         their ``until`` (``max_tokens`` for ``auto``)."""
-        from growth_ds.train.metrics import flops_per_token
+        from growth_ds.shapes import flops_per_token
 
         t = self.train
         if t["budget"] == "steps" or len(self.stages) == 1:
@@ -251,7 +251,7 @@ def parse_config(raw: Dict[str, Any], source: Optional[Path] = None) -> RunConfi
     if steps and train["budget"] == "steps" and steps[-1] >= train["total_steps"]:
         raise ValueError(f"stages: growth at step {steps[-1]} is not before train.total_steps={train['total_steps']}")
     if train["budget"] == "flops" and len(stages) > 1:  # the small stages must leave compute for the last one
-        from growth_ds.train.metrics import flops_per_token
+        from growth_ds.shapes import flops_per_token
 
         spent, step = 0.0, 0
         for st in stages[:-1]:

@@ -23,7 +23,6 @@ opens the stores read-only with ``TokenStore.open``.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import itertools
@@ -36,6 +35,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+
+from growth_ds import atomic
 
 from .corpus import SOURCES, fetch_corpus, split_blocks
 
@@ -54,7 +55,9 @@ DEFAULT_DATA_CONFIG: dict = {
 
 FIXTURE = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "corpus_excerpt.txt"
 
-# sentencepiece settings (research notes, section 2): exact round trip, nothing unknown.
+# sentencepiece settings: exact round trip, nothing unknown. The defaults (``nmt_nfkc`` normalisation,
+# extra-whitespace removal) do not round-trip: they collapse tabs and repeated spaces and rewrite
+# characters; ``identity``, ``remove_extra_whitespaces=False`` and ``byte_fallback=True`` do.
 # add_dummy_prefix=False keeps a line's first word the same piece in training (one line per
 # sentence) and in encoding (whole documents, where lines follow a newline byte).
 TOKENIZER_SETTINGS: dict = {
@@ -100,26 +103,9 @@ def file_hash(path: PathLike) -> str:
     return h.hexdigest()
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary sibling, fsync, then ``os.replace`` onto ``path``."""
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _write_json_atomic(path: Path, obj) -> None:
-    _write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    """This module's JSON files (index, meta, summary): sorted keys, one trailing newline; atomic."""
+    atomic.write_json(path, obj, indent=1, sort_keys=True, end="\n")
 
 
 def _read_json(path: Path) -> dict | None:
@@ -245,7 +231,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, model_prefix: PathLik
         sentence_iterator=_sentences(texts, settings["max_sentence_length"]),
         model_writer=buf, num_threads=_NUM_THREADS, minloglevel=2, **settings)
     data = buf.getvalue()
-    _write_atomic(model, data)
+    atomic.write_bytes(model, data)
     sp = spm.SentencePieceProcessor(model_proto=data)
     _write_json_atomic(meta_path, {
         "key": key, "model_sha256": hashlib.sha256(data).hexdigest(),
@@ -322,24 +308,16 @@ class TokenStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.index_path.exists():
             self.index_path.unlink()  # from here on the store reads as incomplete
-        tmp = _tmp_name(self.path)
         n_tokens = 0
-        try:
-            with open(tmp, "wb") as f:
-                for i in range(0, len(docs), chunk_docs):
-                    ids = sp.encode(list(docs[i:i + chunk_docs]), out_type=int,
-                                    num_threads=_NUM_THREADS)
-                    flat = np.fromiter(
-                        itertools.chain.from_iterable(itertools.chain(x, (eos,)) for x in ids),
-                        dtype=dtype)
-                    flat.tofile(f)
-                    n_tokens += flat.size
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        with atomic.replace_on_success(self.path, "wb") as f:
+            for i in range(0, len(docs), chunk_docs):
+                ids = sp.encode(list(docs[i:i + chunk_docs]), out_type=int,
+                                num_threads=_NUM_THREADS)
+                flat = np.fromiter(
+                    itertools.chain.from_iterable(itertools.chain(x, (eos,)) for x in ids),
+                    dtype=dtype)
+                flat.tofile(f)
+                n_tokens += flat.size
         index = {"format": _STORE_FORMAT, "dtype": dtype.name, "n_tokens": int(n_tokens),
                  "n_docs": len(docs), "eos_id": int(eos), "vocab_size": int(vocab),
                  "content_hash": doc_hash, "tokenizer_hash": tok_hash, "split": split}
@@ -568,7 +546,7 @@ def prepare_data(cfg: dict | None, out_dir: PathLike) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# CLI: growth-ds data prepare CONFIG.yaml [--out DIR]
+# growth-ds data prepare CONFIG.yaml [--out DIR] (the command itself: growth_ds.cli)
 # --------------------------------------------------------------------------------------------
 
 def _resolve_source(src, config_dir: Path):
@@ -579,50 +557,31 @@ def _resolve_source(src, config_dir: Path):
     return str(alt) if alt.exists() else src
 
 
-def cli_data_prepare(args: argparse.Namespace) -> int:
-    """``growth-ds data prepare CONFIG.yaml [--out DIR]``: run ``prepare_data`` on ``data:``."""
+def prepare_from_config(config: PathLike, out: PathLike | None = None) -> dict:
+    """``prepare_data`` on a run config's ``data:`` section (what ``growth-ds data prepare`` runs).
+
+    ``out`` (default: where ``growth-ds train`` looks: ``data.out_dir``, else ``run.out_dir/data``, else
+    ``runs/<run.name or the config's stem>/data``) wins over the config. Relative sources are looked up in
+    the working directory, then next to the config. Returns ``prepare_data``'s summary.
+    """
     import yaml
 
-    cfg_path = Path(args.config)
+    cfg_path = Path(config)
     full = yaml.safe_load(cfg_path.read_text()) or {}
     data_cfg = dict(full.get("data") or {})
     run = full.get("run") or {}
     run_root = run.get("out_dir") or f"runs/{run.get('name') or cfg_path.stem}"  # (train.config's rule)
-    out = args.out or data_cfg.pop("out_dir", None) or str(Path(run_root) / "data")  # where `train` looks
+    out = out or data_cfg.pop("out_dir", None) or str(Path(run_root) / "data")  # where `train` looks
     data_cfg.pop("out_dir", None)  # --out wins over the config
     srcs = data_cfg.get("sources")
     if isinstance(srcs, list):
         data_cfg["sources"] = [_resolve_source(s, cfg_path.parent) for s in srcs]
     elif isinstance(srcs, str):
         data_cfg["sources"] = _resolve_source(srcs, cfg_path.parent)
-    summary = prepare_data(data_cfg, out)
-    print(json.dumps(summary, indent=1))
-    return 0
+    return prepare_data(data_cfg, out)
 
 
-def add_data_commands(subparsers) -> argparse.ArgumentParser:
-    """Register ``data prepare CONFIG [--out DIR]`` on an ``argparse`` subparsers object.
+if __name__ == "__main__":  # ``python -m growth_ds.train.data prepare CONFIG.yaml [--out DIR]``: the CLI's command
+    from growth_ds.cli import main
 
-    Sets ``func=cli_data_prepare`` on the parsed namespace; call ``args.func(args)``.
-    """
-    p = subparsers.add_parser("data", help="corpus, tokenizer and token stores")
-    sub = p.add_subparsers(dest="data_command", required=True)
-    q = sub.add_parser("prepare", help="build tokenizer + train/val token stores")
-    q.add_argument("config", help="YAML file with a `data:` section")
-    q.add_argument("--out", default=None,
-                   help="output directory (default: where `growth-ds train` looks: data.out_dir, else "
-                        "run.out_dir/data, else runs/<run.name or the config's stem>/data)")
-    q.set_defaults(func=cli_data_prepare)
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m growth_ds.train.data prepare CONFIG.yaml [--out DIR]``."""
-    parser = argparse.ArgumentParser(prog="growth-ds")
-    add_data_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["data", *(argv if argv is not None else sys.argv[1:])])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["data", *sys.argv[1:]]))

@@ -17,10 +17,11 @@ from typing import Optional
 
 import torch
 
+from growth_ds import atomic
 from growth_ds.models import build_model, lm_loss
 from growth_ds.models.schema import parameter_schema
 from growth_ds.distributed.zero import grow_any, grow_engine, is_partitioned
-from growth_ds.distributed.zero_dense import grow_dense_engine
+from growth_ds.distributed.zero.dense import grow_dense_engine
 from growth_ds.ops import LRSchedule, make_plan
 from growth_ds.shapes import ModelShape
 from growth_ds.train import deepspeed_engine as dse
@@ -52,38 +53,12 @@ class Progress:
     total_steps: int = 0   # the run's last step (``budget: flops`` re-plans it at each growth); 0: not yet set
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path) -> dict:
     """A checkpoint's JSON, or a ValueError naming the file when it is truncated or corrupt."""
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is corrupt ({e})") from e
-
-
-def _fsync(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(d: Path) -> None:
-    """Flush every file under ``d`` and the directories themselves to stable storage (DeepSpeed's
-    ``torch.save`` does not), so a pointer written afterwards never names files a crash could lose."""
-    for root, _, files in os.walk(d):
-        for name in files:
-            _fsync(os.path.join(root, name))
-        _fsync(root)
 
 
 def _tag_step(name: str) -> Optional[int]:
@@ -246,8 +221,9 @@ class StagedTrainer:
         small model frozen (data parallel: gradients averaged over ranks), then materialise the grown state.
         Operator steps consume tokens and FLOPs, counted in the run's compute. The operator's forward needs
         the small model on every rank (gathered one parameter at a time under ZeRO-3); the grown model is
-        built under ZeRO 1-3 from the old partitions by the dense executor (``zero_dense``), never whole."""
-        from growth_ds.ops.ligo import LigoOperator, materialise_state, train_ligo
+        built under ZeRO 1-3 from the old partitions by the dense executor (``zero.dense``), never whole."""
+        from growth_ds.ops.ligo import LigoOperator, materialise_state
+        from growth_ds.train.ligo_fit import train_ligo
         from growth_ds.ops.state import TrainingState
 
         names = list(parameter_schema(shape))
@@ -327,13 +303,12 @@ class StagedTrainer:
         dist.barrier()
         engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False,
                                client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}})
-        _fsync_tree(self.ckpt_dir / tag)  # (every rank: its own files are flushed wherever it wrote them)
+        atomic.fsync_tree(self.ckpt_dir / tag)  # (every rank: its own files are flushed wherever it wrote them)
         dist.barrier()
         if self.rank == 0:  # meta, then the pointer: a checkpoint without both is never used
-            _write_json_atomic(self.ckpt_dir / tag / "growth_meta.json", meta)
-            _fsync(self.ckpt_dir / tag)  # (the meta's directory entry)
-            _write_json_atomic(ptr, {"tag": tag, "step": p.step})
-            _fsync(self.ckpt_dir)  # (the pointer's)
+            # (each write also flushes its directory entry: the meta is durable before the pointer names it)
+            atomic.write_json(self.ckpt_dir / tag / "growth_meta.json", meta, indent=1)
+            atomic.write_json(ptr, {"tag": tag, "step": p.step}, indent=1)
             # keep the newest complete checkpoints up to this one; never this one, never a newer-numbered tag
             # (an earlier run's), never an incomplete one
             done = sorted((_tag_step(d.name), d.name) for d in self.ckpt_dir.iterdir()
@@ -363,7 +338,7 @@ class StagedTrainer:
         problem = shape.arch_mismatch(self.cfg.stages[prog.stage].shape)
         if problem:
             raise ValueError(f"stages[{prog.stage}].shape.{problem} (checkpoint vs config)")
-        from growth_ds.distributed.zero_universal import is_universal, load_universal_checkpoint
+        from growth_ds.distributed.zero.universal import is_universal, load_universal_checkpoint
 
         tag_dir = ckpt_dir / meta["tag"]
         universal = is_universal(tag_dir) or meta["world_size"] != self.world
@@ -393,7 +368,7 @@ class StagedTrainer:
         """``(dir, tag)`` of a universal form of checkpoint ``tag``: itself if it is one, else converted once
         by rank 0 into ``<tag>_universal`` in this run's checkpoint directory (next to the tag when it is this
         run's; never into another run's, which may be read-only). Written aside and renamed: never half there."""
-        from growth_ds.distributed.zero_universal import is_universal, to_universal
+        from growth_ds.distributed.zero.universal import is_universal, to_universal
 
         if is_universal(ckpt_dir / tag):
             return ckpt_dir, tag
@@ -419,7 +394,7 @@ class StagedTrainer:
     def init_from(self, src: Path) -> dict:
         """Meta of the checkpoint a new run starts from (``--init-from``): a growth-ds run's checkpoint
         directory or a grown universal checkpoint (``growth-ds grow --from CKPT_DIR --out SRC``)."""
-        from growth_ds.distributed.zero_universal import resolve_checkpoint
+        from growth_ds.distributed.zero.universal import resolve_checkpoint
 
         tag_dir, meta = resolve_checkpoint(src)
         if meta is None:

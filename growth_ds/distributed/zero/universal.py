@@ -23,7 +23,6 @@ at the end; a crash at any point leaves no directory at ``--out`` (and never a `
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -31,11 +30,15 @@ import signal
 import time
 from collections import OrderedDict
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from growth_ds.distributed.zero_index import OldData, ParamGrowth, PlanCache, chunk_range
+from growth_ds.distributed.engine_state import link_optimizer_state
+from growth_ds.distributed.zero.intervals import chunk_range
+from growth_ds.distributed.zero.old_data import OldData
+from growth_ds.distributed.zero.param_growth import ParamGrowth, PlanCache
 from growth_ds.models.schema import param_shape, parameter_schema
 from growth_ds.ops.plan import GrowthPlan, make_plan
 from growth_ds.shapes import ModelShape
@@ -77,6 +80,20 @@ def _is_tag_dir(d: Path) -> bool:
     return d.is_dir() and (any(d.glob("*_model_states.pt")) or (d / "zero" / "optimizer_state.pt").exists())
 
 
+def select_tag(src: str | Path, tag: Optional[str] = None) -> Path:
+    """``src`` itself, or its tag directory ``src/tag`` (checked: a checkpoint tag, and complete when ``src``
+    is a growth-ds run's checkpoint directory)."""
+    if not tag:
+        return Path(src)
+    tag_dir = Path(src) / tag
+    if not _is_tag_dir(tag_dir):
+        raise ValueError(f"--tag {tag}: {tag_dir} is not a checkpoint tag of {src}")
+    if (tag_dir.parent / "latest.json").exists() and not (tag_dir / "growth_meta.json").exists():
+        raise ValueError(f"--tag {tag}: {tag_dir} is incomplete (a growth-ds run's save that did not finish: "
+                         f"no growth_meta.json)")
+    return tag_dir
+
+
 def is_universal(tag_dir: Path) -> bool:
     return (tag_dir / "zero" / "optimizer_state.pt").exists()
 
@@ -90,9 +107,9 @@ def to_universal(tag_dir: Path, out_tag_dir: Path, loadable: bool = False) -> Pa
     from deepspeed.checkpoint import ds_to_universal
 
     out_tag_dir.parent.mkdir(parents=True, exist_ok=True)
-    ds_to_universal.main(argparse.Namespace(input_folder=str(tag_dir), output_folder=str(out_tag_dir),
-                                            num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                                            strict=True, inject_missing_state=True))
+    ds_to_universal.main(SimpleNamespace(input_folder=str(tag_dir), output_folder=str(out_tag_dir),
+                                         num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                         strict=True, inject_missing_state=True))
     if loadable:
         ms = _model_states(tag_dir)
         for name in MODEL_STATE_NAMES:
@@ -382,38 +399,9 @@ def load_universal_checkpoint(engine, load_dir: str | Path, tag: Optional[str] =
             for k, v in saved.items():
                 if k != "params":
                     live[k] = v
-    from growth_ds.train import deepspeed_engine as dse
-
-    dse.link_optimizer_state(engine)
+    link_optimizer_state(engine)
     return result
 
 
-# ---- command line -------------------------------------------------------------------------------
-
-
-def cli_grow(args) -> int:
-    """``growth-ds grow --from CKPT_DIR ...`` (``args`` from growth_ds.cli's ``grow`` parser)."""
-    from growth_ds.cli import _parse_methods
-
-    large = ModelShape.from_yaml(args.to)
-    small = ModelShape.from_yaml(args.shape) if getattr(args, "shape", None) else None
-    width, depth = _parse_methods(args.method)
-    src = Path(getattr(args, "from"))
-    if getattr(args, "tag", None):  # the tag to grow (default: the directory's latest)
-        src = src / args.tag
-        if not _is_tag_dir(src):
-            raise ValueError(f"--tag {args.tag}: {src} is not a checkpoint tag of {getattr(args, 'from')}")
-        if (src.parent / "latest.json").exists() and not (src / "growth_meta.json").exists():
-            raise ValueError(f"--tag {args.tag}: {src} is incomplete (a growth-ds run's save that did not finish: "
-                             f"no growth_meta.json)")
-    summary = grow_universal_checkpoint(src, large, args.out, width=width, depth=depth,
-                                        seed=args.seed, moments=getattr(args, "moments", None),
-                                        lr=getattr(args, "lr_policy", None), small=small,
-                                        overwrite=getattr(args, "force", False))
-    print(f"{summary['params']} parameters, {summary['bytes'] / 2**20:.1f} MiB of new state in "
-          f"{summary['seconds']:.1f}s")
-    return 0
-
-
-__all__ = ["check_universal", "cli_grow", "grow_universal_checkpoint", "is_universal", "load_universal_checkpoint",
-           "read_param", "resolve_checkpoint", "to_universal", "universal_step"]
+__all__ = ["check_universal", "grow_universal_checkpoint", "is_universal", "load_universal_checkpoint",
+           "read_param", "resolve_checkpoint", "select_tag", "to_universal", "universal_step"]
