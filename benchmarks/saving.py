@@ -45,6 +45,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from growth_ds import atomic  # noqa: E402
 from growth_ds.shapes import ModelShape  # noqa: E402
 from growth_ds.train.metrics import flops_per_token, read_metrics, val_curve  # noqa: E402
 from growth_ds.train.report import flops_to_reach  # noqa: E402
@@ -203,9 +204,7 @@ class Study:
         res = {"final_val_loss": curve[-1][3], "flops": curve[-1][0], "steps": curve[-1][2], "curve": curve,
                "growths": [{k: r.get(k) for k in ("step", "flops", "val_loss_before", "val_loss_after")}
                            for r in recs if r.get("event") == "growth"]}
-        tmp = d / ".result.json.tmp"
-        tmp.write_text(json.dumps(res))
-        os.replace(tmp, d / "result.json")
+        atomic.write_text(d / "result.json", json.dumps(res))
         return True
 
     def result(self, name: str) -> Optional[dict]:
@@ -229,10 +228,11 @@ def best_lr(results: Dict[float, List[Optional[dict]]]) -> float:
 
 
 # ---- phases ----------------------------------------------------------------------------------------
-def tune(st: Study, seeds, staged_grid: bool = False) -> dict:
+def tune(st: Study, seeds, staged_grid: bool = False, recipe: str = "zero-id") -> dict:
     """Scratch's and the small model's peak LR over LR_GRID at budget 1x. The staged arm's stages take their
     shapes' tuned LRs (the small model's, then scratch's); with ``staged_grid``, the grid is searched on the
-    staged arm itself, one stage's LR at a time, for the default recipe."""
+    staged arm of ``recipe`` itself, one stage's LR at a time (first stage, then the grown stage with the
+    first stage's best), the other stage at its shape's tuned LR."""
     st.prepare(seeds)
     out = {}
     for kind, shape in (("scratch", LARGE), ("small", SMALL)):
@@ -243,7 +243,9 @@ def tune(st: Study, seeds, staged_grid: bool = False) -> dict:
                                                       for lr, v in table.items()}}
     lr0 = out["scratch"]["best"]
     out["staged_lrs"] = (out["small"]["best"], lr0)
-    rec = RECIPES["zero-id"]
+    rec = RECIPES[recipe]
+    if staged_grid:
+        out["staged_grid_recipe"] = recipe
     for which in ((0, 1) if staged_grid else ()):  # one stage's LR at a time, the other at scratch's best
         runs = {}
         for lr in LR_GRID:
@@ -461,7 +463,7 @@ def fmt_tune(t: dict) -> List[str]:
         g = t.get(f"staged_stage{which}")
         if g is None:
             continue
-        lines.append(f"| staged zero-id, stage {which} LR | " +
+        lines.append(f"| staged {t.get('staged_grid_recipe', 'zero-id')}, stage {which} LR | " +
                      " | ".join(_cell(g.get(str(x), g.get(x))) for x in LR_GRID) + f" | {t['staged_lrs'][which]:g} |")
     return lines
 
@@ -586,7 +588,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("phase", choices=["tune", "screen", "baselines", "confirm", "auto", "table"])
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
-    ap.add_argument("--recipe", default=None, help="confirm: the recipe; screen: only these (comma-separated)")
+    ap.add_argument("--recipe", default=None, help="confirm: the recipe; screen: only these (comma-separated); tune --staged-grid: the staged arm")
     ap.add_argument("--out", default=str(REPO / "runs" / "saving"))
     ap.add_argument("--jobs", type=int, default=2, help="runs side by side (one process each)")
     ap.add_argument("--eval-tokens", type=int, default=65536)
@@ -596,7 +598,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     st = Study(Path(a.out), a.jobs, a.eval_tokens, a.cached)
     if a.phase == "tune":
-        print("\n".join(fmt_tune(tune(st, a.seeds or SCREEN_SEEDS, a.staged_grid))))
+        print("\n".join(fmt_tune(tune(st, a.seeds or SCREEN_SEEDS, a.staged_grid, a.recipe or "zero-id"))))
     elif a.phase == "screen":
         names = a.recipe.split(",") if a.recipe else None
         print("\n".join(fmt_screen(screen(st, a.seeds or SCREEN_SEEDS, names))))
