@@ -22,7 +22,7 @@ from growth_ds.distributed.zero.intervals import (chunk_range, clip_intervals, i
                                                   runs_to_intervals)
 from growth_ds.distributed.zero.old_data import OldData
 from growth_ds.distributed.zero.param_growth import ParamGrowth, PlanCache, grow_rows_reference
-from growth_ds.distributed.zero.param_growth import strided_runs as _strided_runs
+from growth_ds.distributed.zero.fast import strided_runs as _strided_runs
 from growth_ds.distributed.zero.schedule import make_schedule
 from growth_ds.distributed.zero.shm import TRANSPORT_ENV
 from growth_ds.models.schema import parameter_schema

@@ -1,10 +1,9 @@
 """Large same-dtype copies in host memory at the speed of the C library's ``memcpy``.
 
 torch's CPU copy kernel writes with ordinary stores. glibc's ``memmove`` switches to streaming
-(non-temporal) stores above ``glibc.cpu.x86_non_temporal_threshold`` (48 MiB on the development VM),
-which skip the read-for-ownership of every destination line: a 64 MiB copy runs at ~9 GiB/s there
-against ~5.7 GiB/s for ``Tensor.copy_`` on one thread; below the threshold both run at about the same
-speed. The refresh of low-precision weights from fp32 masters (one flat copy per parameter group) is the
+(non-temporal) stores above ``glibc.cpu.x86_non_temporal_threshold`` (a glibc tunable, typically tens of MiB),
+which skip the read-for-ownership of every destination line, so large copies move fewer bytes; below
+the threshold both copy the same way (``benchmarks/zero_growth.py`` prints the bandwidths). The refresh of low-precision weights from fp32 masters (one flat copy per parameter group) is the
 large copy of a growth.
 """
 from __future__ import annotations

@@ -29,7 +29,6 @@ import itertools
 import json
 import os
 import random
-import sys
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -579,9 +578,3 @@ def prepare_from_config(config: PathLike, out: PathLike | None = None) -> dict:
     elif isinstance(srcs, str):
         data_cfg["sources"] = _resolve_source(srcs, cfg_path.parent)
     return prepare_data(data_cfg, out)
-
-
-if __name__ == "__main__":  # ``python -m growth_ds.train.data prepare CONFIG.yaml [--out DIR]``: the CLI's command
-    from growth_ds.cli import main
-
-    raise SystemExit(main(["data", *sys.argv[1:]]))

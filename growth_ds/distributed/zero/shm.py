@@ -9,7 +9,7 @@ Synchronisation. Each segment starts with a small header: the number of rounds i
 pid, and per half its per-destination element counts. :meth:`ShmTransport.publish` writes the counts, then
 bumps the round number, then waits until every rank has published the round: the same "every rank has
 packed" point as an all-gather of the counts, at the cost of a few memory reads instead of a gloo
-collective (about 1.4 ms between two local processes here, once per round). Segments are double-buffered:
+collective (once per round). Segments are double-buffered:
 round ``k`` packs into half ``k % 2``, and a rank starts packing round ``k`` only after every rank has
 published round ``k - 1``, which each does only after computing round ``k - 2``: so nothing is overwritten
 while it is read. The header protocol relies on stores becoming visible in program order (x86-64); on other
