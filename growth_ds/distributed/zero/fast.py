@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,6 +27,19 @@ import torch
 from growth_ds.distributed.zero.old_data import OldData, RowView
 
 F64 = torch.float64
+
+
+class TileRows(NamedTuple):
+    """A row group of a tiled map (:meth:`FastPaths._group`): ``gr`` blocks of ``nr`` new rows, ``step`` rows
+    apart, the first at new row ``r0`` past the range's first; their row factor ``f0`` and copy index ``k0``
+    (staged training's coupling)."""
+
+    r0: int
+    step: int
+    gr: int
+    nr: int
+    f0: float
+    k0: int
 
 
 _SCALARS: Dict[Tuple[float, float], torch.Tensor] = {}
@@ -225,7 +238,7 @@ class FastPaths:
                 else:
                     x = v[c]
                     xbase = [x.storage_offset() + o]
-                self._tile_ops(c, [dst], dbase, x, xbase, one, r0, step, gr, nr, f0s[c], k0, cruns)
+                self._tile_ops(c, [dst], dbase, x, xbase, one, TileRows(r0, step, gr, nr, f0s[c], k0), cruns)
         return chans
 
     def stack_into(self, start: int, stop: int, members: Sequence[Tuple["FastPaths", OldData, Sequence[torch.Tensor]]]
@@ -279,8 +292,8 @@ class FastPaths:
                 (_, nr, v, _), _, f0s, k0 = first[js[0]]
                 x = v[c]
                 xbase = [x.storage_offset() + sp[js[0]][0][3] for sp in spans]
-                self._tile_ops(c, dsts, dbase, x, xbase, strided_runs(dsts, dbase, xbase), r0, step, gr, nr,
-                               f0s[c], k0, cruns)
+                self._tile_ops(c, dsts, dbase, x, xbase, strided_runs(dsts, dbase, xbase),
+                               TileRows(r0, step, gr, nr, f0s[c], k0), cruns)
         return True
 
     def _spans(self, i0: int, i1: int, old: OldData, rruns, rstarts) -> Optional[List[tuple]]:
@@ -320,14 +333,12 @@ class FastPaths:
         return groups
 
     def _tile_ops(self, c: int, dsts: Sequence[torch.Tensor], dbase: List[int], x: torch.Tensor, xbase: List[int],
-                  members: List[Tuple[int, int, int, int]], r0: int, step: int, gr: int, nr: int, f0: float, k0: int,
-                  cruns) -> None:
-        """Channel ``c`` of one row group (:meth:`_group`: ``gr`` blocks of ``nr`` rows, ``step`` rows apart, the
-        first at new row ``r0`` past the range's first, all read from old rows at ``xbase`` in ``x``; row-run
-        factor ``f0``, copy ``k0``): per column tile, one strided multiply (a copy at factor 1, a +0 fill where the
-        reference writes one) for each run ``(a, b, do, dx)`` of members (:func:`strided_runs`), whose outputs
-        start at ``dbase`` in ``dsts``."""
+                  members: List[Tuple[int, int, int, int]], rows: "TileRows", cruns) -> None:
+        """Channel ``c`` of one row group (``rows``, read from old rows at ``xbase`` in ``x``): per column tile,
+        one strided multiply (a copy at factor 1, a +0 fill where the reference writes one) for each run
+        ``(a, b, do, dx)`` of members (:func:`strided_runs`), whose outputs start at ``dbase`` in ``dsts``."""
         D1, d1 = self.D1, self.d1
+        r0, step, gr, nr, f0, k0 = rows
         noisy = c == 0 and self.noisy
         for ns, os_, n, gc, f1s, k1 in cruns:  # (column tiles)
             f1 = f1s[c]
