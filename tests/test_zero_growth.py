@@ -143,6 +143,34 @@ def test_piecewise_growth_equals_reference_bit_for_bit(flavour, width, depth, ch
                 assert intervals_numel(g.needs(a, b)) <= (i1 - i0 + 1) * g.d1
 
 
+@pytest.mark.parametrize("flavour,width,depth,changes", PURE_CASES,
+                         ids=[f"{c[0]}-{c[1]}+{c[2]}" for c in PURE_CASES])
+def test_host_route_for_accelerator_slices_equals_the_reference(flavour, width, depth, changes):
+    """Slices on an accelerator are computed on the host from a host copy of the piece's old elements
+    (ParamGrowth.compute_on_host): the same bits as ops.grow, values and both moments."""
+    small = small_shape(flavour, tied_embeddings=flavour == "gpt2")
+    plan = make_plan(small, dataclasses.replace(small, **changes), width=width, depth=depth, seed=3,
+                     moments="adjoint")
+    state = _state(small)
+    ref = grow(state, plan)
+    rng = random.Random(1)
+    cache = PlanCache(plan)
+    for name, spec in parameter_schema(plan.grown_shape).items():
+        g = cache.growth(name, spec)
+        src = source_name(plan, name)
+        flat = [t.reshape(-1) for t in (state.params[src], state.exp_avg[src], state.exp_avg_sq[src])]
+        red = g.reduce(flat[0]) if g.reductions else None
+        cuts = sorted({0, g.new_numel, *(rng.randrange(g.new_numel) for _ in range(2))})
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            ivs = g.needs(a, b)
+            data = torch.stack([torch.cat([f[s:e] for s, e in ivs]) if ivs else f[:0] for f in flat[:g.channels]])
+            into = [torch.full((b - a,), float("nan")) for _ in range(3)]
+            g.compute_on_host(a, b, OldData(ivs, data), red, into)
+            for c, field in enumerate(("params", "exp_avg", "exp_avg_sq")):
+                want = getattr(ref, field)[name].reshape(-1)[a:b]
+                assert torch.equal(_bits(into[c]), _bits(want)), (name, field, a, b)
+
+
 @pytest.mark.parametrize("width", ["duplicate", "staged"])
 def test_float32_fast_path_keeps_signed_zeros_and_underflow_exact(width):
     """The float32 fast path against the float64 reference on adversarial values: -0.0, +0.0 and negative

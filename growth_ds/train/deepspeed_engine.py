@@ -117,13 +117,21 @@ def set_lr(engine, lr: float) -> None:
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
+def to_engine(engine, *tensors: torch.Tensor):
+    """``tensors`` on the device the engine computes on (the accelerator; a no-op on the CPU)."""
+    dev = getattr(engine, "device", None)
+    if dev is None or all(t.device == torch.device(dev) for t in tensors):
+        return tensors
+    return tuple(t.to(dev, non_blocking=True) for t in tensors)
+
+
 def materialise_optimizer_state(engine, batch) -> None:
     """Adam state is created lazily at the first step: take one step with zero gradients and LR 0.
 
     AdamW with lr 0 leaves the weights unchanged; the moments it creates are then overwritten.
     """
     set_lr(engine, 0.0)
-    x, y = batch
+    x, y = to_engine(engine, *batch)
     for _ in range(engine.gradient_accumulation_steps()):  # the optimizer steps only at the boundary
         loss = engine(x).float().sum() * 0.0
         engine.backward(loss)

@@ -156,6 +156,7 @@ class StagedTrainer:
     def evaluate(self, engine) -> float:
         total, count = 0.0, 0
         for x, y in self.eval_set:
+            x, y = dse.to_engine(engine, x, y)
             logits = engine(x)
             total += lm_loss(logits, y).item() * x.shape[0]
             count += x.shape[0]
@@ -165,7 +166,7 @@ class StagedTrainer:
         dse.set_lr(engine, lr)
         losses = []
         for _ in range(self.cfg.train["grad_accum"]):
-            x, y = next(self.batches)
+            x, y = dse.to_engine(engine, *next(self.batches))
             loss = lm_loss(engine(x), y)
             engine.backward(loss)
             engine.step()

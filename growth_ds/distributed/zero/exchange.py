@@ -233,7 +233,7 @@ def pack(seg: torch.Tensor, channels: int, slot: Slot, lo: int, pieces) -> torch
                 seg[c, pos:pos + e - s].copy_(slot.flats[c][s - lo + slot.offset:e - lo + slot.offset])
                 pos += e - s
     else:  # many short runs (permuted heads, GQA groups): one gather per channel
-        idx = interval_index(pieces, lo - slot.offset)
+        idx = interval_index(pieces, lo - slot.offset).to(slot.flats[0].device)
         for c in range(channels):
             torch.index_select(slot.flats[c], 0, idx, out=seg[c])
     return seg

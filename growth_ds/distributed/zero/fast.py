@@ -252,6 +252,8 @@ class FastPaths:
         float32 block path does not cover the range (partial rows, many runs, rows across chunks, an old
         value with an exact zero, members whose old rows are laid out differently): the caller then takes
         :meth:`compute_into` for each member."""
+        if any(v.device.type != "cpu" for _, _, views in members for v in views):
+            return False  # (accelerator slices: one piece at a time, through compute_on_host)
         if self.mode != "rows" or not (self.fast_value and self.fast_moment) or start % self.D1 or stop % self.D1:
             return False
         chans = tuple(c for c in range(3) if not self.zero[c])

@@ -49,6 +49,17 @@ class OldData:
         self._has_zero: Optional[bool] = None
 
     @property
+    def device(self) -> torch.device:
+        """Where the old elements are (host memory when there are none)."""
+        if self._data is not None and len(self._data):
+            return self._data[0].device
+        return self.chunks[0][2][0].device if self.chunks else torch.device("cpu")
+
+    def to_host(self) -> "OldData":
+        """The same old elements as one contiguous host tensor per channel (a copy)."""
+        return OldData(self.intervals, [t.cpu() for t in self.data], channels=self.channels)
+
+    @property
     def data(self) -> Sequence[torch.Tensor]:
         """Per channel, the needed old elements as one contiguous 1-D tensor."""
         if self._data is None:

@@ -304,7 +304,11 @@ class ParamGrowth(FastPaths, Replay):
         """Write new flat ``[start, stop)`` of value, ``exp_avg``, ``exp_avg_sq`` into ``views`` (float32,
         length ``stop - start`` each). Same results as :meth:`compute`; takes the float32 fast path where
         it is exact: whole rows are written in place, a partial row at either end through a one-row buffer;
-        1-D parameters as one gather and one multiply per channel (:class:`VectorGrowth`)."""
+        1-D parameters as one gather and one multiply per channel (:class:`VectorGrowth`). Slices on an
+        accelerator are computed on the host (:meth:`compute_on_host`)."""
+        if any(v.device.type != "cpu" for v in views) or (old is not None and old.device.type != "cpu"):
+            self.compute_on_host(start, stop, old, red, views)
+            return
         if self.vec is not None:
             self._vector_into(start, stop, old, views)
             return
@@ -365,6 +369,19 @@ class ParamGrowth(FastPaths, Replay):
             else:
                 views[c].copy_(out[c])
 
+
+    def compute_on_host(self, start: int, stop: int, old: Optional[OldData], red: Optional[Reductions],
+                        views: Sequence[torch.Tensor]) -> None:
+        """:meth:`compute_into` for slices on an accelerator: the piece's old elements are copied to host memory,
+        computed there by exactly the CPU arithmetic (so the bits equal the reference's), and the float32
+        result is copied into ``views``. Host work space: one piece's old elements and its new elements."""
+        host_old = None if old is None else old.to_host()
+        host_red = None if red is None else Reductions(
+            col_mean=None if red.col_mean is None else red.col_mean.cpu(), std=red.std)
+        host_views = [torch.empty(v.shape, dtype=v.dtype) for v in views]
+        self.compute_into(start, stop, host_old, host_red, host_views)
+        for v, h in zip(views, host_views):
+            v.copy_(h)
 
     # -- which old elements --------------------------------------------------------------------
     def rows_of(self, start: int, stop: int) -> Tuple[int, int]:
