@@ -26,11 +26,13 @@ def cmd_grow(args) -> int:
 
     from growth_ds.checkpoint import load_state, save_state
     from growth_ds.interop.megatron import is_dist_checkpoint
+    from growth_ds.interop.megatron_lm import ITER_RE, is_run_root
     from growth_ds.ops import grow, make_plan
     from growth_ds.shapes import ModelShape
 
     src = getattr(args, "from")
-    kind = "hf" if getattr(args, "from_hf", None) else "dist" if is_dist_checkpoint(src) else \
+    megatron = src is not None and (is_dist_checkpoint(src) or is_run_root(src) or bool(ITER_RE.match(Path(src).name)))
+    kind = "hf" if getattr(args, "from_hf", None) else "dist" if megatron else \
         "deepspeed" if Path(src).is_dir() else "file"
     _check_grow_options(args, kind)
     if kind == "hf":
@@ -65,6 +67,8 @@ _GROW_KINDS = {"hf": "a Hugging Face directory (--from-hf)", "dist": "a megatron
 _GROW_ONLY = {  # option: (the sources it applies to, what it is for)
     "tag": (("deepspeed",), "the tag of a DeepSpeed checkpoint directory"),
     "tp": (("dist",), "the TP size of a megatron-core dist checkpoint"),
+    "iteration": (("dist",), "the iteration of a Megatron-LM checkpoint root"),
+    "no_optim": (("dist",), "weights only, for a megatron checkpoint"),
     "dtype": (("hf",), "the dtype of the grown Hugging Face weights"),
     "max_seq_len": (("hf",), "the context length of an imported Hugging Face model"),
 }
@@ -150,7 +154,8 @@ def cmd_grow_dist(args) -> int:
     width, depth = _parse_methods(args.method)
     grown = grow_dist_checkpoint(getattr(args, "from"), large, args.out, width=width, depth=depth, seed=args.seed,
                                  moments=args.moments, lr=args.lr_policy, tp=getattr(args, "tp", None), small=small,
-                                 overwrite=args.force)
+                                 overwrite=args.force, iteration=getattr(args, "iteration", None),
+                                 no_optim=bool(getattr(args, "no_optim", None)))
     if dist.get_rank() == 0:
         print(grown.plan.describe())
         print(grown.tp_plan.describe())
@@ -369,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     gm.add_argument("--moments", choices=["adjoint", "reset"], help="default: the method's paper")
     gm.add_argument("--lr-policy", choices=["continue", "rewarm", "lemon", "restart"])
     gm.add_argument("--force", action="store_true", help="replace --out if it exists")
+    gm.add_argument("--iteration", type=int, help="Megatron-LM checkpoint root: the iter_* to grow (default: "
+                                                  "latest_checkpointed_iteration.txt)")
+    gm.add_argument("--no-optim", action="store_true", default=None, help="weights only (no optimizer state)")
     gm.set_defaults(func=cmd_grow_dist)
 
     cv = sub.add_parser(
@@ -398,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("grow", help="grow a saved checkpoint (model + optimizer + step) into a larger shape")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--from", metavar="CKPT", help="checkpoint file (growth-ds or plain torch), a megatron "
-                     "dist checkpoint directory, or a DeepSpeed checkpoint directory (written as a universal one)")
+                     "dist checkpoint directory, a Megatron-LM checkpoint root (latest_checkpointed_iteration.txt, "
+                     "iter_*/) or iter_* folder, or a DeepSpeed checkpoint directory (written as a universal one)")
     src.add_argument("--from-hf", metavar="DIR", help="Hugging Face GPT2LMHeadModel/LlamaForCausalLM directory; "
                      "--out is then a grown Hugging Face directory (save_pretrained, safetensors)")
     g.add_argument("--to", required=True, metavar="SHAPE_YAML", help="target ModelShape YAML")
@@ -417,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, help="ligo: sequences per operator step (default 8)")
     g.add_argument("--seq-len", type=int, help="ligo: tokens per sequence (default 128, at most the context)")
     g.add_argument("--tp", type=int, help="TP size for a megatron dist checkpoint (default: world size)")
+    g.add_argument("--iteration", type=int, help="Megatron-LM checkpoint root: the iter_* to grow (default: "
+                                                 "latest_checkpointed_iteration.txt)")
+    g.add_argument("--no-optim", action="store_true", default=None,
+                   help="megatron checkpoint: grow the weights only (no optimizer state)")
     g.add_argument("--tag", help="DeepSpeed checkpoint directory: the tag to grow (default: latest)")
     g.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="--from-hf: dtype of the saved Hugging Face weights (default float32)")

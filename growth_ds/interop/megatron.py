@@ -557,9 +557,11 @@ def _optimizer_params(optimizer) -> List[torch.nn.Parameter]:
     return [p for g in optimizer.param_groups for p in g["params"]]
 
 
-def checkpoint_state_dict(model, optimizer=None, *, extra: Optional[dict] = None) -> dict:
+def checkpoint_state_dict(model, optimizer=None, *, extra: Optional[dict] = None,
+                          run_state: Optional[dict] = None) -> dict:
     """The sharded state dict growth-ds saves: ``model``, ``optimizer`` (moments sharded like their
-    parameters), and a common ``growth_ds`` entry holding the shape, step and parameter groups."""
+    parameters), a common ``growth_ds`` entry holding the shape, step and parameter groups, and ``run_state``
+    (common entries of a Megatron-LM run: ``args``, ``iteration``, ...) at the top level."""
     from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
                                                             optim_state_to_sharding_state)
 
@@ -581,10 +583,15 @@ def checkpoint_state_dict(model, optimizer=None, *, extra: Optional[dict] = None
         sd["optimizer"] = osd
     common.update(extra or {})
     sd[COMMON_KEY] = common
+    for k, v in (run_state or {}).items():
+        if k in sd:
+            raise ValueError(f"run_state entry {k!r} would replace the checkpoint's own {k!r}")
+        sd[k] = v
     return sd
 
 
-def save_dist_checkpoint(model, optimizer, ckpt_dir, *, extra: Optional[dict] = None) -> None:
+def save_dist_checkpoint(model, optimizer, ckpt_dir, *, extra: Optional[dict] = None,
+                         run_state: Optional[dict] = None) -> None:
     """Save with ``megatron.core.dist_checkpointing`` (torch_dist); collective over all ranks.
 
     The checkpoint stores global (TP-independent) tensors, so it loads at any TP size.
@@ -597,7 +604,7 @@ def save_dist_checkpoint(model, optimizer, ckpt_dir, *, extra: Optional[dict] = 
     Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
     if dist.is_initialized():
         dist.barrier()
-    dist_checkpointing.save(checkpoint_state_dict(model, optimizer, extra=extra), str(ckpt_dir))
+    dist_checkpointing.save(checkpoint_state_dict(model, optimizer, extra=extra, run_state=run_state), str(ckpt_dir))
 
 
 def checkpoint_common(ckpt_dir) -> dict:
@@ -617,7 +624,7 @@ def is_dist_checkpoint(path) -> bool:
     return Path(path).is_dir() and (Path(path) / "metadata.json").is_file()
 
 
-def load_dist_checkpoint(model, optimizer, ckpt_dir, *, check_shape: bool = True) -> dict:
+def load_dist_checkpoint(model, optimizer, ckpt_dir, *, check_shape: bool = True, step: Optional[int] = None) -> dict:
     """Load a dist checkpoint into ``model`` (and ``optimizer``) at the current TP size; returns its common dict.
 
     ``check_shape``: refuse, before any I/O of tensors, a checkpoint of another shape (megatron would
@@ -648,7 +655,7 @@ def load_dist_checkpoint(model, optimizer, ckpt_dir, *, check_shape: bool = True
     loaded = dist_checkpointing.load(sd, str(ckpt_dir))
     model.load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
-        step = torch.tensor(float(common.get("step", 0)))
+        step = torch.tensor(float(common.get("step", 0) if step is None else step))
         for st in loaded["optimizer"]["state"].values():
             st["step"] = step.clone()
         optimizer.load_state_dict(loaded["optimizer"])
@@ -687,63 +694,149 @@ def ensure_model_parallel(tp: Optional[int] = None, seed: int = 1234) -> int:
     return tp
 
 
+def _source(src_dir, iteration: Optional[int]):
+    """``(checkpoint dir, Megatron-LM iteration or None, common dict)`` of a dist checkpoint directory or of a
+    Megatron-LM root / ``iter_*`` folder (:mod:`growth_ds.interop.megatron_lm`); refuses, before anything is
+    loaded, what cannot be grown."""
+    from megatron.core import dist_checkpointing
+
+    from growth_ds.interop import megatron_lm as mlm
+
+    src = Path(src_dir)
+    lm = mlm.is_run_root(src) or mlm.ITER_RE.match(src.name) is not None
+    if lm:
+        ckpt, it = mlm.resolve_iteration(src, iteration)
+    else:
+        if iteration is not None:
+            raise ValueError(f"--iteration applies to a Megatron-LM checkpoint root; {src} is one checkpoint")
+        if not is_dist_checkpoint(src):
+            raise FileNotFoundError(f"{src} is not a megatron dist checkpoint (no metadata.json) nor a Megatron-LM "
+                                    f"checkpoint root (no {mlm.TRACKER}, no iter_* folder)")
+        ckpt, it = src, None
+    mlm.check_optimizer_format(ckpt)
+    return ckpt, it, dict(dist_checkpointing.load_common_state_dict(str(ckpt)))
+
+
+def _source_shape(ckpt, common: dict, small: Optional[ModelShape]) -> ModelShape:
+    """The old shape: ``small``, else growth-ds's entry, else the saved Megatron-LM ``args`` with the embedding's
+    global rows (the padded vocabulary) from the tensor metadata."""
+    from megatron.core import dist_checkpointing
+
+    from growth_ds.interop.megatron_lm import shape_from_args
+
+    if small is not None:
+        return small
+    if (common.get(COMMON_KEY) or {}).get("shape"):
+        return ModelShape.from_dict(common[COMMON_KEY]["shape"])
+    if "args" in common:
+        meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
+        emb = meta.get("embedding.word_embeddings.weight")
+        if emb is None:
+            raise ValueError(f"{ckpt}: no embedding.word_embeddings.weight in the checkpoint (a pipeline stage "
+                             f"without the embedding, or not a GPT model)")
+        return shape_from_args(common["args"], emb.global_shape[0])
+    raise ValueError(f"{ckpt} records neither a growth-ds shape nor Megatron-LM args; pass the old ModelShape "
+                     f"(--shape)")
+
+
 def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional[str] = None,
                          depth: Optional[str] = None, seed: int = 0, moments: Optional[str] = None,
                          lr: Optional[str] = None, tp: Optional[int] = None, small: Optional[ModelShape] = None,
-                         overwrite: bool = False) -> GrownGPT:
+                         overwrite: bool = False, iteration: Optional[int] = None,
+                         no_optim: bool = False) -> GrownGPT:
     """Grow a megatron-core dist checkpoint: load at the old shape, grow in memory, save at the new shape.
 
-    Collective over all ranks (launch with ``torchrun --nproc_per_node N`` for ``tp = N``; a plain
-    process runs at TP=1). ``small`` gives the old shape when the checkpoint was not written by
-    growth-ds. The checkpoint's TP size does not matter (dist checkpoints reshard on load). Atomic: the
-    checkpoint is written next to ``out_dir`` and renamed into place when complete, so a crash leaves
-    ``out_dir`` as it was (and ``overwrite`` replaces it whole).
+    ``src_dir``: a dist checkpoint directory, or a Megatron-LM checkpoint root (``iteration``, default the
+    tracker's) or one ``iter_*`` folder; a Megatron-LM source is written back in its layout
+    (``out_dir/iter_*`` and the tracker) with its ``args`` grown and its ``iteration``, LR scheduler state and
+    FLOPs counter carried over. Collective over all ranks (launch with ``torchrun --nproc_per_node N`` for
+    ``tp = N``; a plain process runs at TP=1). ``small`` gives the old shape when the checkpoint records none.
+    The checkpoint's TP size does not matter (dist checkpoints reshard on load). ``no_optim``: weights only (the
+    grown checkpoint has no optimizer state). Refused before anything is written: a missing iteration, a
+    per-bucket distributed-optimizer checkpoint, shapes that do not grow, an existing output without
+    ``overwrite``. Atomic: the checkpoint is written next to its final name and renamed into place when
+    complete, so a crash leaves ``out_dir`` as it was (and ``overwrite`` replaces it whole).
     """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not an empty directory; pass overwrite=True (--force) to "
                               f"replace it")
-    if not is_dist_checkpoint(src_dir):
-        raise FileNotFoundError(f"{src_dir} is not a megatron dist checkpoint (no metadata.json)")
-    common = checkpoint_common(src_dir)
-    if small is None:
-        if not common.get("shape"):
-            raise ValueError(f"{src_dir} records no growth-ds shape; pass the old ModelShape (--shape)")
-        small = ModelShape.from_dict(common["shape"])
+    ckpt, it, common = _source(src_dir, iteration)
+    ours = common.get(COMMON_KEY) or {}
+    small = _source_shape(ckpt, common, small)
     plan = make_plan(small, large, width=width, depth=depth, seed=seed, moments=moments, lr=lr)  # (bad shapes: now)
     tp = ensure_model_parallel(tp)
     model = build_gpt_model(small, tp=tp, perform_initialization=False)
-    optimizer = None
-    if common.get("param_groups"):
+    optimizer, step = None, None
+    if not no_optim and ours.get("param_groups"):
         named = dict(model.named_parameters())
-        cls = getattr(torch.optim, common.get("optimizer_class", "AdamW"))
-        optimizer = cls([{"params": [named[n] for n in names]} for names in common["param_groups"]])
-    load_dist_checkpoint(model, optimizer, src_dir)
+        cls = getattr(torch.optim, ours.get("optimizer_class", "AdamW"))
+        optimizer = cls([{"params": [named[n] for n in names]} for names in ours["param_groups"]])
+    elif not no_optim and _has_moments(ckpt):  # a Megatron-LM run's per-parameter Adam state
+        optimizer = torch.optim.AdamW(model.parameters())
+        step = int(common.get("iteration") or 0)  # (Adam's step: one per iteration)
+    load_dist_checkpoint(model, optimizer, ckpt, step=step)
     grown = grow_gpt_model(model, optimizer, plan)
     del model, optimizer
     extra = {"grown_from": small.to_dict(), "plan": plan.describe(), "tp_plan": grown.tp_plan.describe(),
              "lr_policy": grown.plan.lr.kind}
-    staging = out.parent / f".{out.name}.partial"  # (one name on every rank)
+    run_state = None
+    if it is not None:
+        from growth_ds.interop.megatron_lm import RUN_STATE_KEYS, grown_args
+
+        run_state = {k: common[k] for k in RUN_STATE_KEYS if k in common}
+        if "args" in run_state:
+            run_state["args"] = grown_args(run_state["args"], grown.shape)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if rank0 and staging.exists():  # left by a crashed run
-        shutil.rmtree(staging)
-    save_dist_checkpoint(grown.model, grown.optimizer, staging, extra=extra)  # (ends every rank's writes)
+    final = out if it is None else out / iteration_name(it)
+    staging = final.parent / f".{final.name}.partial"  # (one name on every rank)
+    if rank0:
+        if it is not None and out.exists() and overwrite:  # replaced whole, like a dist checkpoint directory
+            _replace_dir(out, None)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if staging.exists():  # left by a crashed run
+            shutil.rmtree(staging)
+    if dist.is_initialized():
+        dist.barrier()
+    save_dist_checkpoint(grown.model, grown.optimizer, staging, extra=extra, run_state=run_state)  # (every rank)
     if dist.is_initialized():
         dist.barrier()
     if rank0:
-        if out.exists():  # overwrite (or an empty directory): the old one goes once the new one is complete
-            if not out.is_dir():
-                out.unlink()
-            else:  # (a name of this process: a crash here leaves the old copy aside, never deleted)
-                old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.replaced."))
-                os.replace(out, old / out.name)
-                os.replace(staging, out)
-                shutil.rmtree(old, ignore_errors=True)
-        if staging.exists():
-            os.replace(staging, out)
+        _replace_dir(final, staging)
+        if it is not None:
+            from growth_ds.interop.megatron_lm import write_tracker
+
+            write_tracker(out, it)
     if dist.is_initialized():
         dist.barrier()
     return grown
+
+
+def iteration_name(it) -> str:
+    return "release" if it == "release" else f"iter_{int(it):07d}"
+
+
+def _has_moments(ckpt) -> bool:
+    from megatron.core import dist_checkpointing
+
+    return any(k.startswith("optimizer.state.exp_avg.") for k in dist_checkpointing.load_tensors_metadata(str(ckpt)))
+
+
+def _replace_dir(dest: Path, staging: Optional[Path]) -> None:
+    """Put ``staging`` at ``dest`` (None: remove ``dest``); an existing ``dest`` goes only once ``staging`` is in
+    place (a crash in between leaves the old copy aside under a hidden name, never deleted)."""
+    if dest.exists():
+        if not dest.is_dir():
+            dest.unlink()
+        else:
+            old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.replaced."))
+            os.replace(dest, old / dest.name)
+            if staging is not None:
+                os.replace(staging, dest)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+    if staging is not None:
+        os.replace(staging, dest)
 
 
 __all__ = ["CHECKPOINT_FORMAT", "Entry", "GrownGPT", "build_gpt_model", "checkpoint_common",

@@ -1,0 +1,144 @@
+"""The run layout Megatron-LM (and NeMo / Megatron-Bridge on megatron-core) writes, read and written as is.
+
+    ROOT/latest_checkpointed_iteration.txt      the last complete iteration ("100", or "release")
+    ROOT/iter_0000100/                           a torch_dist (megatron-core dist_checkpointing) checkpoint:
+        metadata.json, common.pt, *.distcp       common: args (argparse.Namespace), iteration,
+                                                 checkpoint_version, opt_param_scheduler,
+                                                 num_floating_point_operations_so_far, ...;
+                                                 sharded: model (layers on one global layer axis),
+                                                 optimizer.state.{exp_avg,exp_avg_sq}.<model key>
+
+The shape of the model comes from the checkpoint's own metadata: the saved ``args`` (Megatron-LM's argument
+names) for the architecture and the embedding tensor's global shape (``load_tensors_metadata``) for the padded
+vocabulary. Optimizer formats: the per-parameter (model-space) formats load; the distributed optimizer's
+per-bucket ``dp_reshardable`` format, Megatron-LM's default, can only be resharded along data parallelism and
+is refused before anything is read or written, with the option that writes a reshardable one.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Optional, Tuple
+
+from growth_ds import atomic
+from growth_ds.shapes import ModelShape
+
+TRACKER = "latest_checkpointed_iteration.txt"
+ITER_RE = re.compile(r"^iter_(\d{7})$")
+#: common-state entries of a Megatron-LM checkpoint that describe the run and travel to the grown checkpoint
+RUN_STATE_KEYS = ("args", "iteration", "checkpoint_version", "opt_param_scheduler",
+                  "num_floating_point_operations_so_far")
+RESHARDABLE_HINT = ("re-save it with `--dist-ckpt-optim-fully-reshardable` (Megatron-LM) so the optimizer state is "
+                    "stored per parameter, or grow the weights only (--no-optim)")
+
+
+def iteration_dir(root: Path, iteration) -> Path:
+    return Path(root) / ("release" if iteration == "release" else f"iter_{int(iteration):07d}")
+
+
+def is_run_root(path) -> bool:
+    """True for a Megatron-LM checkpoint root (it has the tracker file or ``iter_*`` folders)."""
+    p = Path(path)
+    return p.is_dir() and ((p / TRACKER).is_file() or any(ITER_RE.match(c.name) for c in p.iterdir() if c.is_dir()))
+
+
+def resolve_iteration(path, iteration: Optional[int] = None) -> Tuple[Path, Any]:
+    """``(checkpoint directory, iteration)`` of a Megatron-LM root (``iteration``, else the tracker's) or of one
+    ``iter_*`` folder. ``FileNotFoundError`` naming what is missing and what is there."""
+    p = Path(path)
+    m = ITER_RE.match(p.name)
+    if m and not is_run_root(p):  # one iter_* folder
+        if iteration is not None and int(m.group(1)) != int(iteration):
+            raise ValueError(f"{p} is iteration {int(m.group(1))}, not --iteration {iteration}")
+        return p, int(m.group(1))
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p}: no such checkpoint directory")
+    have = sorted(c.name for c in p.iterdir() if c.is_dir() and (ITER_RE.match(c.name) or c.name == "release"))
+    if iteration is None:
+        tracker = p / TRACKER
+        if not tracker.is_file():
+            raise FileNotFoundError(f"{p} has no {TRACKER}; pass --iteration (it has: {have or 'no iter_* folder'})")
+        text = tracker.read_text().strip()
+        iteration = "release" if text == "release" else int(text)
+    d = iteration_dir(p, iteration)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{p} has no {d.name} (it has: {have or 'no iter_* folder'})")
+    if not (d / "metadata.json").is_file():
+        raise FileNotFoundError(f"{d} is not a torch_dist checkpoint (no metadata.json): an incomplete save, or "
+                                f"another --ckpt-format")
+    return d, iteration
+
+
+def _get(args, name, default=None):
+    return args.get(name, default) if isinstance(args, dict) else getattr(args, name, default)
+
+
+def shape_from_args(args, vocab_size: int) -> ModelShape:
+    """The :class:`ModelShape` of a Megatron-LM run from its saved ``args`` (``vocab_size``: the embedding's padded
+    rows). ``ValueError`` naming the settings growth-ds's flavours do not cover."""
+    norm = _get(args, "normalization", "LayerNorm")
+    swiglu = bool(_get(args, "swiglu", False))
+    pos = _get(args, "position_embedding_type", "learned_absolute")
+    bias = bool(_get(args, "add_bias_linear", True))
+    if (norm, swiglu, pos, bias) == ("RMSNorm", True, "rope", False):
+        flavour = "llama"
+    elif (norm, swiglu, pos, bias) == ("LayerNorm", False, "learned_absolute", True):
+        flavour = "gpt2"
+    else:
+        raise ValueError(f"a Megatron-LM run with normalization={norm}, swiglu={swiglu}, position_embedding_type="
+                         f"{pos}, add_bias_linear={bias} is neither flavour: gpt2 is (LayerNorm, False, "
+                         f"learned_absolute, True), llama is (RMSNorm, True, rope, False)")
+    unsupported = [k for k in ("num_experts", "multi_latent_attention", "qk_layernorm", "mtp_num_layers")
+                   if _get(args, k)]
+    if unsupported:
+        raise ValueError(f"the run uses {unsupported}, which growth-ds's decoder does not have")
+    heads = int(_get(args, "num_attention_heads"))
+    hidden = int(_get(args, "hidden_size"))
+    groups = int(_get(args, "num_query_groups") or heads) if _get(args, "group_query_attention") else heads
+    return ModelShape(
+        flavour=flavour, n_layers=int(_get(args, "num_layers")), d_model=hidden, n_heads=heads, n_kv_heads=groups,
+        head_dim=int(_get(args, "kv_channels") or hidden // heads), d_ffn=int(_get(args, "ffn_hidden_size")),
+        vocab_size=int(vocab_size),
+        max_seq_len=int(_get(args, "max_position_embeddings") or _get(args, "seq_length")),
+        tied_embeddings=not bool(_get(args, "untie_embeddings_and_output_weights", False)),
+        norm_eps=float(_get(args, "norm_epsilon", 1e-5)), rope_theta=float(_get(args, "rotary_base", 10000)))
+
+
+def grown_args(args, large: ModelShape, tp: Optional[int] = None):
+    """A copy of the saved ``args`` with the sizes of ``large`` (and ``tp``, when given): what the next job's
+    flags must say."""
+    new = copy.deepcopy(args)
+    sizes = {"num_layers": large.n_layers, "hidden_size": large.d_model, "num_attention_heads": large.n_heads,
+             "ffn_hidden_size": large.d_ffn, "kv_channels": large.head_dim, "norm_epsilon": large.norm_eps,
+             "num_query_groups": large.n_kv_heads,
+             "group_query_attention": bool(_get(args, "group_query_attention")) or large.n_kv_heads != large.n_heads}
+    if tp is not None:
+        sizes["tensor_model_parallel_size"] = tp
+    for k, v in sizes.items():
+        if isinstance(new, dict):
+            new[k] = v
+        else:
+            setattr(new, k, v)
+    return new
+
+
+def check_optimizer_format(ckpt_dir) -> None:
+    """Refuse a distributed-optimizer checkpoint stored per bucket (``dp_reshardable``) before anything else
+    happens; the per-parameter formats (and a non-distributed optimizer's) pass."""
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_content_metadata(str(ckpt_dir)) or {}
+    kind = meta.get("distrib_optim_sharding_type")
+    if kind == "dp_reshardable":
+        raise ValueError(f"{ckpt_dir}: the distributed optimizer's state is stored per bucket (dp_reshardable), "
+                         f"which can only be resharded along data parallelism, not grown; {RESHARDABLE_HINT}")
+
+
+def write_tracker(root, iteration) -> None:
+    """Point ``root``'s tracker at ``iteration`` (atomic: a reader sees the old or the new one)."""
+    atomic.write_text(Path(root) / TRACKER, f"{iteration}\n" if iteration != "release" else "release\n")
+
+
+__all__ = ["RESHARDABLE_HINT", "RUN_STATE_KEYS", "TRACKER", "check_optimizer_format", "grown_args", "is_run_root",
+           "iteration_dir", "resolve_iteration", "shape_from_args", "write_tracker"]

@@ -1,0 +1,174 @@
+"""Growing a Megatron-LM run's checkpoint as it is on disk: ``ROOT/latest_checkpointed_iteration.txt`` and
+``ROOT/iter_*/`` written by megatron-core's own ``dist_checkpointing.save`` of a GPTModel's and an optimizer's
+sharded state dicts, with Megatron-LM's common entries (``args``, ``iteration``, scheduler, FLOPs counter) and no
+growth-ds entry. ``growth-ds grow --from ROOT`` reads the shape from ``args`` and the tensor metadata, grows, and
+writes ``NEW_ROOT/iter_*`` + the tracker with the args grown and the run state carried; megatron-core's loader
+reads it back at the grown shape: logits equal the small model's, moments equal ``ops.grow``. Bad input is
+refused, by name, before anything is written."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dist_utils import REPO
+
+_WORKER = r'''
+import argparse, json, os, sys, time
+from pathlib import Path
+import torch
+import yaml
+from megatron.core import dist_checkpointing
+from growth_ds.cli import main as cli
+from growth_ds.interop import megatron as gm
+from growth_ds.ops import grow, make_plan
+from growth_ds.shapes import ModelShape
+
+out_dir = Path(sys.argv[1])
+gm.ensure_model_parallel(1)
+res = {}
+
+
+def megatron_lm_args(shape):
+    llama = shape.flavour == "llama"
+    return argparse.Namespace(
+        num_layers=shape.n_layers, hidden_size=shape.d_model, num_attention_heads=shape.n_heads,
+        group_query_attention=shape.n_kv_heads != shape.n_heads, num_query_groups=shape.n_kv_heads,
+        kv_channels=shape.head_dim, ffn_hidden_size=shape.d_ffn, max_position_embeddings=shape.max_seq_len,
+        seq_length=shape.max_seq_len, normalization="RMSNorm" if llama else "LayerNorm", swiglu=llama,
+        position_embedding_type="rope" if llama else "learned_absolute", add_bias_linear=not llama,
+        untie_embeddings_and_output_weights=not shape.tied_embeddings, norm_epsilon=shape.norm_eps,
+        rotary_base=int(shape.rope_theta), tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+        padded_vocab_size=shape.vocab_size, lr=3e-4, train_iters=1000, micro_batch_size=2)
+
+
+def save_run(model, opt, shape, root, iteration, content_metadata=None):
+    sd = gm.checkpoint_state_dict(model, opt)
+    del sd[gm.COMMON_KEY]  # a Megatron-LM checkpoint: no growth-ds entry
+    sd.update(args=megatron_lm_args(shape), iteration=iteration, checkpoint_version=3.0,
+              opt_param_scheduler={"max_lr": 3e-4, "min_lr": 3e-5, "num_steps": iteration * 16, "warmup_steps": 2,
+                                   "decay_style": "cosine"},
+              num_floating_point_operations_so_far=1.25e12)
+    d = Path(root) / f"iter_{iteration:07d}"
+    d.mkdir(parents=True)
+    dist_checkpointing.save(sd, str(d), content_metadata=content_metadata)
+    (Path(root) / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+
+
+def err(argv):
+    try:
+        rc = cli(argv)
+        return f"rc={rc}"
+    except SystemExit as e:
+        return f"exit={e.code}"
+
+
+for flavour, small, large in [
+    ("gpt2", ModelShape(flavour="gpt2", n_layers=2, d_model=32, n_heads=4, n_kv_heads=4, head_dim=8, d_ffn=64,
+                        vocab_size=96, max_seq_len=32),
+     ModelShape(flavour="gpt2", n_layers=3, d_model=48, n_heads=6, n_kv_heads=6, head_dim=8, d_ffn=96,
+                vocab_size=96, max_seq_len=32)),
+    ("llama", ModelShape(flavour="llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, d_ffn=64,
+                         vocab_size=96, max_seq_len=32, tied_embeddings=False),
+     ModelShape(flavour="llama", n_layers=4, d_model=64, n_heads=8, n_kv_heads=4, head_dim=8, d_ffn=128,
+                vocab_size=96, max_seq_len=32, tied_embeddings=False)),
+]:
+    torch.manual_seed(0)
+    model = gm.build_gpt_model(small)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randint(0, small.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        opt.zero_grad()
+        gm.lm_loss(model, x[:, :-1], x[:, 1:]).backward()
+        opt.step()
+    root, new = out_dir / f"{flavour}_run", out_dir / f"{flavour}_grown"
+    save_run(model, opt, small, root, 3)
+    to = out_dir / f"{flavour}_large.yaml"
+    to.write_text(yaml.safe_dump(large.to_dict()))
+    method = "zero+identity"
+    r = f"{flavour}."
+    # refusals first: nothing may be written
+    res[r + "missing_iteration"] = err(["grow", "--from", str(root), "--iteration", "9", "--to", str(to),
+                                        "--method", method, "--out", str(new)])
+    res[r + "missing_iteration_wrote"] = new.exists()
+    bad = out_dir / f"{flavour}_bucketed"
+    save_run(model, opt, small, bad, 3, content_metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+    res[r + "dp_reshardable"] = err(["grow", "--from", str(bad), "--to", str(to), "--method", method, "--out",
+                                     str(new)])
+    res[r + "dp_reshardable_wrote"] = new.exists()
+    # the growth
+    res[r + "rc"] = cli(["grow", "--from", str(root), "--to", str(to), "--method", method, "--out", str(new)])
+    res[r + "tracker"] = (new / "latest_checkpointed_iteration.txt").read_text().strip()
+    res[r + "dirs"] = sorted(p.name for p in new.iterdir())
+    common = dist_checkpointing.load_common_state_dict(str(new / "iter_0000003"))
+    a = common["args"]
+    res[r + "args"] = [a.num_layers, a.hidden_size, a.num_attention_heads, a.num_query_groups, a.ffn_hidden_size,
+                       a.lr, a.train_iters]
+    res[r + "run_state"] = [common["iteration"], common["checkpoint_version"], common["opt_param_scheduler"]["num_steps"],
+                            common["num_floating_point_operations_so_far"]]
+    # megatron-core's loader at the grown shape (the plan's: zero width rescales the norm's eps)
+    plan = make_plan(small, large, width="zero", depth="identity", seed=0)
+    grown_model = gm.build_gpt_model(plan.grown_shape, perform_initialization=False)
+    grown_opt = torch.optim.AdamW(grown_model.parameters())
+    gm.load_dist_checkpoint(grown_model, grown_opt, new / "iter_0000003")
+    with torch.no_grad():
+        a_logits, b_logits = gm.gather_logits(model, x), gm.gather_logits(grown_model, x)
+    res[r + "logit_err"] = float(((a_logits - b_logits).abs() / a_logits.abs().clamp(min=1)).max())
+    ref = grow(gm.to_reference_state(model, opt), plan)
+    got = gm.to_reference_state(grown_model, grown_opt)
+    res[r + "moments_equal"] = all(torch.equal(got.exp_avg[n], ref.exp_avg[n]) and
+                                   torch.equal(got.exp_avg_sq[n], ref.exp_avg_sq[n]) for n in ref.exp_avg)
+    res[r + "step"] = [got.step, ref.step]
+    # an existing output is kept without --force
+    mtime = (new / "latest_checkpointed_iteration.txt").stat().st_mtime_ns
+    res[r + "exists"] = err(["grow", "--from", str(root), "--to", str(to), "--method", method, "--out", str(new)])
+    res[r + "exists_kept"] = (new / "latest_checkpointed_iteration.txt").stat().st_mtime_ns == mtime
+    # weights only
+    w = out_dir / f"{flavour}_weights"
+    res[r + "no_optim_rc"] = cli(["grow", "--from", str(root / "iter_0000003"), "--to", str(to), "--method", method,
+                                  "--out", str(w), "--no-optim"])
+    keys = dist_checkpointing.load_tensors_metadata(str(w / "iter_0000003"))
+    res[r + "no_optim_keys"] = [sum(k.startswith("optimizer.") for k in keys), sum(k.startswith("decoder.") for k in keys)]
+print("RESULT " + json.dumps(res))
+'''
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mlm")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-c", _WORKER, str(out)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):]), proc.stderr
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_megatron_lm_run_is_grown_in_its_layout(lm, flavour):
+    res, _ = lm
+    r = f"{flavour}."
+    assert res[r + "rc"] == 0
+    assert res[r + "tracker"] == "3" and res[r + "dirs"] == ["iter_0000003", "latest_checkpointed_iteration.txt"]
+    layers, hidden, heads, groups, ffn = (3, 48, 6, 6, 96) if flavour == "gpt2" else (4, 64, 8, 4, 128)
+    assert res[r + "args"] == [layers, hidden, heads, groups, ffn, 3e-4, 1000]  # sizes grown, the rest kept
+    assert res[r + "run_state"] == [3, 3.0, 48, 1.25e12]
+    assert res[r + "logit_err"] < 1e-5
+    assert res[r + "moments_equal"] and res[r + "step"] == [3, 3]
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_bad_megatron_lm_input_is_refused_before_writing(lm, flavour):
+    res, stderr = lm
+    r = f"{flavour}."
+    assert res[r + "missing_iteration"] == "rc=2" and not res[r + "missing_iteration_wrote"]
+    assert "no iter_0000009" in stderr and "iter_0000003" in stderr
+    assert res[r + "dp_reshardable"] == "rc=2" and not res[r + "dp_reshardable_wrote"]
+    assert "dp_reshardable" in stderr and "--dist-ckpt-optim-fully-reshardable" in stderr
+    assert res[r + "exists"] == "rc=2" and res[r + "exists_kept"]
+    assert res[r + "no_optim_rc"] == 0
+    n_optim, n_model = res[r + "no_optim_keys"]
+    assert n_optim == 0 and n_model > 0
