@@ -172,3 +172,98 @@ def test_bad_megatron_lm_input_is_refused_before_writing(lm, flavour):
     assert res[r + "no_optim_rc"] == 0
     n_optim, n_model = res[r + "no_optim_keys"]
     assert n_optim == 0 and n_model > 0
+
+
+# ---- any TP x PP in, any TP x PP out -------------------------------------------------------------------------
+LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
+TARGET = {(1, 1): (2, 2), (2, 1): (1, 2), (1, 2): (2, 1), (2, 2): (1, 1)}  # reload at a different (TP, PP)
+
+_GROW_PP = r'''
+import json, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, sys.argv[2])
+import pp_worker
+from growth_ds.cli import main as cli
+from growth_ds.interop import megatron as gm
+from growth_ds.ops import grow, make_plan
+
+out = Path(sys.argv[1])
+gm.ensure_model_parallel(1)
+res = {}
+for src in sorted(p for p in out.iterdir() if p.is_dir()):
+    for flavour in ("gpt2", "llama"):
+        small, large = pp_worker.shapes(flavour)
+        to = out / f"{flavour}_large.yaml"
+        to.write_text(__import__("yaml").safe_dump(large.to_dict()))
+        r = f"{src.name}.{flavour}."
+        res[r + "rc"] = cli(["grow", "--from", str(src / f"{flavour}_run"), "--to", str(to), "--method",
+                             "zero+identity", "--out", str(src / f"{flavour}_grown")])
+        # the small model and its Adam state, read at (TP, PP) = (1, 1), as the reference
+        model = gm.build_gpt_model(small, perform_initialization=False)
+        opt = torch.optim.AdamW(model.parameters())
+        gm.load_dist_checkpoint(model, opt, src / f"{flavour}_run" / "iter_0000005", step=5)
+        with torch.no_grad():
+            torch.save(gm.gather_logits(model, pp_worker.tokens()), src / f"{flavour}_small_logits.pt")
+        plan = make_plan(small, large, width="zero", depth="identity", seed=0)
+        ref = grow(gm.to_reference_state(model, opt), plan)
+        grown = gm.build_gpt_model(plan.grown_shape, perform_initialization=False)
+        gopt = torch.optim.AdamW(grown.parameters())
+        gm.load_dist_checkpoint(grown, gopt, src / f"{flavour}_grown" / "iter_0000005")
+        got = gm.to_reference_state(grown, gopt)
+        res[r + "moments_equal"] = all(torch.equal(got.exp_avg[n], ref.exp_avg[n]) and
+                                       torch.equal(got.exp_avg_sq[n], ref.exp_avg_sq[n]) for n in ref.exp_avg)
+        res[r + "values_equal"] = all(torch.equal(got.params[n], ref.params[n]) for n in ref.params)
+print("RESULT " + json.dumps(res))
+'''
+
+
+def _torchrun(out, phase, tp, pp):
+    from dist_utils import free_port
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", DS_ACCELERATOR="cpu")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * pp), "--master_port",
+           str(free_port()), str(REPO / "tests" / "pp_worker.py"), str(out), phase, str(tp), str(pp)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+@pytest.fixture(scope="module")
+def pp_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pp")
+    for tp, pp in LAYOUTS:  # a Megatron-LM run saved at every layout
+        (out / f"s{tp}{pp}").mkdir()
+        _torchrun(out / f"s{tp}{pp}", "save", tp, pp)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-c", _GROW_PP, str(out), str(REPO / "tests")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    res = json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1][len("RESULT "):])
+    for (tp, pp), target in TARGET.items():  # each grown checkpoint read back at another layout
+        _torchrun(out / f"s{tp}{pp}", "check", *target)
+    return out, res
+
+
+@pytest.mark.parametrize("src", LAYOUTS, ids=[f"tp{t}pp{p}" for t, p in LAYOUTS])
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_any_tp_pp_in_any_tp_pp_out(pp_runs, src, flavour):
+    """Saved at (TP, PP) = ``src``, grown (zero width + identity depth), read back by megatron-core at another
+    layout: the pipeline's logits equal the small model's; every stage holds the layers the target layout
+    prescribes; values and Adam moments equal ops.grow on the state read at (1, 1)."""
+    import torch
+
+    out, res = pp_runs
+    d = out / f"s{src[0]}{src[1]}"
+    r = f"{d.name}.{flavour}."
+    assert res[r + "rc"] == 0 and res[r + "moments_equal"] and res[r + "values_equal"]
+    tp, pp = TARGET[src]
+    want = torch.load(d / f"{flavour}_small_logits.pt")
+    got = torch.load(d / f"{flavour}_tp{tp}_pp{pp}_logits.pt")
+    assert got.shape == want.shape
+    assert float(((got - want).abs() / want.abs().clamp(min=1)).max()) < 1e-5
+    per_stage = 4 // pp
+    for s in range(pp):
+        layers = json.loads((d / f"{flavour}_tp{tp}_pp{pp}_stage{s}.json").read_text())["layers"]
+        assert layers == list(range(s * per_stage, (s + 1) * per_stage))

@@ -16,6 +16,9 @@ Patched sites (megatron-core ``TESTED_VERSION``; line numbers of that release):
    ``fusions/fused_softmax.py``) built on the CPU instead of ``device="cuda"``.
 5. Activation recompute (``tensor_parallel/random.py:447/457``): the saved "cuda" RNG state is the
    CPU generator's.
+6. Tied embeddings under pipeline parallelism (``models/common/language_module/language_module.py:244``):
+   the first and last stages' copies of the shared embedding are synchronised by an all-reduce of
+   ``weight.data.cuda()``; the same all-reduce runs on the CPU tensor.
 
 ``dist_checkpointing.save`` additionally calls ``torch.cuda.synchronize()``
 (``strategies/filesystem_async.py:230``) and ``torch.cuda.current_device()``
@@ -211,6 +214,25 @@ def _patch_checkpoint_save() -> None:
         mod.torch = proxy
 
 
+def _patch_tied_embedding_sync() -> None:
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    original = LanguageModule.setup_embeddings_and_output_layer
+
+    def setup_embeddings_and_output_layer(self) -> None:
+        """megatron's own set-up with the stage-to-stage sync of a shared embedding done on the CPU tensor."""
+        in_group = self._is_in_embd_group
+        self._is_in_embd_group = lambda: False  # (shadows the method: the original skips its .cuda() sync)
+        try:
+            original(self)
+        finally:
+            del self._is_in_embd_group
+        if torch.distributed.is_initialized() and in_group():
+            torch.distributed.all_reduce(self.shared_embedding_or_output_weight().data, group=self.embd_group)
+
+    LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
+
+
 def apply_cpu_patches(seed: Optional[int] = 1234, *, allow_untested_version: bool = False) -> bool:
     """Make megatron-core's local-spec GPTModel (forward, backward, dist_checkpointing) run on the CPU.
 
@@ -235,6 +257,7 @@ def apply_cpu_patches(seed: Optional[int] = 1234, *, allow_untested_version: boo
         _patch_masks()
         _patch_recompute_rng()
         _patch_checkpoint_save()
+        _patch_tied_embedding_sync()
         _APPLIED = version
     if seed is not None:
         from megatron.core import parallel_state as ps
