@@ -43,8 +43,12 @@ def megatron_lm_args(shape):
         padded_vocab_size=shape.vocab_size, lr=3e-4, train_iters=1000, micro_batch_size=2)
 
 
-def save_run(model, opt, shape, root, iteration, content_metadata=None):
-    sd = gm.checkpoint_state_dict(model, opt)
+def save_run(model, opt, shape, root, iteration, content_metadata=None, bf16=False):
+    params = list(model.parameters())
+    masters = {id(p): p.data for p in params} if bf16 else None
+    for p in params if bf16 else ():  # a bf16 run: bf16 weights, float32 masters in the optimizer
+        p.data = p.data.to(torch.bfloat16)
+    sd = gm.checkpoint_state_dict(model, opt, masters=masters)
     del sd[gm.COMMON_KEY]  # a Megatron-LM checkpoint: no growth-ds entry
     sd.update(args=megatron_lm_args(shape), iteration=iteration, checkpoint_version=3.0,
               opt_param_scheduler={"max_lr": 3e-4, "min_lr": 3e-5, "num_steps": iteration * 16, "warmup_steps": 2,
@@ -53,6 +57,8 @@ def save_run(model, opt, shape, root, iteration, content_metadata=None):
     d = Path(root) / f"iter_{iteration:07d}"
     d.mkdir(parents=True)
     dist_checkpointing.save(sd, str(d), content_metadata=content_metadata)
+    for p in params if bf16 else ():
+        p.data = masters[id(p)]
     (Path(root) / "latest_checkpointed_iteration.txt").write_text(str(iteration))
 
 
@@ -130,6 +136,20 @@ for flavour, small, large in [
                                   "--out", str(w), "--no-optim"])
     keys = dist_checkpointing.load_tensors_metadata(str(w / "iter_0000003"))
     res[r + "no_optim_keys"] = [sum(k.startswith("optimizer.") for k in keys), sum(k.startswith("decoder.") for k in keys)]
+    # a bf16 run: the float32 masters are grown (not the rounded weights) and written back as masters
+    b_root, b_new = out_dir / f"{flavour}_bf16_run", out_dir / f"{flavour}_bf16_grown"
+    save_run(model, opt, small, b_root, 3, bf16=True)
+    res[r + "bf16_rc"] = cli(["grow", "--from", str(b_root), "--to", str(to), "--method", method, "--out", str(b_new)])
+    meta = dist_checkpointing.load_tensors_metadata(str(b_new / "iter_0000003"))
+    res[r + "bf16_dtypes"] = [str(meta["embedding.word_embeddings.weight"].dtype),
+                              str(meta["optimizer.state.fp32_param.embedding.word_embeddings.weight"].dtype)]
+    m2 = gm.build_gpt_model(plan.grown_shape, perform_initialization=False)
+    o2 = torch.optim.AdamW(m2.parameters())
+    gm.load_dist_checkpoint(m2, o2, b_new / "iter_0000003")
+    res[r + "bf16_masters_loaded"] = gm.load_fp32_masters(m2, b_new / "iter_0000003")
+    got2 = gm.to_reference_state(m2, o2)
+    res[r + "bf16_values_equal"] = all(torch.equal(got2.params[n], ref.params[n]) for n in ref.params)
+    res[r + "bf16_moments_equal"] = all(torch.equal(got2.exp_avg[n], ref.exp_avg[n]) for n in ref.exp_avg)
 print("RESULT " + json.dumps(res))
 '''
 
@@ -172,6 +192,18 @@ def test_bad_megatron_lm_input_is_refused_before_writing(lm, flavour):
     assert res[r + "no_optim_rc"] == 0
     n_optim, n_model = res[r + "no_optim_keys"]
     assert n_optim == 0 and n_model > 0
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_a_bf16_run_grows_its_float32_masters(lm, flavour):
+    """Megatron-LM's mixed precision keeps float32 masters as ``optimizer.state.fp32_param``: they, not the
+    bf16 weights, are grown (equal to ops.grow of the float32 state) and written back as masters beside bf16
+    weights."""
+    res, _ = lm
+    r = f"{flavour}."
+    assert res[r + "bf16_rc"] == 0
+    assert res[r + "bf16_dtypes"] == ["torch.bfloat16", "torch.float32"]
+    assert res[r + "bf16_masters_loaded"] and res[r + "bf16_values_equal"] and res[r + "bf16_moments_equal"]
 
 
 # ---- any TP x PP in, any TP x PP out -------------------------------------------------------------------------

@@ -558,10 +558,12 @@ def _optimizer_params(optimizer) -> List[torch.nn.Parameter]:
 
 
 def checkpoint_state_dict(model, optimizer=None, *, extra: Optional[dict] = None,
-                          run_state: Optional[dict] = None) -> dict:
+                          run_state: Optional[dict] = None, masters: Optional[Dict[int, torch.Tensor]] = None) -> dict:
     """The sharded state dict growth-ds saves: ``model``, ``optimizer`` (moments sharded like their
     parameters), a common ``growth_ds`` entry holding the shape, step and parameter groups, and ``run_state``
-    (common entries of a Megatron-LM run: ``args``, ``iteration``, ...) at the top level."""
+    (common entries of a Megatron-LM run: ``args``, ``iteration``, ...) at the top level. ``masters``
+    (``{id(parameter): float32 value}``, a mixed-precision run's): saved as the optimizer's
+    ``optimizer.state.fp32_param.<key>``, as Megatron-LM does."""
     from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
                                                             optim_state_to_sharding_state)
 
@@ -578,7 +580,10 @@ def checkpoint_state_dict(model, optimizer=None, *, extra: Optional[dict] = None
         common["step"] = steps.pop() if steps else 0
         common["param_groups"] = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
         common["optimizer_class"] = type(optimizer).__name__
-        id_map = get_param_id_to_sharded_param_map(sd["model"], _optimizer_params(optimizer))
+        params = _optimizer_params(optimizer)
+        for i, p in enumerate(params if masters else ()):
+            osd["state"][i]["fp32_param"] = masters[id(p)]
+        id_map = get_param_id_to_sharded_param_map(sd["model"], params)
         optim_state_to_sharding_state(osd, id_map, exclude_keys=("step",))
         sd["optimizer"] = osd
     common.update(extra or {})
@@ -591,10 +596,12 @@ def checkpoint_state_dict(model, optimizer=None, *, extra: Optional[dict] = None
 
 
 def save_dist_checkpoint(model, optimizer, ckpt_dir, *, extra: Optional[dict] = None,
-                         run_state: Optional[dict] = None) -> None:
+                         run_state: Optional[dict] = None, model_dtype: Optional[torch.dtype] = None) -> None:
     """Save with ``megatron.core.dist_checkpointing`` (torch_dist); collective over all ranks.
 
-    The checkpoint stores global (TP-independent) tensors, so it loads at any TP size.
+    The checkpoint stores global (TP-independent) tensors, so it loads at any TP size. ``model_dtype`` (a
+    mixed-precision run's, e.g. bf16, with an optimizer): the model's tensors are written in that dtype and
+    the float32 values as the optimizer's masters; the model is float32 again when this returns.
     """
     from megatron.core import dist_checkpointing
 
@@ -604,7 +611,18 @@ def save_dist_checkpoint(model, optimizer, ckpt_dir, *, extra: Optional[dict] = 
     Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
     if dist.is_initialized():
         dist.barrier()
-    dist_checkpointing.save(checkpoint_state_dict(model, optimizer, extra=extra, run_state=run_state), str(ckpt_dir))
+    params = list(model.parameters())
+    masters = None
+    if model_dtype is not None and model_dtype != torch.float32 and optimizer is not None:
+        masters = {id(p): p.data for p in params}
+        for p in params:
+            p.data = p.data.to(model_dtype)
+    try:
+        dist_checkpointing.save(checkpoint_state_dict(model, optimizer, extra=extra, run_state=run_state,
+                                                      masters=masters), str(ckpt_dir))
+    finally:
+        for p in params if masters else ():
+            p.data = masters[id(p)]
 
 
 def checkpoint_common(ckpt_dir) -> dict:
@@ -660,6 +678,36 @@ def load_dist_checkpoint(model, optimizer, ckpt_dir, *, check_shape: bool = True
             st["step"] = step.clone()
         optimizer.load_state_dict(loaded["optimizer"])
     return common
+
+
+def load_fp32_masters(model, ckpt_dir) -> bool:
+    """Overwrite ``model``'s parameters with a mixed-precision run's float32 masters
+    (``optimizer.state.fp32_param.<key>``) when the checkpoint holds them; returns whether it did."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
+                                                            optim_state_to_sharding_state)
+
+    if not any(k.startswith("optimizer.state.fp32_param.") for k in dist_checkpointing.load_tensors_metadata(
+            str(ckpt_dir))):
+        return False
+    params = list(model.parameters())
+    state = {"state": {i: {"fp32_param": torch.empty_like(p, dtype=torch.float32)} for i, p in enumerate(params)},
+             "param_groups": [{"params": list(range(len(params)))}]}
+    optim_state_to_sharding_state(state, get_param_id_to_sharded_param_map(model.sharded_state_dict(), params))
+    loaded = dist_checkpointing.load({"masters": state}, str(ckpt_dir))["masters"]["state"]
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(loaded[i]["fp32_param"])
+    return True
+
+
+def _model_dtype(ckpt_dir) -> torch.dtype:
+    """The dtype the checkpoint's model tensors are stored in."""
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
+    return meta["embedding.word_embeddings.weight"].dtype if "embedding.word_embeddings.weight" in meta \
+        else torch.float32
 
 
 # ---- offline growth of a dist checkpoint -----------------------------------------------------------
@@ -776,6 +824,7 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
         optimizer = torch.optim.AdamW(model.parameters())
         step = int(common.get("iteration") or 0)  # (Adam's step: one per iteration)
     load_dist_checkpoint(model, optimizer, ckpt, step=step)
+    masters = load_fp32_masters(model, ckpt)  # a bf16 run: grow the float32 masters, not the rounded weights
     grown = grow_gpt_model(model, optimizer, plan)
     del model, optimizer
     extra = {"grown_from": small.to_dict(), "plan": plan.describe(), "tp_plan": grown.tp_plan.describe(),
@@ -798,7 +847,8 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
             shutil.rmtree(staging)
     if dist.is_initialized():
         dist.barrier()
-    save_dist_checkpoint(grown.model, grown.optimizer, staging, extra=extra, run_state=run_state)  # (every rank)
+    save_dist_checkpoint(grown.model, grown.optimizer, staging, extra=extra, run_state=run_state,  # (every rank)
+                         model_dtype=_model_dtype(ckpt) if masters and grown.optimizer is not None else None)
     if dist.is_initialized():
         dist.barrier()
     if rank0:
@@ -844,6 +894,6 @@ __all__ = ["CHECKPOINT_FORMAT", "Entry", "GrownGPT", "build_gpt_model", "checkpo
            "ensure_tp_attributes",
            "forward_logits", "fuse_megatron", "gather_logits", "gather_tensor", "gelu_tanh", "grow_config",
            "grow_dist_checkpoint", "grow_gpt_model", "is_dist_checkpoint", "layer_spec", "load_dist_checkpoint",
-           "load_reference_state", "lm_loss", "megatron_layout", "megatron_to_reference", "reference_to_megatron",
+           "load_fp32_masters", "load_reference_state", "lm_loss", "megatron_layout", "megatron_to_reference", "reference_to_megatron",
            "save_dist_checkpoint", "shape_of", "shard_spec_of", "split_megatron", "to_reference_state",
            "transformer_config"]

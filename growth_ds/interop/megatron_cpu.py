@@ -221,13 +221,18 @@ def _patch_tied_embedding_sync() -> None:
 
     def setup_embeddings_and_output_layer(self) -> None:
         """megatron's own set-up with the stage-to-stage sync of a shared embedding done on the CPU tensor."""
-        in_group = self._is_in_embd_group
-        self._is_in_embd_group = lambda: False  # (shadows the method: the original skips its .cuda() sync)
+        in_group, reached = self._is_in_embd_group, []
+
+        def skip() -> bool:  # (shadows the method: the original skips its .cuda() sync, and says it got there)
+            reached.append(True)
+            return False
+
+        self._is_in_embd_group = skip
         try:
             original(self)
         finally:
             del self._is_in_embd_group
-        if torch.distributed.is_initialized() and in_group():
+        if reached and in_group():
             torch.distributed.all_reduce(self.shared_embedding_or_output_weight().data, group=self.embd_group)
 
     LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
