@@ -26,21 +26,14 @@ from growth_ds.ops import grow, make_plan
 from growth_ds.shapes import ModelShape
 
 out_dir = Path(sys.argv[1])
+sys.path.insert(0, sys.argv[2])
+import pp_worker  # (the Megatron-LM args of a shape)
 gm.ensure_model_parallel(1)
 res = {}
 
 
 def megatron_lm_args(shape):
-    llama = shape.flavour == "llama"
-    return argparse.Namespace(
-        num_layers=shape.n_layers, hidden_size=shape.d_model, num_attention_heads=shape.n_heads,
-        group_query_attention=shape.n_kv_heads != shape.n_heads, num_query_groups=shape.n_kv_heads,
-        kv_channels=shape.head_dim, ffn_hidden_size=shape.d_ffn, max_position_embeddings=shape.max_seq_len,
-        seq_length=shape.max_seq_len, normalization="RMSNorm" if llama else "LayerNorm", swiglu=llama,
-        position_embedding_type="rope" if llama else "learned_absolute", add_bias_linear=not llama,
-        untie_embeddings_and_output_weights=not shape.tied_embeddings, norm_epsilon=shape.norm_eps,
-        rotary_base=int(shape.rope_theta), tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-        padded_vocab_size=shape.vocab_size, lr=3e-4, train_iters=1000, micro_batch_size=2)
+    return pp_worker.megatron_lm_args(shape, 1, 1)
 
 
 def save_run(model, opt, shape, root, iteration, content_metadata=None, bf16=False):
@@ -154,17 +147,23 @@ print("RESULT " + json.dumps(res))
 '''
 
 
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mlm")
+def _one_process(script: str, out):
+    """Run ``script`` (argv: OUT, the tests directory) in a fresh process outside any launcher (megatron-core's
+    global state stays there); its ``RESULT {json}`` line and its stderr."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
         env.pop(k, None)
-    proc = subprocess.run([sys.executable, "-c", _WORKER, str(out)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", script, str(out), str(REPO / "tests")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):]), proc.stderr
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mlm")
+    return _one_process(_WORKER, out)
 
 
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])
@@ -266,13 +265,7 @@ def pp_runs(tmp_path_factory):
     for tp, pp in LAYOUTS:  # a Megatron-LM run saved at every layout
         (out / f"s{tp}{pp}").mkdir()
         _torchrun(out / f"s{tp}{pp}", "save", tp, pp)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
-        env.pop(k, None)
-    proc = subprocess.run([sys.executable, "-c", _GROW_PP, str(out), str(REPO / "tests")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    res = json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1][len("RESULT "):])
+    res, _ = _one_process(_GROW_PP, out)
     for (tp, pp), target in TARGET.items():  # each grown checkpoint read back at another layout
         _torchrun(out / f"s{tp}{pp}", "check", *target)
     return out, res

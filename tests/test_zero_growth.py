@@ -93,18 +93,22 @@ PURE_CASES = [  # (flavour, width, depth, grown-shape changes)
 ]
 
 
+def _pure_case(flavour, width, depth, changes):
+    """(plan, small state, ops.grow of it, PlanCache) of one PURE_CASES entry (adjoint moments, seed 3)."""
+    small = small_shape(flavour, tied_embeddings=flavour == "gpt2")
+    plan = make_plan(small, dataclasses.replace(small, **changes), width=width, depth=depth, seed=3,
+                     moments="adjoint")
+    state = _state(small)
+    return plan, state, grow(state, plan), PlanCache(plan)
+
+
 @pytest.mark.parametrize("flavour,width,depth,changes", PURE_CASES,
                          ids=[f"{c[0]}-{c[1]}+{c[2]}" for c in PURE_CASES])
 def test_piecewise_growth_equals_reference_bit_for_bit(flavour, width, depth, changes):
     """Every new parameter computed from only the old rows its new range needs (random, row-unaligned cuts)
     equals growth_ds.ops.grow on the full state, bit for bit: values, both moments, signed zeros."""
-    small = small_shape(flavour, tied_embeddings=flavour == "gpt2")
-    plan = make_plan(small, dataclasses.replace(small, **changes), width=width, depth=depth, seed=3,
-                     moments="adjoint")
-    state = _state(small)
-    ref = grow(state, plan)
+    plan, state, ref, cache = _pure_case(flavour, width, depth, changes)
     rng = random.Random(0)
-    cache = PlanCache(plan)
     for name, spec in parameter_schema(plan.grown_shape).items():
         g = cache.growth(name, spec)  # (parameters of one kind share derived data; names key the noise)
         src = source_name(plan, name)
@@ -148,13 +152,8 @@ def test_piecewise_growth_equals_reference_bit_for_bit(flavour, width, depth, ch
 def test_host_route_for_accelerator_slices_equals_the_reference(flavour, width, depth, changes):
     """Slices on an accelerator are computed on the host from a host copy of the piece's old elements
     (ParamGrowth.compute_on_host): the same bits as ops.grow, values and both moments."""
-    small = small_shape(flavour, tied_embeddings=flavour == "gpt2")
-    plan = make_plan(small, dataclasses.replace(small, **changes), width=width, depth=depth, seed=3,
-                     moments="adjoint")
-    state = _state(small)
-    ref = grow(state, plan)
+    plan, state, ref, cache = _pure_case(flavour, width, depth, changes)
     rng = random.Random(1)
-    cache = PlanCache(plan)
     for name, spec in parameter_schema(plan.grown_shape).items():
         g = cache.growth(name, spec)
         src = source_name(plan, name)

@@ -137,15 +137,10 @@ def shape_of(model) -> ModelShape:
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise ValueError(f"GPTModel uses {bad}, which the growth-ds reference decoder does not have")
-    pos, norm, gated, bias = model.position_embedding_type, c.normalization, c.gated_linear_unit, c.add_bias_linear
-    if (norm, gated, pos, bias) == ("RMSNorm", True, "rope", False):
-        flavour = "llama"
-    elif (norm, gated, pos, bias) == ("LayerNorm", False, "learned_absolute", True):
-        flavour = "gpt2"
-    else:
-        raise ValueError(f"GPTModel with normalization={norm}, gated_linear_unit={gated}, position_embedding_type="
-                         f"{pos}, add_bias_linear={bias} is neither flavour: gpt2 is (LayerNorm, False, "
-                         f"learned_absolute, True), llama is (RMSNorm, True, rope, False)")
+    from growth_ds.interop.megatron_lm import flavour_of
+
+    flavour = flavour_of(c.normalization, c.gated_linear_unit, model.position_embedding_type, c.add_bias_linear,
+                         "GPTModel")
     return ModelShape(flavour=flavour, n_layers=c.num_layers, d_model=c.hidden_size, n_heads=c.num_attention_heads,
                       n_kv_heads=c.num_query_groups or c.num_attention_heads, head_dim=c.kv_channels,
                       d_ffn=c.ffn_hidden_size, vocab_size=model.vocab_size, max_seq_len=model.max_sequence_length,

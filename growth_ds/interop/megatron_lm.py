@@ -74,21 +74,26 @@ def _get(args, name, default=None):
     return args.get(name, default) if isinstance(args, dict) else getattr(args, name, default)
 
 
+def flavour_of(normalization: str, gated: bool, position_embedding: str, bias: bool, what: str) -> str:
+    """growth-ds's flavour of a megatron architecture: gpt2 is (LayerNorm, no gated MLP, learned absolute
+    positions, linear biases), llama is (RMSNorm, SwiGLU, RoPE, no biases); ``ValueError`` naming ``what``
+    otherwise."""
+    key = (normalization, bool(gated), position_embedding, bool(bias))
+    if key == ("RMSNorm", True, "rope", False):
+        return "llama"
+    if key == ("LayerNorm", False, "learned_absolute", True):
+        return "gpt2"
+    raise ValueError(f"{what} with normalization={normalization}, gated (swiglu)={gated}, position_embedding_type="
+                     f"{position_embedding}, add_bias_linear={bias} is neither flavour: gpt2 is (LayerNorm, False, "
+                     f"learned_absolute, True), llama is (RMSNorm, True, rope, False)")
+
+
 def shape_from_args(args, vocab_size: int) -> ModelShape:
     """The :class:`ModelShape` of a Megatron-LM run from its saved ``args`` (``vocab_size``: the embedding's padded
     rows). ``ValueError`` naming the settings growth-ds's flavours do not cover."""
-    norm = _get(args, "normalization", "LayerNorm")
-    swiglu = bool(_get(args, "swiglu", False))
-    pos = _get(args, "position_embedding_type", "learned_absolute")
-    bias = bool(_get(args, "add_bias_linear", True))
-    if (norm, swiglu, pos, bias) == ("RMSNorm", True, "rope", False):
-        flavour = "llama"
-    elif (norm, swiglu, pos, bias) == ("LayerNorm", False, "learned_absolute", True):
-        flavour = "gpt2"
-    else:
-        raise ValueError(f"a Megatron-LM run with normalization={norm}, swiglu={swiglu}, position_embedding_type="
-                         f"{pos}, add_bias_linear={bias} is neither flavour: gpt2 is (LayerNorm, False, "
-                         f"learned_absolute, True), llama is (RMSNorm, True, rope, False)")
+    flavour = flavour_of(_get(args, "normalization", "LayerNorm"), bool(_get(args, "swiglu", False)),
+                         _get(args, "position_embedding_type", "learned_absolute"),
+                         bool(_get(args, "add_bias_linear", True)), "a Megatron-LM run")
     unsupported = [k for k in ("num_experts", "multi_latent_attention", "qk_layernorm", "mtp_num_layers")
                    if _get(args, k)]
     if unsupported:
@@ -140,5 +145,5 @@ def write_tracker(root, iteration) -> None:
     atomic.write_text(Path(root) / TRACKER, f"{iteration}\n" if iteration != "release" else "release\n")
 
 
-__all__ = ["RESHARDABLE_HINT", "RUN_STATE_KEYS", "TRACKER", "check_optimizer_format", "grown_args", "is_run_root",
+__all__ = ["ITER_RE", "RESHARDABLE_HINT", "RUN_STATE_KEYS", "TRACKER", "check_optimizer_format", "flavour_of", "grown_args", "is_run_root",
            "iteration_dir", "resolve_iteration", "shape_from_args", "write_tracker"]
