@@ -129,6 +129,16 @@ for flavour, small, large in [
                                   "--out", str(w), "--no-optim"])
     keys = dist_checkpointing.load_tensors_metadata(str(w / "iter_0000003"))
     res[r + "no_optim_keys"] = [sum(k.startswith("optimizer.") for k in keys), sum(k.startswith("decoder.") for k in keys)]
+    # the LR policy: one the run's scheduler expresses, or refused before writing
+    rw = out_dir / f"{flavour}_rewarm"
+    res[r + "rewarm"] = err(["grow", "--from", str(root), "--to", str(to), "--method", method, "--out", str(rw),
+                             "--lr-policy", "rewarm"])
+    res[r + "rewarm_wrote"] = rw.exists()
+    rs = out_dir / f"{flavour}_restart"
+    res[r + "restart_rc"] = cli(["grow", "--from", str(root), "--to", str(to), "--method", method, "--out", str(rs),
+                                 "--lr-policy", "restart", "--moments", "reset"])
+    sched = dist_checkpointing.load_common_state_dict(str(rs / "iter_0000003"))["opt_param_scheduler"]
+    res[r + "restart_scheduler"] = [sched["num_steps"], sched["max_lr"]]
     # a bf16 run: the float32 masters are grown (not the rounded weights) and written back as masters
     b_root, b_new = out_dir / f"{flavour}_bf16_run", out_dir / f"{flavour}_bf16_grown"
     save_run(model, opt, small, b_root, 3, bf16=True)
@@ -191,6 +201,16 @@ def test_bad_megatron_lm_input_is_refused_before_writing(lm, flavour):
     assert res[r + "no_optim_rc"] == 0
     n_optim, n_model = res[r + "no_optim_keys"]
     assert n_optim == 0 and n_model > 0
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_the_lr_policy_reaches_the_run_scheduler(lm, flavour):
+    """``continue`` carries the scheduler state (above); ``restart`` starts it over; ``rewarm``, which Megatron-LM's
+    scheduler cannot express, is refused before anything is written."""
+    res, stderr = lm
+    r = f"{flavour}."
+    assert res[r + "rewarm"] == "rc=2" and not res[r + "rewarm_wrote"] and "--lr-policy rewarm" in stderr
+    assert res[r + "restart_rc"] == 0 and res[r + "restart_scheduler"] == [0, 3e-4]
 
 
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])

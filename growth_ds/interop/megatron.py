@@ -808,6 +808,10 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
     ours = common.get(COMMON_KEY) or {}
     small = _source_shape(ckpt, common, small)
     plan = make_plan(small, large, width=width, depth=depth, seed=seed, moments=moments, lr=lr)  # (bad shapes: now)
+    if it is not None:  # (before anything is loaded: the LR policy must be one the run's scheduler can express)
+        from growth_ds.interop.megatron_lm import scheduler_after_growth
+
+        scheduler = scheduler_after_growth(common.get("opt_param_scheduler"), plan.lr.kind)
     tp = ensure_model_parallel(tp)
     model = build_gpt_model(small, tp=tp, perform_initialization=False)
     optimizer, step = None, None
@@ -829,6 +833,8 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
         from growth_ds.interop.megatron_lm import RUN_STATE_KEYS, grown_args
 
         run_state = {k: common[k] for k in RUN_STATE_KEYS if k in common}
+        if scheduler is not None:
+            run_state["opt_param_scheduler"] = scheduler
         if "args" in run_state:
             run_state["args"] = grown_args(run_state["args"], grown.shape)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0

@@ -140,10 +140,29 @@ def check_optimizer_format(ckpt_dir) -> None:
                          f"which can only be resharded along data parallelism, not grown; {RESHARDABLE_HINT}")
 
 
+#: what each growth LR policy does to a Megatron-LM run's ``opt_param_scheduler`` state
+SCHEDULER_POLICIES = {
+    "continue": "the scheduler state is carried unchanged: the next job resumes its warmup/decay where it was",
+    "restart": "num_steps is set to 0: the next job warms up and decays again from the start (the grown model's "
+               "fresh schedule; pair it with --moments reset)",
+}
+
+
+def scheduler_after_growth(state: Optional[dict], policy: str) -> Optional[dict]:
+    """The ``opt_param_scheduler`` state the grown checkpoint carries under LR ``policy``
+    (:data:`SCHEDULER_POLICIES`); ``ValueError`` for a policy Megatron-LM's scheduler cannot express."""
+    if policy not in SCHEDULER_POLICIES:
+        raise ValueError(f"--lr-policy {policy}: a Megatron-LM run's LR scheduler takes {sorted(SCHEDULER_POLICIES)} "
+                         f"(rewarm and lemon re-plan a growth-ds schedule; set the next job's scheduler flags instead)")
+    if state is None or policy == "continue":
+        return state
+    return {**state, "num_steps": 0}
+
+
 def write_tracker(root, iteration) -> None:
     """Point ``root``'s tracker at ``iteration`` (atomic: a reader sees the old or the new one)."""
     atomic.write_text(Path(root) / TRACKER, f"{iteration}\n" if iteration != "release" else "release\n")
 
 
-__all__ = ["ITER_RE", "RESHARDABLE_HINT", "RUN_STATE_KEYS", "TRACKER", "check_optimizer_format", "flavour_of", "grown_args", "is_run_root",
+__all__ = ["ITER_RE", "RESHARDABLE_HINT", "RUN_STATE_KEYS", "SCHEDULER_POLICIES", "TRACKER", "scheduler_after_growth", "check_optimizer_format", "flavour_of", "grown_args", "is_run_root",
            "iteration_dir", "resolve_iteration", "shape_from_args", "write_tracker"]
