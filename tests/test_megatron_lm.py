@@ -96,6 +96,13 @@ for flavour, small, large in [
     res[r + "dp_reshardable"] = err(["grow", "--from", str(bad), "--to", str(to), "--method", method, "--out",
                                      str(new)])
     res[r + "dp_reshardable_wrote"] = new.exists()
+    cut = out_dir / f"{flavour}_truncated"  # a copy of the run with one shard cut short
+    __import__("shutil").copytree(root, cut)
+    shard = sorted((cut / "iter_0000003").glob("*.distcp"))[0]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    res[r + "truncated"] = err(["grow", "--from", str(cut), "--to", str(to), "--method", method, "--out", str(new)])
+    res[r + "truncated_wrote"] = new.exists()
     # the growth
     res[r + "rc"] = cli(["grow", "--from", str(root), "--to", str(to), "--method", method, "--out", str(new)])
     res[r + "tracker"] = (new / "latest_checkpointed_iteration.txt").read_text().strip()
@@ -197,6 +204,7 @@ def test_bad_megatron_lm_input_is_refused_before_writing(lm, flavour):
     assert "no iter_0000009" in stderr and "iter_0000003" in stderr
     assert res[r + "dp_reshardable"] == "rc=2" and not res[r + "dp_reshardable_wrote"]
     assert "dp_reshardable" in stderr and "--dist-ckpt-optim-fully-reshardable" in stderr
+    assert res[r + "truncated"] == "rc=2" and not res[r + "truncated_wrote"] and "is truncated" in stderr
     assert res[r + "exists"] == "rc=2" and res[r + "exists_kept"]
     assert res[r + "no_optim_rc"] == 0
     n_optim, n_model = res[r + "no_optim_keys"]

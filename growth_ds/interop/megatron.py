@@ -756,6 +756,7 @@ def _source(src_dir, iteration: Optional[int]):
             raise FileNotFoundError(f"{src} is not a megatron dist checkpoint (no metadata.json) nor a Megatron-LM "
                                     f"checkpoint root (no {mlm.TRACKER}, no iter_* folder)")
         ckpt, it = src, None
+    mlm.check_shards(ckpt)
     mlm.check_optimizer_format(ckpt)
     return ckpt, it, dict(dist_checkpointing.load_common_state_dict(str(ckpt)))
 

@@ -128,6 +128,29 @@ def grown_args(args, large: ModelShape, tp: Optional[int] = None):
     return new
 
 
+def check_shards(ckpt_dir) -> None:
+    """``ValueError`` naming a shard file that the checkpoint's metadata lists but that is missing or shorter than
+    the byte ranges recorded for it (an interrupted copy, a full disk): checked before anything is loaded."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    d = Path(ckpt_dir)
+    if not (d / "common.pt").is_file():
+        raise ValueError(f"{d}: common.pt is missing (an incomplete torch_dist checkpoint)")
+    try:
+        meta = FileSystemReader(str(d)).read_metadata()
+    except Exception as e:  # noqa: BLE001 (unreadable metadata: say which file)
+        raise ValueError(f"{d}: its torch_dist metadata (.metadata) cannot be read: {e}") from e
+    need: dict = {}
+    for info in (meta.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for rel, n in sorted(need.items()):
+        f = d / rel
+        if not f.is_file():
+            raise ValueError(f"{d}: shard {rel} is missing")
+        if f.stat().st_size < n:
+            raise ValueError(f"{d}: shard {rel} is truncated ({f.stat().st_size} bytes; its metadata records {n})")
+
+
 def check_optimizer_format(ckpt_dir) -> None:
     """Refuse a distributed-optimizer checkpoint stored per bucket (``dp_reshardable``) before anything else
     happens; the per-parameter formats (and a non-distributed optimizer's) pass."""
@@ -164,5 +187,5 @@ def write_tracker(root, iteration) -> None:
     atomic.write_text(Path(root) / TRACKER, f"{iteration}\n" if iteration != "release" else "release\n")
 
 
-__all__ = ["ITER_RE", "RESHARDABLE_HINT", "RUN_STATE_KEYS", "SCHEDULER_POLICIES", "TRACKER", "scheduler_after_growth", "check_optimizer_format", "flavour_of", "grown_args", "is_run_root",
+__all__ = ["ITER_RE", "RESHARDABLE_HINT", "RUN_STATE_KEYS", "SCHEDULER_POLICIES", "TRACKER", "check_shards", "scheduler_after_growth", "check_optimizer_format", "flavour_of", "grown_args", "is_run_root",
            "iteration_dir", "resolve_iteration", "shape_from_args", "write_tracker"]
