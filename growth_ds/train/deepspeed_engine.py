@@ -167,3 +167,8 @@ def _release_zero3_globals() -> None:
         fn = inner
     if fn is not None and hasattr(fn, "cache_clear"):
         fn.cache_clear()
+
+
+__all__ = ["MOMENTS", "base_optimizer", "build_engine", "comm_device", "construct_model", "ds_config", "get_full",
+           "get_step", "init_distributed", "link_optimizer_state", "materialise_optimizer_state", "named_params",
+           "param_groups", "refresh_low_precision", "release_engine", "set_full", "set_lr", "set_step", "to_engine"]

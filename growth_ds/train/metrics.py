@@ -54,3 +54,6 @@ def val_curve(records: Iterable[dict]):
     """``[(flops, tokens, step, val_loss)]`` from step records that carry a val loss."""
     return [(r["flops"], r["tokens"], r["step"], r["val_loss"]) for r in records
             if "val_loss" in r and r.get("event", "step") == "step"]
+
+
+__all__ = ["MetricsLog", "flops_per_token", "read_metrics", "val_curve"]
