@@ -21,8 +21,10 @@ Protocol (each point is what a skeptical reviewer asks for):
   equal FLOPs"; choices are made on screening seeds (100, 101), the headline comes from seeds not used to
   choose.
 
-Runs are single-process (``micro_batch_size`` 16: the demo's 1024 tokens per step) and ``--jobs`` run side by
-side; everything lands under ``--out`` (default ``runs/saving``), one directory per run with ``result.json``.
+Runs are single-process (``micro_batch_size`` 32: the demo's 2048 tokens per step, which the demo spreads over
+2 processes) and ``--jobs`` run side by side; everything lands under ``--out`` (default ``runs/saving``), one
+directory per run with ``result.json``. ``tune --staged-grid --recipe NAME`` searches the staged arm's per-stage
+LRs on the grid (the first stage's, then the grown stage's at the first's best); ``confirm`` uses them.
 Run it in the background (``nohup python benchmarks/saving.py screen > screen.log &``); rerunning skips what
 is done and resumes what was cut off.
 """
