@@ -34,7 +34,6 @@ import argparse
 import concurrent.futures as cf
 import copy
 import json
-import math
 import os
 import subprocess
 import sys
@@ -318,8 +317,10 @@ def baselines(st: Study, seeds) -> None:
     st.run_all(runs)
 
 
-def confirm(st: Study, seeds, recipe: str) -> dict:
-    """The headline: ``recipe`` and its controls at every budget on fresh seeds."""
+def confirm(st: Study, seeds, recipe: str, quick: bool = False) -> dict:
+    """The headline: ``recipe`` and its controls at every budget on fresh seeds. ``quick``: the 1x budget only
+    (scratch at 1x, the staged arm at 0.5x, 1x and 2x to interpolate; no controls), written to
+    ``confirm-RECIPE-seedsA-B.json``: more fresh seeds at a third of the cost."""
     st.prepare(seeds)
     t = tuned(st)
     lr0, lrs, lr_small = t["scratch"]["best"], tuple(t["staged_lrs"]), t["small"]["best"]
@@ -327,22 +328,23 @@ def confirm(st: Study, seeds, recipe: str) -> dict:
     lrs = lrs + (lrs[-1],) * (len(rec.grows) - 1)
     plan = {}
     for s in seeds:
-        for b in BUDGETS:
+        for b in ([1.0] if quick else BUDGETS):
             plan[("scratch", s, b)] = st.scratch(s, lr0, b)
-        for b in STAGED_BUDGETS:
+        for b in ([0.5, 1.0, 2.0] if quick else STAGED_BUDGETS):
             plan[("staged", s, b)] = st.staged(s, rec, b, lr0, lrs=lrs)
-        plan[("small", s, 1.0)] = st.scratch(s, lr_small, 1.0, shape=SMALL)
-        plan[("reinit", s, 1.0)] = st.staged(s, rec, 1.0, lr0, reinit=True, lrs=lrs)
+        if not quick:
+            plan[("small", s, 1.0)] = st.scratch(s, lr_small, 1.0, shape=SMALL)
+            plan[("reinit", s, 1.0)] = st.staged(s, rec, 1.0, lr0, reinit=True, lrs=lrs)
     res = st.run_all(list(plan.values()))
     R = {k: res[v[0]] for k, v in plan.items()}
     out = {"recipe": recipe, "seeds": seeds, "lrs": {"scratch": lr0, "staged": lrs, "small": lr_small},
            "budgets": {}}
-    for b in BUDGETS:
+    for b in ([1.0] if quick else BUDGETS):
         per = []
         for s in seeds:
             sc = R[("scratch", s, b)]
             stg = [(R[("staged", s, x)]["flops"], R[("staged", s, x)]["final_val_loss"]) for x in STAGED_BUDGETS
-                   if R[("staged", s, x)] is not None]
+                   if R.get(("staged", s, x)) is not None]
             if sc is None or len(stg) < 2:
                 continue
             target = sc["final_val_loss"]
@@ -357,7 +359,7 @@ def confirm(st: Study, seeds, recipe: str) -> dict:
                                                         flops_to_reach(eq["curve"], target))
             if b == 1.0:
                 for k in ("small", "reinit"):
-                    if R[(k, s, 1.0)] is not None:
+                    if R.get((k, s, 1.0)) is not None:
                         row[f"{k}_loss"] = R[(k, s, 1.0)]["final_val_loss"]
             per.append(row)
         summ = {}
@@ -370,7 +372,9 @@ def confirm(st: Study, seeds, recipe: str) -> dict:
                 if all(f"{k}_loss" in r and "staged_loss" in r for r in per):
                     summ[f"vs_{k}"] = paired_summary([r[f"{k}_loss"] - r["staged_loss"] for r in per]).to_dict()
         out["budgets"][str(b)] = {"per_seed": per, **summ}
-    (st.out / f"confirm-{recipe}.json").write_text(json.dumps(out, indent=1))
+    name = f"confirm-{recipe}" + (f"-seeds{min(seeds)}-{max(seeds)}" if quick else "")
+    out["quick"] = quick
+    (st.out / f"{name}.json").write_text(json.dumps(out, indent=1))
     return out
 
 
@@ -597,6 +601,7 @@ def main(argv=None):
     ap.add_argument("--staged-grid", action="store_true", help="tune: also search the staged arm's per-stage LRs")
     ap.add_argument("--write", default=None, help="table: also write DIR/saving.md and the PNGs")
     ap.add_argument("--cached", action="store_true", help="tabulate the runs that are done; start none")
+    ap.add_argument("--quick", action="store_true", help="confirm: the 1x budget only, no controls (more seeds)")
     a = ap.parse_args(argv)
     st = Study(Path(a.out), a.jobs, a.eval_tokens, a.cached)
     if a.phase == "tune":
@@ -613,7 +618,7 @@ def main(argv=None):
             raise SystemExit("confirm needs --recipe and fresh --seeds")
         if set(a.seeds) & set(SCREEN_SEEDS):
             raise SystemExit(f"confirm: seeds {sorted(set(a.seeds) & set(SCREEN_SEEDS))} were used to choose")
-        print("\n".join(fmt_confirm(confirm(st, a.seeds, a.recipe))))
+        print("\n".join(fmt_confirm(confirm(st, a.seeds, a.recipe, a.quick))))
     elif a.phase == "auto":
         if not a.recipe or not a.seeds:
             raise SystemExit("auto needs --recipe (the hand-picked best) and fresh --seeds")
