@@ -159,12 +159,12 @@ def _pack_round(send: torch.Tensor, plan: RoundPlan, me: int) -> None:
         if q == me:
             continue
         na = sum(s.numel for s in items if s.request.channels == 3)
-        pos = [base, base + 3 * na]  # where the next request's channel 0 goes, per plane
+        at3, at1 = base, base + 3 * na  # where the next 3-channel / 1-channel request's channel 0 goes
         j = 0
         while j < len(items):
             s = items[j]
             ch, n = s.request.channels, s.numel
-            at, step = (pos[0], na) if ch == 3 else (pos[1], n)
+            at, step = (at3, na) if ch == 3 else (at1, n)  # (channel c of a 3-channel request: c * na further)
             k = j + 1
             if send_np is None or s.slot.host is None:
                 pack(send.as_strided((ch, n), (step, 1), send.storage_offset() + at), ch, s.slot, s.lo, s.pieces)
@@ -175,7 +175,10 @@ def _pack_round(send: torch.Tensor, plan: RoundPlan, me: int) -> None:
                 else:
                     pack_host(np.ndarray((ch, n), np.float32, send_np, 4 * at, (4 * step, 4)), s.slot, s.lo,
                               s.pieces)
-            pos[ch != 3] += n * (k - j)
+            if ch == 3:
+                at3 += n * (k - j)
+            else:
+                at1 += n * (k - j)
             j = k
         base += plan.send_counts[q]
 
