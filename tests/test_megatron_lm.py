@@ -130,6 +130,10 @@ for flavour, small, large in [
     mtime = (new / "latest_checkpointed_iteration.txt").stat().st_mtime_ns
     res[r + "exists"] = err(["grow", "--from", str(root), "--to", str(to), "--method", method, "--out", str(new)])
     res[r + "exists_kept"] = (new / "latest_checkpointed_iteration.txt").stat().st_mtime_ns == mtime
+    res[r + "force_rc"] = cli(["grow", "--from", str(root), "--to", str(to), "--method", method, "--out", str(new),
+                               "--force"])  # replaced whole, through a staging name
+    res[r + "force_dirs"] = sorted(p.name for p in new.iterdir())
+    res[r + "leftovers"] = sorted(p.name for p in out_dir.iterdir() if p.name.startswith("."))
     # weights only
     w = out_dir / f"{flavour}_weights"
     res[r + "no_optim_rc"] = cli(["grow", "--from", str(root / "iter_0000003"), "--to", str(to), "--method", method,
@@ -206,6 +210,8 @@ def test_bad_megatron_lm_input_is_refused_before_writing(lm, flavour):
     assert "dp_reshardable" in stderr and "--dist-ckpt-optim-fully-reshardable" in stderr
     assert res[r + "truncated"] == "rc=2" and not res[r + "truncated_wrote"] and "is truncated" in stderr
     assert res[r + "exists"] == "rc=2" and res[r + "exists_kept"]
+    assert res[r + "force_rc"] == 0 and res[r + "force_dirs"] == ["iter_0000003", "latest_checkpointed_iteration.txt"]
+    assert res[r + "leftovers"] == []
     assert res[r + "no_optim_rc"] == 0
     n_optim, n_model = res[r + "no_optim_keys"]
     assert n_optim == 0 and n_model > 0

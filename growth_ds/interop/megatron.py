@@ -838,27 +838,27 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
             run_state["opt_param_scheduler"] = scheduler
         if "args" in run_state:
             run_state["args"] = grown_args(run_state["args"], grown.shape)
+    # the whole output (a dist checkpoint, or a Megatron-LM root: iter_* + tracker) is built under a staging name
+    # next to out_dir and renamed into place when complete
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    final = out if it is None else out / iteration_name(it)
-    staging = final.parent / f".{final.name}.partial"  # (one name on every rank)
+    staging = out.parent / f".{out.name}.partial"  # (one name on every rank)
+    ckpt_out = staging if it is None else staging / iteration_name(it)
     if rank0:
-        if it is not None and out.exists() and overwrite:  # replaced whole, like a dist checkpoint directory
-            _replace_dir(out, None)
-        final.parent.mkdir(parents=True, exist_ok=True)
         if staging.exists():  # left by a crashed run
             shutil.rmtree(staging)
+        ckpt_out.parent.mkdir(parents=True, exist_ok=True)
     if dist.is_initialized():
         dist.barrier()
-    save_dist_checkpoint(grown.model, grown.optimizer, staging, extra=extra, run_state=run_state,  # (every rank)
+    save_dist_checkpoint(grown.model, grown.optimizer, ckpt_out, extra=extra, run_state=run_state,  # (every rank)
                          model_dtype=_model_dtype(ckpt) if masters and grown.optimizer is not None else None)
     if dist.is_initialized():
         dist.barrier()
     if rank0:
-        _replace_dir(final, staging)
         if it is not None:
             from growth_ds.interop.megatron_lm import write_tracker
 
-            write_tracker(out, it)
+            write_tracker(staging, it)
+        _replace_dir(out, staging)
     if dist.is_initialized():
         dist.barrier()
     return grown
@@ -874,20 +874,17 @@ def _has_moments(ckpt) -> bool:
     return any(k.startswith("optimizer.state.exp_avg.") for k in dist_checkpointing.load_tensors_metadata(str(ckpt)))
 
 
-def _replace_dir(dest: Path, staging: Optional[Path]) -> None:
-    """Put ``staging`` at ``dest`` (None: remove ``dest``); an existing ``dest`` goes only once ``staging`` is in
+def _replace_dir(dest: Path, staging: Path) -> None:
+    """Put the complete ``staging`` directory at ``dest``; an existing ``dest`` goes only once ``staging`` is in
     place (a crash in between leaves the old copy aside under a hidden name, never deleted)."""
+    if dest.exists() and not dest.is_dir():
+        dest.unlink()
     if dest.exists():
-        if not dest.is_dir():
-            dest.unlink()
-        else:
-            old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.replaced."))
-            os.replace(dest, old / dest.name)
-            if staging is not None:
-                os.replace(staging, dest)
-            shutil.rmtree(old, ignore_errors=True)
-            return
-    if staging is not None:
+        old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.replaced."))
+        os.replace(dest, old / dest.name)
+        os.replace(staging, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
         os.replace(staging, dest)
 
 
