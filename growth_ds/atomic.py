@@ -27,7 +27,7 @@ import secrets
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-__all__ = ["fsync_path", "fsync_tree", "replace_on_success", "write_bytes", "write_json", "write_text"]
+__all__ = ["fsync_path", "fsync_tree", "replace_dir", "replace_on_success", "write_bytes", "write_json", "write_text"]
 
 PathLike = str | os.PathLike
 
@@ -108,3 +108,23 @@ def write_json(path: PathLike, obj: Any, *, end: str = "", **json_kw) -> None:
     (``TypeError``/``ValueError``) with ``path`` untouched and nothing written. ``end``: e.g. ``"\\n"``.
     """
     write_text(path, json.dumps(obj, **json_kw) + end)
+
+
+def replace_dir(dest: PathLike, staging: PathLike) -> None:
+    """Put the complete directory ``staging`` at ``dest`` (a sibling, so the renames stay on one filesystem). An
+    existing ``dest`` goes only once ``staging`` is in place: a crash in between leaves the old copy aside under
+    a hidden ``.NAME.replaced.*`` name, never deleted."""
+    import shutil
+    import tempfile
+
+    dest, staging = Path(dest), Path(staging)
+    if dest.exists() and not dest.is_dir():
+        dest.unlink()
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.replaced."))
+        os.replace(dest, old / dest.name)
+        os.replace(staging, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, dest)
+    _fsync_dir(dest.parent)

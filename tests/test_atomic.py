@@ -78,3 +78,18 @@ def test_fsync_tree_and_path(tmp_path):
     atomic.fsync_path(tmp_path / "d" / "e" / "x")
     with pytest.raises(OSError):
         atomic.fsync_path(tmp_path / "missing")
+
+
+def test_replace_dir_swaps_a_complete_directory_in_and_leaves_nothing_behind(tmp_path):
+    from growth_ds.atomic import replace_dir
+
+    dest, staging = tmp_path / "out", tmp_path / ".out.partial"
+    staging.mkdir()
+    (staging / "a.txt").write_text("new")
+    replace_dir(dest, staging)  # no dest yet
+    assert (dest / "a.txt").read_text() == "new" and not staging.exists()
+    staging.mkdir()
+    (staging / "b.txt").write_text("newer")
+    replace_dir(dest, staging)  # an existing dest is replaced whole
+    assert sorted(p.name for p in dest.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging, no old copy left aside

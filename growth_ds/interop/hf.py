@@ -50,6 +50,7 @@ from typing import Dict, Optional
 
 import torch
 
+from growth_ds import atomic
 from growth_ds.models.schema import param_shape, parameter_schema
 from growth_ds.ops.state import TrainingState
 from growth_ds.shapes import ModelShape
@@ -417,13 +418,7 @@ def save_hf(source, out_dir: str | Path, dtype=None, overwrite: bool = False, **
             model.save_pretrained(str(tmp), **kw)
         if not any(tmp.glob("*.safetensors")):
             raise RuntimeError(f"save_pretrained wrote no safetensors file into {tmp}")
-        if out.exists():  # (a name of this process: a crash here leaves the old copy aside, never deleted)
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.replaced."))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        atomic.replace_dir(out, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

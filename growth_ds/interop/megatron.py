@@ -47,7 +47,6 @@ import dataclasses
 import os
 import socket
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -56,6 +55,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from growth_ds import atomic
 from growth_ds.distributed.tensor_parallel import ShardGrower, ShardSpec, TPPlan, check_tp_shape, make_tp_plan
 from growth_ds.models.schema import parameter_schema
 from growth_ds.ops.apply import source_name
@@ -858,7 +858,7 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
             from growth_ds.interop.megatron_lm import write_tracker
 
             write_tracker(staging, it)
-        _replace_dir(out, staging)
+        atomic.replace_dir(out, staging)
     if dist.is_initialized():
         dist.barrier()
     return grown
@@ -872,20 +872,6 @@ def _has_moments(ckpt) -> bool:
     from megatron.core import dist_checkpointing
 
     return any(k.startswith("optimizer.state.exp_avg.") for k in dist_checkpointing.load_tensors_metadata(str(ckpt)))
-
-
-def _replace_dir(dest: Path, staging: Path) -> None:
-    """Put the complete ``staging`` directory at ``dest``; an existing ``dest`` goes only once ``staging`` is in
-    place (a crash in between leaves the old copy aside under a hidden name, never deleted)."""
-    if dest.exists() and not dest.is_dir():
-        dest.unlink()
-    if dest.exists():
-        old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.replaced."))
-        os.replace(dest, old / dest.name)
-        os.replace(staging, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, dest)
 
 
 __all__ = ["CHECKPOINT_FORMAT", "Entry", "GrownGPT", "build_gpt_model", "checkpoint_common",
