@@ -60,6 +60,7 @@ def _worker(rank: int, world: int, port: int, fenced: bool, die: int, out: str) 
         tr.close()
     torch.save(log, f"{out}.{rank}")
     if die < 0:
+        dist.barrier()  # (no rank tears its gloo pairs down while a peer still uses them)
         dist.destroy_process_group()
 
 
