@@ -675,15 +675,16 @@ def load_dist_checkpoint(model, optimizer, ckpt_dir, *, check_shape: bool = True
     return common
 
 
-def load_fp32_masters(model, ckpt_dir) -> bool:
+def load_fp32_masters(model, ckpt_dir, meta: Optional[dict] = None) -> bool:
     """Overwrite ``model``'s parameters with a mixed-precision run's float32 masters
-    (``optimizer.state.fp32_param.<key>``) when the checkpoint holds them; returns whether it did."""
+    (``optimizer.state.fp32_param.<key>``) when the checkpoint holds them; returns whether it did. ``meta``:
+    the checkpoint's ``load_tensors_metadata``, when the caller has read it."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
                                                             optim_state_to_sharding_state)
 
-    if not any(k.startswith("optimizer.state.fp32_param.") for k in dist_checkpointing.load_tensors_metadata(
-            str(ckpt_dir))):
+    meta = dist_checkpointing.load_tensors_metadata(str(ckpt_dir)) if meta is None else meta
+    if not any(k.startswith("optimizer.state.fp32_param.") for k in meta):
         return False
     params = list(model.parameters())
     state = {"state": {i: {"fp32_param": torch.empty_like(p, dtype=torch.float32)} for i, p in enumerate(params)},
@@ -696,11 +697,8 @@ def load_fp32_masters(model, ckpt_dir) -> bool:
     return True
 
 
-def _model_dtype(ckpt_dir) -> torch.dtype:
-    """The dtype the checkpoint's model tensors are stored in."""
-    from megatron.core import dist_checkpointing
-
-    meta = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
+def _model_dtype(meta: dict) -> torch.dtype:
+    """The dtype a checkpoint's model tensors are stored in (``meta``: its ``load_tensors_metadata``)."""
     return meta["embedding.word_embeddings.weight"].dtype if "embedding.word_embeddings.weight" in meta \
         else torch.float32
 
@@ -761,11 +759,9 @@ def _source(src_dir, iteration: Optional[int]):
     return ckpt, it, dict(dist_checkpointing.load_common_state_dict(str(ckpt)))
 
 
-def _source_shape(ckpt, common: dict, small: Optional[ModelShape]) -> ModelShape:
+def _source_shape(ckpt, common: dict, meta: dict, small: Optional[ModelShape]) -> ModelShape:
     """The old shape: ``small``, else growth-ds's entry, else the saved Megatron-LM ``args`` with the embedding's
-    global rows (the padded vocabulary) from the tensor metadata."""
-    from megatron.core import dist_checkpointing
-
+    global rows (the padded vocabulary) from the tensor metadata ``meta``."""
     from growth_ds.interop.megatron_lm import shape_from_args
 
     if small is not None:
@@ -773,7 +769,6 @@ def _source_shape(ckpt, common: dict, small: Optional[ModelShape]) -> ModelShape
     if (common.get(COMMON_KEY) or {}).get("shape"):
         return ModelShape.from_dict(common[COMMON_KEY]["shape"])
     if "args" in common:
-        meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
         emb = meta.get("embedding.word_embeddings.weight")
         if emb is None:
             raise ValueError(f"{ckpt}: no embedding.word_embeddings.weight in the checkpoint (a pipeline stage "
@@ -806,8 +801,11 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
         raise FileExistsError(f"{out} exists and is not an empty directory; pass overwrite=True (--force) to "
                               f"replace it")
     ckpt, it, common = _source(src_dir, iteration)
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(str(ckpt))  # (read once: shapes, moments, masters, dtype)
     ours = common.get(COMMON_KEY) or {}
-    small = _source_shape(ckpt, common, small)
+    small = _source_shape(ckpt, common, meta, small)
     plan = make_plan(small, large, width=width, depth=depth, seed=seed, moments=moments, lr=lr)  # (bad shapes: now)
     if it is not None:  # (before anything is loaded: the LR policy must be one the run's scheduler can express)
         from growth_ds.interop.megatron_lm import scheduler_after_growth
@@ -820,11 +818,11 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
         named = dict(model.named_parameters())
         cls = getattr(torch.optim, ours.get("optimizer_class", "AdamW"))
         optimizer = cls([{"params": [named[n] for n in names]} for names in ours["param_groups"]])
-    elif not no_optim and _has_moments(ckpt):  # a Megatron-LM run's per-parameter Adam state
+    elif not no_optim and any(k.startswith("optimizer.state.exp_avg.") for k in meta):  # per-parameter Adam state
         optimizer = torch.optim.AdamW(model.parameters())
         step = int(common.get("iteration") or 0)  # (Adam's step: one per iteration)
     load_dist_checkpoint(model, optimizer, ckpt, step=step)
-    masters = load_fp32_masters(model, ckpt)  # a bf16 run: grow the float32 masters, not the rounded weights
+    masters = load_fp32_masters(model, ckpt, meta)  # a bf16 run: grow the float32 masters, not the rounded weights
     grown = grow_gpt_model(model, optimizer, plan)
     del model, optimizer
     extra = {"grown_from": small.to_dict(), "plan": plan.describe(), "tp_plan": grown.tp_plan.describe(),
@@ -850,7 +848,7 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
     if dist.is_initialized():
         dist.barrier()
     save_dist_checkpoint(grown.model, grown.optimizer, ckpt_out, extra=extra, run_state=run_state,  # (every rank)
-                         model_dtype=_model_dtype(ckpt) if masters and grown.optimizer is not None else None)
+                         model_dtype=_model_dtype(meta) if masters and grown.optimizer is not None else None)
     if dist.is_initialized():
         dist.barrier()
     if rank0:
@@ -866,12 +864,6 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
 
 def iteration_name(it) -> str:
     return "release" if it == "release" else f"iter_{int(it):07d}"
-
-
-def _has_moments(ckpt) -> bool:
-    from megatron.core import dist_checkpointing
-
-    return any(k.startswith("optimizer.state.exp_avg.") for k in dist_checkpointing.load_tensors_metadata(str(ckpt)))
 
 
 __all__ = ["CHECKPOINT_FORMAT", "Entry", "GrownGPT", "build_gpt_model", "checkpoint_common",
