@@ -56,6 +56,8 @@ SHAPES = REPO / "configs" / "shapes"
 SMALL, LARGE = SHAPES / "demo-small.yaml", SHAPES / "demo-large.yaml"
 MID = {"flavour": "llama", "n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16,
        "d_ffn": 172, "vocab_size": 2048, "max_seq_len": 64}  # demo-small at demo-large's width
+TINY = {"flavour": "llama", "n_layers": 1, "d_model": 32, "n_heads": 2, "n_kv_heads": 1, "head_dim": 16,
+        "d_ffn": 86, "vocab_size": 2048, "max_seq_len": 64}  # demo-small with one layer
 TOKENS_PER_STEP = 32 * 64
 BASE_STEPS = 750                 # the demo's scratch run (budget 1x), 2048 tokens per step
 LR_GRID = [2e-3, 4e-3, 8e-3, 1.6e-2]
@@ -74,6 +76,7 @@ class Recipe:
     lrs: tuple = (None, None)                 # peak LR per stage (first, then each grown stage)
     train: Dict = field(default_factory=dict)
     note: str = ""
+    first: object = SMALL                     # the first stage's shape (a path or a shape dict)
 
 
 def _r(name, width="zero", depth="identity", at=0.3, lrs=(None, None), note="", **grow):
@@ -97,6 +100,16 @@ RECIPES: Dict[str, Recipe] = {r.name: r for r in [
            (None, None, None), {}, "one axis at a time: width at 15% of FLOPs, depth at 30%"),
     _r("ligo", width=None, depth=None, method="ligo", steps=30),
 ]}
+# Second screen, at the staged arm's own tuned LRs: growth time, moments, three stages, a smaller start.
+for _at in (0.20, 0.25, 0.30):
+    RECIPES[f"zero-stack@{_at:.0%}"] = _r(f"zero-stack@{_at:.0%}", depth="stack", at=_at)
+RECIPES["zero-stack@15%-reset"] = _r("zero-stack@15%-reset", depth="stack", at=0.15, moments="reset")
+RECIPES["zero-then-stack@10-25%"] = Recipe(
+    "zero-then-stack@10-25%", ((MID, {"width": "zero"}, 0.10), (LARGE, {"depth": "stack"}, 0.25)),
+    (None, None, None), {}, "width at 10% of FLOPs, then the stack doubled at 25%")
+RECIPES["tiny-zero-stack@15%"] = Recipe(
+    "tiny-zero-stack@15%", ((LARGE, {"width": "zero", "depth": "stack"}, 0.15),), (None, None), {},
+    "a one-layer start: width x2 and the stack x4 at 15% of FLOPs", TINY)
 RECIPES["zero-id-mup"] = Recipe("zero-id-mup", RECIPES["zero-id"].grows, (None, None), {"mup": True},
                                 RECIPES["zero-id-mup"].note)
 # LiGO names its initialising plan's width/depth; without them make_plan uses lemon + the default depth
@@ -157,8 +170,9 @@ class Study:
         steps = round(BASE_STEPS * budget)
         lrs = lrs or recipe.lrs
         lr = [scratch_lr if x is None else x for x in lrs]
-        stages = [{"shape": str(SMALL), "lr": lr[0]}]
-        budget_flops, step, spent, prev = steps * _fpt(LARGE), 0, 0.0, SMALL
+        first = recipe.first
+        stages = [{"shape": first if isinstance(first, dict) else str(first), "lr": lr[0]}]
+        budget_flops, step, spent, prev = steps * _fpt(LARGE), 0, 0.0, first
         for i, (shape, grow, at) in enumerate(recipe.grows):  # stage i ends once `at` of the FLOPs are spent
             if isinstance(at, dict):  # until: auto, its cap at `cap` of the FLOPs (first stage only)
                 auto = {k: v for k, v in at.items() if k != "cap"}
@@ -269,9 +283,10 @@ def tuned(st: Study) -> dict:
     return json.loads(p.read_text())
 
 
-def screen(st: Study, seeds, names=None) -> List[dict]:
+def screen(st: Study, seeds, names=None, tag: str = "") -> List[dict]:
     """Every recipe at budget 1x on the screening seeds against tuned scratch (single budget: the
-    single-curve crossing and the end-loss gap at equal FLOPs)."""
+    single-curve crossing and the end-loss gap at equal FLOPs), written to ``screen{-tag}.json`` so that a
+    later screen keeps the earlier one's table."""
     st.prepare(seeds)
     t = tuned(st)
     lr0, lrs = t["scratch"]["best"], tuple(t["staged_lrs"])
@@ -302,8 +317,9 @@ def screen(st: Study, seeds, names=None) -> List[dict]:
             cross = flops_to_reach(res[n]["curve"], target)
             per.append({"seed": s, "gap": res[n]["final_val_loss"] - target,
                         "crossing_saving": saving_percent(flops_to_reach(base["curve"], target), cross)})
-        rows.append({"recipe": r.name, "note": r.note, "seeds": per})
-    (st.out / "screen.json").write_text(json.dumps(rows, indent=1))
+        use = r.lrs if r is SHIPPED_COSINE else (lrs + (lrs[-1],) * (len(r.grows) - 1))
+        rows.append({"recipe": r.name, "note": r.note, "lrs": list(use), "seeds": per})
+    atomic.write_text(st.out / f"screen{'-' + tag if tag else ''}.json", json.dumps(rows, indent=1))
     return rows
 
 
@@ -530,8 +546,8 @@ def plot(out: Path, dest: Path) -> List[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    if (out / "screen.json").exists():
-        rows = json.loads((out / "screen.json").read_text())
+    for sp in sorted(out.glob("screen*.json")):
+        rows = json.loads(sp.read_text())
         fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
         for i, r in enumerate(rows):
             g = [p["gap"] for p in r["seeds"]]
@@ -543,9 +559,9 @@ def plot(out: Path, dest: Path) -> List[Path]:
         ax.invert_yaxis()
         ax.set_xlabel("end val loss, staged - tuned scratch, equal FLOPs (screening seeds; | = mean)")
         fig.tight_layout()
-        fig.savefig(dest / "screen.png", dpi=110)
+        fig.savefig(dest / f"{sp.stem}.png", dpi=110)
         plt.close(fig)
-        written.append(dest / "screen.png")
+        written.append(dest / f"{sp.stem}.png")
     for p in sorted(out.glob("confirm-*.json")):
         c = json.loads(p.read_text())
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -601,6 +617,7 @@ def main(argv=None):
     ap.add_argument("--staged-grid", action="store_true", help="tune: also search the staged arm's per-stage LRs")
     ap.add_argument("--write", default=None, help="table: also write DIR/saving.md and the PNGs")
     ap.add_argument("--cached", action="store_true", help="tabulate the runs that are done; start none")
+    ap.add_argument("--tag", default="", help="screen: write screen-TAG.json (keeps earlier screens)")
     ap.add_argument("--quick", action="store_true", help="confirm: the 1x budget only, no controls (more seeds)")
     a = ap.parse_args(argv)
     st = Study(Path(a.out), a.jobs, a.eval_tokens, a.cached)
@@ -608,7 +625,7 @@ def main(argv=None):
         print("\n".join(fmt_tune(tune(st, a.seeds or SCREEN_SEEDS, a.staged_grid, a.recipe or "zero-id"))))
     elif a.phase == "screen":
         names = a.recipe.split(",") if a.recipe else None
-        print("\n".join(fmt_screen(screen(st, a.seeds or SCREEN_SEEDS, names))))
+        print("\n".join(fmt_screen(screen(st, a.seeds or SCREEN_SEEDS, names, a.tag))))
     elif a.phase == "baselines":
         if not a.seeds or set(a.seeds) & set(SCREEN_SEEDS):
             raise SystemExit("baselines needs fresh --seeds")
@@ -628,9 +645,12 @@ def main(argv=None):
         if (out / "tuned.json").exists():
             parts.append("## Peak LR grids (end val loss, screening seeds)\n\n" +
                          "\n".join(fmt_tune(json.loads((out / "tuned.json").read_text()))))
-        if (out / "screen.json").exists():
-            parts.append("## Screen (budget 1x, screening seeds)\n\n" +
-                         "\n".join(fmt_screen(json.loads((out / "screen.json").read_text()))))
+        for p in sorted(out.glob("screen*.json")):
+            rows = json.loads(p.read_text())
+            lrs = sorted({tuple(r["lrs"][:2]) for r in rows if "lrs" in r})
+            parts.append(f"## Screen `{p.stem}` (budget 1x, screening seeds"
+                         + (f"; staged stage LRs {', '.join(map(str, lrs))}" if lrs else "") + ")\n\n"
+                         + "\n".join(fmt_screen(rows)))
         for p in sorted(out.glob("confirm-*.json")):
             parts.append("## Confirmation on fresh seeds\n\n" + "\n".join(fmt_confirm(json.loads(p.read_text()))))
         if (out / "auto.json").exists():
