@@ -7,10 +7,13 @@ For each flavour (gpt2 tied, llama GQA untied):
 * ``save``: every rank builds its pipeline stage of the small model (megatron-core's own ``GPTModel`` with
   ``pre_process`` / ``post_process``), gives its AdamW random moments and step 5, and all ranks save one
   Megatron-LM run (``DIR/FLAVOUR_run/iter_0000005`` + tracker) with megatron-core's ``dist_checkpointing.save``.
-* ``check``: every rank builds its stage of the grown model, loads ``DIR/FLAVOUR_grown/iter_0000005`` with
+  The linear modules carry a Transformer Engine-style ``_extra_state`` (:func:`te_like`), which megatron-core's
+  own ``sharded_state_dict`` saves as one ``ShardedObject`` per module on the global layer axis, as it does for
+  a TE-spec run.
+* ``check``: every rank builds its stage of the grown model (TE-style modules too), loads ``DIR/FLAVOUR_grown/iter_0000005`` with
   megatron-core's loader, runs the pipeline forward (stage outputs sent rank to rank) and writes, from the last
   stage, the full logits (``DIR/FLAVOUR_tpT_ppP_logits.pt``); the first TP rank of every stage writes the
-  global indices of its layers (``DIR/FLAVOUR_tpT_ppP_stageS.json``).
+  global indices of its layers and the ``_extra_state`` each module loaded (``DIR/FLAVOUR_tpT_ppP_stageS.json``).
 Top-level imports stay light: dist_checkpointing's writer may spawn a process that re-imports this file.
 """
 import json
@@ -57,6 +60,30 @@ def megatron_lm_args(shape, tp, pp):
         untie_embeddings_and_output_weights=not shape.tied_embeddings, norm_epsilon=shape.norm_eps,
         rotary_base=int(shape.rope_theta), tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         padded_vocab_size=shape.vocab_size, lr=3e-4, train_iters=1000)
+
+
+TE_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+
+
+def te_like(model):
+    """Give each decoder layer's linear modules Transformer Engine's ``get_extra_state`` / ``set_extra_state``
+    (TE cannot be installed here): the saved payload, a uint8 tensor as TE returns, names the module's global
+    layer and name; what a load sets is kept as ``module.loaded_extra_state``."""
+    import torch
+
+    def get_extra_state(self):
+        return torch.tensor(list(f"{self.te_tag[0]}:{self.te_tag[1]}".encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state):
+        self.loaded_extra_state = bytes(state.tolist()).decode()
+
+    for layer in model.decoder.layers:
+        for name in TE_MODULES:
+            mod = layer.get_submodule(name)
+            mod.__class__ = type(f"TE{type(mod).__name__}", (type(mod),),
+                                 {"get_extra_state": get_extra_state, "set_extra_state": set_extra_state})
+            mod.te_tag = (layer.layer_number - 1, name)  # megatron numbers layers globally, from 1
+    return model
 
 
 def stage_model(shape, tp, pp):
@@ -107,7 +134,7 @@ def save(out, flavour, small, tp, pp, rank):
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    model = stage_model(small, tp, pp)
+    model = te_like(stage_model(small, tp, pp))
     opt = torch.optim.AdamW(model.parameters())
     g = torch.Generator().manual_seed(100 + rank)
     for p in model.parameters():  # Adam state as after 5 steps (moments of the right sign and scale)
@@ -143,7 +170,7 @@ def check(out, flavour, small, large, tp, pp):
     from growth_ds.ops import make_plan
 
     grown = make_plan(small, large, width="zero", depth="identity", seed=0).grown_shape
-    model = stage_model(grown, tp, pp)
+    model = te_like(stage_model(grown, tp, pp))
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()},
                                      os.path.join(out, f"{flavour}_grown", "iter_0000005"))
     model.load_state_dict(loaded["model"], strict=True)
@@ -154,7 +181,9 @@ def check(out, flavour, small, large, tp, pp):
     offset = model.decoder.layers[0].layer_number - 1  # megatron numbers a stage's layers from its offset
     if ps.get_tensor_model_parallel_rank() == 0:
         with open(os.path.join(out, f"{tag}_stage{ps.get_pipeline_model_parallel_rank()}.json"), "w") as f:
-            json.dump({"layers": [offset + i for i in range(len(model.decoder.layers))]}, f)
+            json.dump({"layers": [offset + i for i in range(len(model.decoder.layers))],
+                       "extra_state": {offset + i: {n: layer.get_submodule(n).loaded_extra_state for n in TE_MODULES}
+                                       for i, layer in enumerate(model.decoder.layers)}}, f)
 
 
 def main():

@@ -308,9 +308,11 @@ def pp_runs(tmp_path_factory):
 @pytest.mark.parametrize("src", LAYOUTS, ids=[f"tp{t}pp{p}" for t, p in LAYOUTS])
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])
 def test_any_tp_pp_in_any_tp_pp_out(pp_runs, src, flavour):
-    """Saved at (TP, PP) = ``src``, grown (zero width + identity depth), read back by megatron-core at another
-    layout: the pipeline's logits equal the small model's; every stage holds the layers the target layout
-    prescribes; values and Adam moments equal ops.grow on the state read at (1, 1)."""
+    """Saved at (TP, PP) = ``src`` with Transformer Engine-style ``_extra_state`` objects, grown (zero width +
+    identity depth), read back by megatron-core at another layout: the pipeline's logits equal the small
+    model's; every stage holds the layers the target layout prescribes, and each layer's modules load the
+    extra state of the layer it was grown from; values and Adam moments equal ops.grow on the state read at
+    (1, 1)."""
     import torch
 
     out, res = pp_runs
@@ -323,6 +325,13 @@ def test_any_tp_pp_in_any_tp_pp_out(pp_runs, src, flavour):
     assert got.shape == want.shape
     assert float(((got - want).abs() / want.abs().clamp(min=1)).max()) < 1e-5
     per_stage = 4 // pp
+    from growth_ds.ops import make_plan
+    from pp_worker import TE_MODULES, shapes
+
+    sources = [e.source for e in make_plan(*shapes(flavour), width="zero", depth="identity", seed=0).layers]
     for s in range(pp):
-        layers = json.loads((d / f"{flavour}_tp{tp}_pp{pp}_stage{s}.json").read_text())["layers"]
-        assert layers == list(range(s * per_stage, (s + 1) * per_stage))
+        got = json.loads((d / f"{flavour}_tp{tp}_pp{pp}_stage{s}.json").read_text())
+        assert got["layers"] == list(range(s * per_stage, (s + 1) * per_stage))
+        # Transformer Engine's _extra_state: each grown layer loaded the payload of the layer it was built from
+        for layer in got["layers"]:
+            assert got["extra_state"][str(layer)] == {n: f"{sources[layer]}:{n}" for n in TE_MODULES}

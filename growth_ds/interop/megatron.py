@@ -553,17 +553,29 @@ def _optimizer_params(optimizer) -> List[torch.nn.Parameter]:
 
 
 def checkpoint_state_dict(model, optimizer=None, *, extra: Optional[dict] = None,
-                          run_state: Optional[dict] = None, masters: Optional[Dict[int, torch.Tensor]] = None) -> dict:
+                          run_state: Optional[dict] = None, masters: Optional[Dict[int, torch.Tensor]] = None,
+                          objects: Optional[dict] = None) -> dict:
     """The sharded state dict growth-ds saves: ``model``, ``optimizer`` (moments sharded like their
     parameters), a common ``growth_ds`` entry holding the shape, step and parameter groups, and ``run_state``
     (common entries of a Megatron-LM run: ``args``, ``iteration``, ...) at the top level. ``masters``
     (``{id(parameter): float32 value}``, a mixed-precision run's): saved as the optimizer's
-    ``optimizer.state.fp32_param.<key>``, as Megatron-LM does."""
+    ``optimizer.state.fp32_param.<key>``, as Megatron-LM does. ``objects``: more ``ShardedObject``s saved with
+    the model (a Transformer Engine run's ``_extra_state``: :mod:`growth_ds.interop.extra_state`), in place of the
+    model's own objects of the same keys."""
     from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
                                                             optim_state_to_sharding_state)
 
     shape = shape_of(model)
     sd = {"model": model.sharded_state_dict()}
+    if objects:  # (they replace the model's own objects of the same keys)
+        from megatron.core.dist_checkpointing import ShardedObject
+
+        keys = {o.key for o in objects.values()}
+        sd["model"] = {k: v for k, v in sd["model"].items() if not (isinstance(v, ShardedObject) and v.key in keys)}
+        for k, v in objects.items():
+            if k in sd["model"]:
+                raise ValueError(f"object {k!r} would replace the model's own entry")
+            sd["model"][k] = v
     names = {id(p): n for n, p in model.named_parameters()}
     common = {"format": CHECKPOINT_FORMAT, "shape": shape.to_dict(), "step": 0, "param_groups": None}
     if optimizer is not None:
@@ -591,7 +603,8 @@ def checkpoint_state_dict(model, optimizer=None, *, extra: Optional[dict] = None
 
 
 def save_dist_checkpoint(model, optimizer, ckpt_dir, *, extra: Optional[dict] = None,
-                         run_state: Optional[dict] = None, model_dtype: Optional[torch.dtype] = None) -> None:
+                         run_state: Optional[dict] = None, model_dtype: Optional[torch.dtype] = None,
+                         objects: Optional[dict] = None) -> None:
     """Save with ``megatron.core.dist_checkpointing`` (torch_dist); collective over all ranks.
 
     The checkpoint stores global (TP-independent) tensors, so it loads at any TP size. ``model_dtype`` (a
@@ -614,7 +627,7 @@ def save_dist_checkpoint(model, optimizer, ckpt_dir, *, extra: Optional[dict] = 
             p.data = p.data.to(model_dtype)
     try:
         dist_checkpointing.save(checkpoint_state_dict(model, optimizer, extra=extra, run_state=run_state,
-                                                      masters=masters), str(ckpt_dir))
+                                                      masters=masters, objects=objects), str(ckpt_dir))
     finally:
         for p in params if masters else ():
             p.data = masters[id(p)]
@@ -793,7 +806,8 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
     The checkpoint's TP size does not matter (dist checkpoints reshard on load). ``no_optim``: weights only (the
     grown checkpoint has no optimizer state). Refused before anything is written: a missing iteration, a
     per-bucket distributed-optimizer checkpoint, shapes that do not grow, an existing output without
-    ``overwrite``. Atomic: the checkpoint is written next to its final name and renamed into place when
+    ``overwrite``. A Transformer Engine run's ``_extra_state`` objects are carried: grown layer ``i`` gets those
+    of the layer it was built from (:mod:`growth_ds.interop.extra_state`). Atomic: the checkpoint is written next to its final name and renamed into place when
     complete, so a crash leaves ``out_dir`` as it was (and ``overwrite`` replaces it whole).
     """
     out = Path(out_dir)
@@ -807,6 +821,11 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
     ours = common.get(COMMON_KEY) or {}
     small = _source_shape(ckpt, common, meta, small)
     plan = make_plan(small, large, width=width, depth=depth, seed=seed, moments=moments, lr=lr)  # (bad shapes: now)
+    from growth_ds.interop import extra_state
+
+    # a Transformer Engine run's per-module _extra_state: placed on the grown layer stack, payloads untouched
+    te_states = extra_state.regrid(extra_state.read_extra_states(ckpt), [e.source for e in plan.layers],
+                                   small.n_layers)
     if it is not None:  # (before anything is loaded: the LR policy must be one the run's scheduler can express)
         from growth_ds.interop.megatron_lm import scheduler_after_growth
 
@@ -848,7 +867,8 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
     if dist.is_initialized():
         dist.barrier()
     save_dist_checkpoint(grown.model, grown.optimizer, ckpt_out, extra=extra, run_state=run_state,  # (every rank)
-                         model_dtype=_model_dtype(meta) if masters and grown.optimizer is not None else None)
+                         model_dtype=_model_dtype(meta) if masters and grown.optimizer is not None else None,
+                         objects=extra_state.sharded_objects(te_states, write=rank0))
     if dist.is_initialized():
         dist.barrier()
     if rank0:
