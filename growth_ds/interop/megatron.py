@@ -43,6 +43,7 @@ applies :mod:`growth_ds.interop.megatron_cpu`)::
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import socket
@@ -554,12 +555,18 @@ def _optimizer_params(optimizer) -> List[torch.nn.Parameter]:
 
 def checkpoint_state_dict(model, optimizer=None, *, extra: Optional[dict] = None,
                           run_state: Optional[dict] = None, masters: Optional[Dict[int, torch.Tensor]] = None,
-                          objects: Optional[dict] = None) -> dict:
+                          objects: Optional[dict] = None, master_key: str = "fp32_param",
+                          optimizer_common: Optional[dict] = None) -> dict:
     """The sharded state dict growth-ds saves: ``model``, ``optimizer`` (moments sharded like their
     parameters), a common ``growth_ds`` entry holding the shape, step and parameter groups, and ``run_state``
     (common entries of a Megatron-LM run: ``args``, ``iteration``, ...) at the top level. ``masters``
     (``{id(parameter): float32 value}``, a mixed-precision run's): saved as the optimizer's
-    ``optimizer.state.fp32_param.<key>``, as Megatron-LM does. ``objects``: more ``ShardedObject``s saved with
+    ``optimizer.state.<master_key>.<key>``: ``fp32_param`` as megatron-core's mixed-precision optimizer does,
+    ``param`` as its distributed optimizer's ``fully_reshardable`` format does. ``optimizer_common``: a
+    Megatron-LM run's own non-sharded optimizer entries (its param groups with ``wd_mult`` / ``lr_mult`` and
+    ``step``, ``param_state_sharding_type``, the grad scaler), saved in place of torch's param groups so that
+    Megatron-LM's optimizer loads the checkpoint; the sharded state then sits where that optimizer keeps it
+    (:func:`_megatron_optimizer_tree`). ``objects``: more ``ShardedObject``s saved with
     the model (a Transformer Engine run's ``_extra_state``: :mod:`growth_ds.interop.extra_state`), in place of the
     model's own objects of the same keys."""
     from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
@@ -589,10 +596,11 @@ def checkpoint_state_dict(model, optimizer=None, *, extra: Optional[dict] = None
         common["optimizer_class"] = type(optimizer).__name__
         params = _optimizer_params(optimizer)
         for i, p in enumerate(params if masters else ()):
-            osd["state"][i]["fp32_param"] = masters[id(p)]
+            osd["state"][i][master_key] = masters[id(p)]
         id_map = get_param_id_to_sharded_param_map(sd["model"], params)
         optim_state_to_sharding_state(osd, id_map, exclude_keys=("step",))
-        sd["optimizer"] = osd
+        sd["optimizer"] = osd if optimizer_common is None else _megatron_optimizer_tree(optimizer_common, osd,
+                                                                                        common["step"])
     common.update(extra or {})
     sd[COMMON_KEY] = common
     for k, v in (run_state or {}).items():
@@ -602,14 +610,45 @@ def checkpoint_state_dict(model, optimizer=None, *, extra: Optional[dict] = None
     return sd
 
 
+def _megatron_optimizer_tree(carried: dict, osd: dict, step: int) -> dict:
+    """A Megatron-LM optimizer's checkpoint entry: its own non-sharded entries ``carried`` (from the source run's
+    common state) with every param group's ``step`` set to the grown optimizer's ``step``, and the sharded
+    per-parameter state of ``osd`` (a torch optimizer state dict already made sharding state) where that
+    optimizer keeps it: ``param_state`` (distributed optimizer) or ``optimizer.state`` /  ``state``. Only the
+    keys of the sharded tensors matter to a loader; the carried entries are what its ``load_state_dict`` reads."""
+    tree = copy.deepcopy(carried)
+
+    def set_step(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "param_groups" and isinstance(v, list):
+                    for g in v:
+                        if isinstance(g, dict) and "step" in g:
+                            g["step"] = type(g["step"])(step) if isinstance(g["step"], (int, float)) else step
+                else:
+                    set_step(v)
+
+    set_step(tree)
+    if "param_state_sharding_type" in tree:  # DistributedOptimizer
+        tree["param_state"] = osd["state"]
+    elif isinstance(tree.get("optimizer"), dict):  # mixed-precision optimizer: its inner torch optimizer's state
+        tree["optimizer"]["state"] = osd["state"]
+    else:
+        tree["state"] = osd["state"]
+    return tree
+
+
 def save_dist_checkpoint(model, optimizer, ckpt_dir, *, extra: Optional[dict] = None,
                          run_state: Optional[dict] = None, model_dtype: Optional[torch.dtype] = None,
-                         objects: Optional[dict] = None) -> None:
+                         objects: Optional[dict] = None, master_key: Optional[str] = None,
+                         optimizer_common: Optional[dict] = None) -> None:
     """Save with ``megatron.core.dist_checkpointing`` (torch_dist); collective over all ranks.
 
-    The checkpoint stores global (TP-independent) tensors, so it loads at any TP size. ``model_dtype`` (a
-    mixed-precision run's, e.g. bf16, with an optimizer): the model's tensors are written in that dtype and
-    the float32 values as the optimizer's masters; the model is float32 again when this returns.
+    The checkpoint stores global (TP-independent) tensors, so it loads at any TP size. ``master_key`` (with an
+    optimizer): the float32 values are also written as the optimizer's masters
+    ``optimizer.state.<master_key>.<key>``, and the model's tensors in ``model_dtype`` (e.g. bf16; default
+    float32); the model is float32 again when this returns. ``optimizer_common``: see
+    :func:`checkpoint_state_dict`.
     """
     from megatron.core import dist_checkpointing
 
@@ -620,14 +659,16 @@ def save_dist_checkpoint(model, optimizer, ckpt_dir, *, extra: Optional[dict] = 
     if dist.is_initialized():
         dist.barrier()
     params = list(model.parameters())
-    masters = None
-    if model_dtype is not None and model_dtype != torch.float32 and optimizer is not None:
-        masters = {id(p): p.data for p in params}
-        for p in params:
-            p.data = p.data.to(model_dtype)
+    if master_key is None and model_dtype not in (None, torch.float32):
+        master_key = "fp32_param"
+    masters = {id(p): p.data for p in params} if master_key is not None and optimizer is not None else None
+    for p in params if masters and model_dtype not in (None, torch.float32) else ():
+        p.data = p.data.to(model_dtype)
     try:
         dist_checkpointing.save(checkpoint_state_dict(model, optimizer, extra=extra, run_state=run_state,
-                                                      masters=masters, objects=objects), str(ckpt_dir))
+                                                      masters=masters, objects=objects,
+                                                      master_key=master_key or "fp32_param",
+                                                      optimizer_common=optimizer_common), str(ckpt_dir))
     finally:
         for p in params if masters else ():
             p.data = masters[id(p)]
@@ -688,25 +729,40 @@ def load_dist_checkpoint(model, optimizer, ckpt_dir, *, check_shape: bool = True
     return common
 
 
+#: where megatron-core's optimizers keep float32 masters: ``fp32_param`` (mixed-precision optimizer; the
+#: distributed optimizer's ``fully_sharded_model_space``), ``param`` (distributed optimizer, ``fully_reshardable``)
+MASTER_KEYS = ("fp32_param", "param")
+
+
+def master_key_of(meta: dict) -> Optional[str]:
+    """The name under which a checkpoint (``meta``: its ``load_tensors_metadata``) holds float32 masters
+    (``optimizer.state.<name>.<key>``), or None."""
+    for k in MASTER_KEYS:
+        if any(m.startswith(f"optimizer.state.{k}.") for m in meta):
+            return k
+    return None
+
+
 def load_fp32_masters(model, ckpt_dir, meta: Optional[dict] = None) -> bool:
-    """Overwrite ``model``'s parameters with a mixed-precision run's float32 masters
-    (``optimizer.state.fp32_param.<key>``) when the checkpoint holds them; returns whether it did. ``meta``:
-    the checkpoint's ``load_tensors_metadata``, when the caller has read it."""
+    """Overwrite ``model``'s parameters with the optimizer's float32 masters (``optimizer.state.fp32_param.<key>``
+    or ``optimizer.state.param.<key>``: :data:`MASTER_KEYS`) when the checkpoint holds them; returns whether it
+    did. ``meta``: the checkpoint's ``load_tensors_metadata``, when the caller has read it."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
                                                             optim_state_to_sharding_state)
 
     meta = dist_checkpointing.load_tensors_metadata(str(ckpt_dir)) if meta is None else meta
-    if not any(k.startswith("optimizer.state.fp32_param.") for k in meta):
+    key = master_key_of(meta)
+    if key is None:
         return False
     params = list(model.parameters())
-    state = {"state": {i: {"fp32_param": torch.empty_like(p, dtype=torch.float32)} for i, p in enumerate(params)},
+    state = {"state": {i: {key: torch.empty_like(p, dtype=torch.float32)} for i, p in enumerate(params)},
              "param_groups": [{"params": list(range(len(params)))}]}
     optim_state_to_sharding_state(state, get_param_id_to_sharded_param_map(model.sharded_state_dict(), params))
     loaded = dist_checkpointing.load({"masters": state}, str(ckpt_dir))["masters"]["state"]
     with torch.no_grad():
         for i, p in enumerate(params):
-            p.copy_(loaded[i]["fp32_param"])
+            p.copy_(loaded[i][key])
     return True
 
 
@@ -791,6 +847,25 @@ def _source_shape(ckpt, common: dict, meta: dict, small: Optional[ModelShape]) -
                      f"(--shape)")
 
 
+def _adam_step(common: dict) -> int:
+    """Adam's step count in a Megatron-LM checkpoint: its optimizer's param groups' ``step`` (megatron-core keeps it
+    there), else the iteration (one step per iteration)."""
+    steps = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "param_groups" and isinstance(v, list):
+                    steps.update(int(g["step"]) for g in v if isinstance(g, dict) and "step" in g)
+                else:
+                    walk(v)
+
+    walk(common.get("optimizer"))
+    if len(steps) > 1:
+        raise ValueError(f"the checkpoint's optimizer param groups disagree on the step: {sorted(steps)}")
+    return steps.pop() if steps else int(common.get("iteration") or 0)
+
+
 def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional[str] = None,
                          depth: Optional[str] = None, seed: int = 0, moments: Optional[str] = None,
                          lr: Optional[str] = None, tp: Optional[int] = None, small: Optional[ModelShape] = None,
@@ -839,9 +914,10 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
         optimizer = cls([{"params": [named[n] for n in names]} for names in ours["param_groups"]])
     elif not no_optim and any(k.startswith("optimizer.state.exp_avg.") for k in meta):  # per-parameter Adam state
         optimizer = torch.optim.AdamW(model.parameters())
-        step = int(common.get("iteration") or 0)  # (Adam's step: one per iteration)
+        step = _adam_step(common)
     load_dist_checkpoint(model, optimizer, ckpt, step=step)
     masters = load_fp32_masters(model, ckpt, meta)  # a bf16 run: grow the float32 masters, not the rounded weights
+    master_key = master_key_of(meta) if optimizer is not None else None
     grown = grow_gpt_model(model, optimizer, plan)
     del model, optimizer
     extra = {"grown_from": small.to_dict(), "plan": plan.describe(), "tp_plan": grown.tp_plan.describe(),
@@ -866,9 +942,13 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
         ckpt_out.parent.mkdir(parents=True, exist_ok=True)
     if dist.is_initialized():
         dist.barrier()
+    # a Megatron-LM optimizer's own entries (param groups with wd_mult/lr_mult, sharding type) travel as they were
+    carried = common.get("optimizer") if it is not None and not ours and isinstance(common.get("optimizer"), dict) \
+        else None
     save_dist_checkpoint(grown.model, grown.optimizer, ckpt_out, extra=extra, run_state=run_state,  # (every rank)
                          model_dtype=_model_dtype(meta) if masters and grown.optimizer is not None else None,
-                         objects=extra_state.sharded_objects(te_states, write=rank0))
+                         objects=extra_state.sharded_objects(te_states, write=rank0), master_key=master_key,
+                         optimizer_common=carried if grown.optimizer is not None else None)
     if dist.is_initialized():
         dist.barrier()
     if rank0:
