@@ -110,6 +110,9 @@ RECIPES["zero-then-stack@10-25%"] = Recipe(
 RECIPES["tiny-zero-stack@15%"] = Recipe(
     "tiny-zero-stack@15%", ((LARGE, {"width": "zero", "depth": "stack"}, 0.15),), (None, None), {},
     "a one-layer start: width x2 and the stack x4 at 15% of FLOPs", TINY)
+for _w in (25, 50):  # the grown stage's LR ramped up again from 0 over _w steps (the spike after a stacked growth)
+    RECIPES[f"zero-stack@15%-rw{_w}"] = _r(f"zero-stack@15%-rw{_w}", depth="stack", at=0.15, lr="rewarm", rho=1.0,
+                                          rewarm_steps=_w)
 RECIPES["zero-id-mup"] = Recipe("zero-id-mup", RECIPES["zero-id"].grows, (None, None), {"mup": True},
                                 RECIPES["zero-id-mup"].note)
 # LiGO names its initialising plan's width/depth; without them make_plan uses lemon + the default depth
