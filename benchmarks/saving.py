@@ -620,6 +620,8 @@ def main(argv=None):
     ap.add_argument("--staged-grid", action="store_true", help="tune: also search the staged arm's per-stage LRs")
     ap.add_argument("--write", default=None, help="table: also write DIR/saving.md and the PNGs")
     ap.add_argument("--cached", action="store_true", help="tabulate the runs that are done; start none")
+    ap.add_argument("--long", default="zero-id@60%", help="auto: the recipe whose first stage (past the hand-picked "
+                    "boundary) calibrates the trigger on the screening seeds")
     ap.add_argument("--tag", default="", help="screen: write screen-TAG.json (keeps earlier screens)")
     ap.add_argument("--quick", action="store_true", help="confirm: the 1x budget only, no controls (more seeds)")
     a = ap.parse_args(argv)
@@ -642,7 +644,7 @@ def main(argv=None):
     elif a.phase == "auto":
         if not a.recipe or not a.seeds:
             raise SystemExit("auto needs --recipe (the hand-picked best) and fresh --seeds")
-        print("\n".join(fmt_auto(auto(st, a.seeds, a.recipe))))
+        print("\n".join(fmt_auto(auto(st, a.seeds, a.recipe, a.long))))
     else:
         out, parts = Path(a.out), []
         if (out / "tuned.json").exists():

@@ -41,7 +41,10 @@ def read_extra_states(ckpt_dir) -> ExtraStates:
             want[(obj.key, tuple(obj.global_offset))] = tuple(obj.global_shape)
     if not want:
         return {}
-    request = {f"{k}@{i}": ShardedObject(k, None, shape, off, replica_id=0)
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0  # (every rank reads all; one main replica per shard)
+    request = {f"{k}@{i}": ShardedObject(k, None, shape, off, replica_id=rank)
                for i, ((k, off), shape) in enumerate(sorted(want.items()))}
     loaded = dist_checkpointing.load(request, str(ckpt_dir))
     return {(k, off): (loaded[f"{k}@{i}"], shape) for i, ((k, off), shape) in enumerate(sorted(want.items()))}

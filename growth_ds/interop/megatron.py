@@ -612,43 +612,47 @@ def checkpoint_state_dict(model, optimizer=None, *, extra: Optional[dict] = None
 
 def _megatron_optimizer_tree(carried: dict, osd: dict, step: int) -> dict:
     """A Megatron-LM optimizer's checkpoint entry: its own non-sharded entries ``carried`` (from the source run's
-    common state) with every param group's ``step`` set to the grown optimizer's ``step``, and the sharded
-    per-parameter state of ``osd`` (a torch optimizer state dict already made sharding state) where that
-    optimizer keeps it: ``param_state`` (distributed optimizer) or ``optimizer.state`` /  ``state``. Only the
-    keys of the sharded tensors matter to a loader; the carried entries are what its ``load_state_dict`` reads."""
+    common state) with Adam's step (every param group's ``step``, the non-distributed optimizers'
+    ``state.common_step``) set to the grown optimizer's ``step``, and the sharded per-parameter state of ``osd``
+    (a torch optimizer state dict already made sharding state) where that optimizer keeps it: ``param_state``
+    (distributed optimizer), ``optimizer.state`` (mixed precision) or ``state`` (float32). Only the keys of the
+    sharded tensors matter to a loader; the carried entries are what its ``load_state_dict`` reads."""
     tree = copy.deepcopy(carried)
 
     def set_step(node):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if k == "param_groups" and isinstance(v, list):
-                    for g in v:
-                        if isinstance(g, dict) and "step" in g:
-                            g["step"] = type(g["step"])(step) if isinstance(g["step"], (int, float)) else step
-                else:
-                    set_step(v)
+        if not isinstance(node, dict):
+            return
+        for k, v in node.items():
+            if k == "param_groups" and isinstance(v, list):
+                for g in v:
+                    if isinstance(g, dict) and "step" in g:
+                        g["step"] = type(g["step"])(step) if isinstance(g["step"], (int, float)) else step
+            elif k == "common_step":
+                node[k] = torch.tensor(float(step), dtype=v.dtype) if isinstance(v, torch.Tensor) else type(v)(step)
+            else:
+                set_step(v)
 
     set_step(tree)
     if "param_state_sharding_type" in tree:  # DistributedOptimizer
         tree["param_state"] = osd["state"]
-    elif isinstance(tree.get("optimizer"), dict):  # mixed-precision optimizer: its inner torch optimizer's state
-        tree["optimizer"]["state"] = osd["state"]
-    else:
-        tree["state"] = osd["state"]
+    else:  # the inner torch optimizer's state, beside its common_step
+        inner = tree["optimizer"] if isinstance(tree.get("optimizer"), dict) else tree
+        inner["state"] = {**(inner.get("state") or {}), **osd["state"]}
     return tree
 
 
 def save_dist_checkpoint(model, optimizer, ckpt_dir, *, extra: Optional[dict] = None,
                          run_state: Optional[dict] = None, model_dtype: Optional[torch.dtype] = None,
                          objects: Optional[dict] = None, master_key: Optional[str] = None,
-                         optimizer_common: Optional[dict] = None) -> None:
+                         optimizer_common: Optional[dict] = None, content_metadata: Optional[dict] = None) -> None:
     """Save with ``megatron.core.dist_checkpointing`` (torch_dist); collective over all ranks.
 
     The checkpoint stores global (TP-independent) tensors, so it loads at any TP size. ``master_key`` (with an
     optimizer): the float32 values are also written as the optimizer's masters
     ``optimizer.state.<master_key>.<key>``, and the model's tensors in ``model_dtype`` (e.g. bf16; default
     float32); the model is float32 again when this returns. ``optimizer_common``: see
-    :func:`checkpoint_state_dict`.
+    :func:`checkpoint_state_dict`. ``content_metadata``: megatron-core's record of how the state dict was built
+    (e.g. ``distrib_optim_sharding_type``), which Megatron-LM's loader reads to build its own.
     """
     from megatron.core import dist_checkpointing
 
@@ -668,7 +672,8 @@ def save_dist_checkpoint(model, optimizer, ckpt_dir, *, extra: Optional[dict] = 
         dist_checkpointing.save(checkpoint_state_dict(model, optimizer, extra=extra, run_state=run_state,
                                                       masters=masters, objects=objects,
                                                       master_key=master_key or "fp32_param",
-                                                      optimizer_common=optimizer_common), str(ckpt_dir))
+                                                      optimizer_common=optimizer_common), str(ckpt_dir),
+                                content_metadata=content_metadata)
     finally:
         for p in params if masters else ():
             p.data = masters[id(p)]
@@ -689,6 +694,9 @@ def checkpoint_shape(ckpt_dir) -> Optional[ModelShape]:
 def is_dist_checkpoint(path) -> bool:
     """True for a ``dist_checkpointing`` directory (it has ``metadata.json``)."""
     return Path(path).is_dir() and (Path(path) / "metadata.json").is_file()
+
+
+_STATE_REQUEST = "growth_ds_optimizer_state"  # where load_dist_checkpoint asks for the per-parameter state
 
 
 def load_dist_checkpoint(model, optimizer, ckpt_dir, *, check_shape: bool = True, step: Optional[int] = None) -> dict:
@@ -713,19 +721,24 @@ def load_dist_checkpoint(model, optimizer, ckpt_dir, *, check_shape: bool = True
                              f"(checkpoint vs model: {diff}); dist_checkpointing cannot load tensors into other global "
                              f"shapes. Load it at its own shape and grow it (grow_dist_checkpoint / growth-ds grow)")
     sd = {"model": model.sharded_state_dict()}
-    if optimizer is not None:
-        _ensure_adam_state(optimizer)
+    if optimizer is not None:  # (the per-parameter state only, under a key of its own: the checkpoint's optimizer
+        _ensure_adam_state(optimizer)  # entries may be another optimizer's, e.g. Megatron-LM's param groups)
         osd = optimizer.state_dict()
         id_map = get_param_id_to_sharded_param_map(sd["model"], _optimizer_params(optimizer))
         optim_state_to_sharding_state(osd, id_map, exclude_keys=("step",))
-        sd["optimizer"] = osd
+        sd[_STATE_REQUEST] = {"state": osd["state"]}
     loaded = dist_checkpointing.load(sd, str(ckpt_dir))
     model.load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
         step = torch.tensor(float(common.get("step", 0) if step is None else step))
-        for st in loaded["optimizer"]["state"].values():
+        state = loaded[_STATE_REQUEST]["state"]
+        for st in state.values():
             st["step"] = step.clone()
-        optimizer.load_state_dict(loaded["optimizer"])
+        groups = optimizer.state_dict()["param_groups"]
+        saved = (loaded.get("optimizer") or {}).get("param_groups") if common else None  # (growth-ds's own)
+        if isinstance(saved, list) and len(saved) == len(groups):
+            groups = [{**s, "params": g["params"]} for s, g in zip(saved, groups)]
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
     return common
 
 
@@ -848,8 +861,8 @@ def _source_shape(ckpt, common: dict, meta: dict, small: Optional[ModelShape]) -
 
 
 def _adam_step(common: dict) -> int:
-    """Adam's step count in a Megatron-LM checkpoint: its optimizer's param groups' ``step`` (megatron-core keeps it
-    there), else the iteration (one step per iteration)."""
+    """Adam's step count in a Megatron-LM checkpoint: where its optimizer keeps it (the param groups' ``step``,
+    the non-distributed optimizers' ``state.common_step``), else the iteration (one step per iteration)."""
     steps = set()
 
     def walk(node):
@@ -857,12 +870,14 @@ def _adam_step(common: dict) -> int:
             for k, v in node.items():
                 if k == "param_groups" and isinstance(v, list):
                     steps.update(int(g["step"]) for g in v if isinstance(g, dict) and "step" in g)
+                elif k == "common_step":
+                    steps.add(int(v))
                 else:
                     walk(v)
 
     walk(common.get("optimizer"))
     if len(steps) > 1:
-        raise ValueError(f"the checkpoint's optimizer param groups disagree on the step: {sorted(steps)}")
+        raise ValueError(f"the checkpoint's optimizer disagrees with itself on Adam's step: {sorted(steps)}")
     return steps.pop() if steps else int(common.get("iteration") or 0)
 
 
@@ -896,16 +911,16 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
     ours = common.get(COMMON_KEY) or {}
     small = _source_shape(ckpt, common, meta, small)
     plan = make_plan(small, large, width=width, depth=depth, seed=seed, moments=moments, lr=lr)  # (bad shapes: now)
-    from growth_ds.interop import extra_state
-
-    # a Transformer Engine run's per-module _extra_state: placed on the grown layer stack, payloads untouched
-    te_states = extra_state.regrid(extra_state.read_extra_states(ckpt), [e.source for e in plan.layers],
-                                   small.n_layers)
     if it is not None:  # (before anything is loaded: the LR policy must be one the run's scheduler can express)
         from growth_ds.interop.megatron_lm import scheduler_after_growth
 
         scheduler = scheduler_after_growth(common.get("opt_param_scheduler"), plan.lr.kind)
     tp = ensure_model_parallel(tp)
+    from growth_ds.interop import extra_state
+
+    # a Transformer Engine run's per-module _extra_state: placed on the grown layer stack, payloads untouched
+    te_states = extra_state.regrid(extra_state.read_extra_states(ckpt), [e.source for e in plan.layers],
+                                   small.n_layers)
     model = build_gpt_model(small, tp=tp, perform_initialization=False)
     optimizer, step = None, None
     if not no_optim and ours.get("param_groups"):
@@ -948,7 +963,8 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
     save_dist_checkpoint(grown.model, grown.optimizer, ckpt_out, extra=extra, run_state=run_state,  # (every rank)
                          model_dtype=_model_dtype(meta) if masters and grown.optimizer is not None else None,
                          objects=extra_state.sharded_objects(te_states, write=rank0), master_key=master_key,
-                         optimizer_common=carried if grown.optimizer is not None else None)
+                         optimizer_common=carried if grown.optimizer is not None else None,
+                         content_metadata=dist_checkpointing.load_content_metadata(preloaded_state_dict=common))
     if dist.is_initialized():
         dist.barrier()
     if rank0:
