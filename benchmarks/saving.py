@@ -339,7 +339,7 @@ def baselines(st: Study, seeds) -> None:
 def confirm(st: Study, seeds, recipe: str, quick: bool = False) -> dict:
     """The headline: ``recipe`` and its controls at every budget on fresh seeds. ``quick``: the 1x budget only
     (scratch at 1x, the staged arm at 0.5x, 1x and 2x to interpolate; no controls), written to
-    ``confirm-RECIPE-seedsA-B.json``: more fresh seeds at a third of the cost."""
+    more fresh seeds at a third of the cost. Written to ``confirm-RECIPE-seedsA-B.json``."""
     st.prepare(seeds)
     t = tuned(st)
     lr0, lrs, lr_small = t["scratch"]["best"], tuple(t["staged_lrs"]), t["small"]["best"]
@@ -391,7 +391,7 @@ def confirm(st: Study, seeds, recipe: str, quick: bool = False) -> dict:
                 if all(f"{k}_loss" in r and "staged_loss" in r for r in per):
                     summ[f"vs_{k}"] = paired_summary([r[f"{k}_loss"] - r["staged_loss"] for r in per]).to_dict()
         out["budgets"][str(b)] = {"per_seed": per, **summ}
-    name = f"confirm-{recipe}" + (f"-seeds{min(seeds)}-{max(seeds)}" if quick else "")
+    name = f"confirm-{recipe}-seeds{min(seeds)}-{max(seeds)}"
     out["quick"] = quick
     (st.out / f"{name}.json").write_text(json.dumps(out, indent=1))
     return out
