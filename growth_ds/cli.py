@@ -69,6 +69,8 @@ _GROW_ONLY = {  # option: (the sources it applies to, what it is for)
     "tp": (("dist",), "the TP size of a megatron-core dist checkpoint"),
     "iteration": (("dist",), "the iteration of a Megatron-LM checkpoint root"),
     "no_optim": (("dist",), "weights only, for a megatron checkpoint"),
+    "target_tp": (("dist",), "the next Megatron-LM job's TP size"),
+    "target_pp": (("dist",), "the next Megatron-LM job's PP size"),
     "dtype": (("hf",), "the dtype of the grown Hugging Face weights"),
     "max_seq_len": (("hf",), "the context length of an imported Hugging Face model"),
 }
@@ -155,7 +157,8 @@ def cmd_grow_dist(args) -> int:
     grown = grow_dist_checkpoint(getattr(args, "from"), large, args.out, width=width, depth=depth, seed=args.seed,
                                  moments=args.moments, lr=args.lr_policy, tp=getattr(args, "tp", None), small=small,
                                  overwrite=args.force, iteration=getattr(args, "iteration", None),
-                                 no_optim=bool(getattr(args, "no_optim", None)))
+                                 no_optim=bool(getattr(args, "no_optim", None)),
+                                 target_tp=getattr(args, "target_tp", None), target_pp=getattr(args, "target_pp", None))
     if dist.get_rank() == 0:
         print(grown.plan.describe())
         print(grown.tp_plan.describe())
@@ -376,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     gm.add_argument("--force", action="store_true", help="replace --out if it exists")
     gm.add_argument("--iteration", type=int, help="Megatron-LM checkpoint root: the iter_* to grow (default: "
                                                   "latest_checkpointed_iteration.txt)")
+    gm.add_argument("--target-tp", type=int, help="Megatron-LM run: the next job's TP size (checked; written "
+                                                "into args)")
+    gm.add_argument("--target-pp", type=int, help="Megatron-LM run: the next job's PP size (checked; written "
+                                                "into args)")
     gm.add_argument("--no-optim", action="store_true", default=None, help="weights only (no optimizer state)")
     gm.set_defaults(func=cmd_grow_dist)
 
@@ -428,6 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tp", type=int, help="TP size for a megatron dist checkpoint (default: world size)")
     g.add_argument("--iteration", type=int, help="Megatron-LM checkpoint root: the iter_* to grow (default: "
                                                  "latest_checkpointed_iteration.txt)")
+    g.add_argument("--target-tp", type=int, help="Megatron-LM run: the next job's TP size (checked; written "
+                                                "into args)")
+    g.add_argument("--target-pp", type=int, help="Megatron-LM run: the next job's PP size (checked; written "
+                                                "into args)")
     g.add_argument("--no-optim", action="store_true", default=None,
                    help="megatron checkpoint: grow the weights only (no optimizer state)")
     g.add_argument("--tag", help="DeepSpeed checkpoint directory: the tag to grow (default: latest)")

@@ -103,14 +103,19 @@ for flavour, small, large in [
         f.truncate(shard.stat().st_size // 2)
     res[r + "truncated"] = err(["grow", "--from", str(cut), "--to", str(to), "--method", method, "--out", str(new)])
     res[r + "truncated_wrote"] = new.exists()
-    # the growth
-    res[r + "rc"] = cli(["grow", "--from", str(root), "--to", str(to), "--method", method, "--out", str(new)])
+    res[r + "target_tp"] = err(["grow", "--from", str(root), "--to", str(to), "--method", method, "--out", str(new),
+                                "--target-tp", "5"])  # no grown size splits over 5 ranks
+    res[r + "target_tp_wrote"] = new.exists()
+    # the growth, for a next job at TP=2 and one layer or two per stage
+    res[r + "rc"] = cli(["grow", "--from", str(root), "--to", str(to), "--method", method, "--out", str(new),
+                         "--target-tp", "2", "--target-pp", "3" if flavour == "gpt2" else "2"])
     res[r + "tracker"] = (new / "latest_checkpointed_iteration.txt").read_text().strip()
     res[r + "dirs"] = sorted(p.name for p in new.iterdir())
     common = dist_checkpointing.load_common_state_dict(str(new / "iter_0000003"))
     a = common["args"]
     res[r + "args"] = [a.num_layers, a.hidden_size, a.num_attention_heads, a.num_query_groups, a.ffn_hidden_size,
                        a.lr, a.train_iters]
+    res[r + "layout"] = [a.tensor_model_parallel_size, a.pipeline_model_parallel_size]
     res[r + "run_state"] = [common["iteration"], common["checkpoint_version"], common["opt_param_scheduler"]["num_steps"],
                             common["num_floating_point_operations_so_far"]]
     # megatron-core's loader at the grown shape (the plan's: zero width rescales the norm's eps)
@@ -196,6 +201,7 @@ def test_megatron_lm_run_is_grown_in_its_layout(lm, flavour):
     layers, hidden, heads, groups, ffn = (3, 48, 6, 6, 96) if flavour == "gpt2" else (4, 64, 8, 4, 128)
     assert res[r + "args"] == [layers, hidden, heads, groups, ffn, 3e-4, 1000]  # sizes grown, the rest kept
     assert res[r + "run_state"] == [3, 3.0, 48, 1.25e12]
+    assert res[r + "layout"] == [2, 3 if flavour == "gpt2" else 2]  # the next job's layout (--target-tp/-pp)
     assert res[r + "logit_err"] < 1e-5
     assert res[r + "moments_equal"] and res[r + "step"] == [3, 3]
 
@@ -209,6 +215,8 @@ def test_bad_megatron_lm_input_is_refused_before_writing(lm, flavour):
     assert res[r + "dp_reshardable"] == "rc=2" and not res[r + "dp_reshardable_wrote"]
     assert "dp_reshardable" in stderr and "--dist-ckpt-optim-fully-reshardable" in stderr
     assert res[r + "truncated"] == "rc=2" and not res[r + "truncated_wrote"] and "is truncated" in stderr
+    assert res[r + "target_tp"] == "rc=2" and not res[r + "target_tp_wrote"]
+    assert "num_attention_heads" in stderr and "is not divisible by --target-tp 5" in stderr
     assert res[r + "exists"] == "rc=2" and res[r + "exists_kept"]
     assert res[r + "force_rc"] == 0 and res[r + "force_dirs"] == ["iter_0000003", "latest_checkpointed_iteration.txt"]
     assert res[r + "leftovers"] == []
@@ -335,3 +343,18 @@ def test_any_tp_pp_in_any_tp_pp_out(pp_runs, src, flavour):
         # Transformer Engine's _extra_state: each grown layer loaded the payload of the layer it was built from
         for layer in got["layers"]:
             assert got["extra_state"][str(layer)] == {n: f"{sources[layer]}:{n}" for n in TE_MODULES}
+
+
+def test_the_next_jobs_layout_is_checked_by_name():
+    """Pure: each grown size the next job's TP / PP cannot split is named (before anything is loaded)."""
+    from growth_ds.interop.megatron_lm import check_target_layout
+    from growth_ds.shapes import ModelShape
+
+    s = ModelShape(flavour="llama", n_layers=4, d_model=64, n_heads=8, n_kv_heads=2, head_dim=8, d_ffn=96,
+                   vocab_size=96, max_seq_len=32)
+    check_target_layout(s, 2, 4)  # splits
+    with pytest.raises(ValueError) as e:
+        check_target_layout(s, 4, 3)
+    msg = str(e.value)
+    assert "num_query_groups 2 is not divisible by --target-tp 4" in msg
+    assert "num_layers 4 is not divisible by --target-pp 3" in msg and "num_attention_heads" not in msg

@@ -885,7 +885,8 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
                          depth: Optional[str] = None, seed: int = 0, moments: Optional[str] = None,
                          lr: Optional[str] = None, tp: Optional[int] = None, small: Optional[ModelShape] = None,
                          overwrite: bool = False, iteration: Optional[int] = None,
-                         no_optim: bool = False) -> GrownGPT:
+                         no_optim: bool = False, target_tp: Optional[int] = None,
+                         target_pp: Optional[int] = None) -> GrownGPT:
     """Grow a megatron-core dist checkpoint: load at the old shape, grow in memory, save at the new shape.
 
     ``src_dir``: a dist checkpoint directory, or a Megatron-LM checkpoint root (``iteration``, default the
@@ -894,7 +895,9 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
     FLOPs counter carried over. Collective over all ranks (launch with ``torchrun --nproc_per_node N`` for
     ``tp = N``; a plain process runs at TP=1). ``small`` gives the old shape when the checkpoint records none.
     The checkpoint's TP size does not matter (dist checkpoints reshard on load). ``no_optim``: weights only (the
-    grown checkpoint has no optimizer state). Refused before anything is written: a missing iteration, a
+    grown checkpoint has no optimizer state). ``target_tp`` / ``target_pp``: the next job's layout (any; the
+    checkpoint is layout-free): the grown sizes are checked against it and it is written into ``args``.
+    Refused before anything is written: a grown shape the target layout cannot split, a missing iteration, a
     per-bucket distributed-optimizer checkpoint, shapes that do not grow, an existing output without
     ``overwrite``. A Transformer Engine run's ``_extra_state`` objects are carried: grown layer ``i`` gets those
     of the layer it was built from (:mod:`growth_ds.interop.extra_state`). Atomic: the checkpoint is written next to its final name and renamed into place when
@@ -911,6 +914,9 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
     ours = common.get(COMMON_KEY) or {}
     small = _source_shape(ckpt, common, meta, small)
     plan = make_plan(small, large, width=width, depth=depth, seed=seed, moments=moments, lr=lr)  # (bad shapes: now)
+    from growth_ds.interop.megatron_lm import check_target_layout
+
+    check_target_layout(plan.grown_shape, target_tp, target_pp)
     if it is not None:  # (before anything is loaded: the LR policy must be one the run's scheduler can express)
         from growth_ds.interop.megatron_lm import scheduler_after_growth
 
@@ -945,7 +951,7 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
         if scheduler is not None:
             run_state["opt_param_scheduler"] = scheduler
         if "args" in run_state:
-            run_state["args"] = grown_args(run_state["args"], grown.shape)
+            run_state["args"] = grown_args(run_state["args"], grown.shape, tp=target_tp, pp=target_pp)
     # the whole output (a dist checkpoint, or a Megatron-LM root: iter_* + tracker) is built under a staging name
     # next to out_dir and renamed into place when complete
     rank0 = not dist.is_initialized() or dist.get_rank() == 0

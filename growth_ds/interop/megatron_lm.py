@@ -110,9 +110,30 @@ def shape_from_args(args, vocab_size: int) -> ModelShape:
         norm_eps=float(_get(args, "norm_epsilon", 1e-5)), rope_theta=float(_get(args, "rotary_base", 10000)))
 
 
-def grown_args(args, large: ModelShape, tp: Optional[int] = None):
-    """A copy of the saved ``args`` with the sizes of ``large`` (and ``tp``, when given): what the next job's
-    flags must say."""
+def check_target_layout(shape: ModelShape, tp: Optional[int], pp: Optional[int]) -> None:
+    """``ValueError`` naming each size of the grown ``shape`` that the next job's layout cannot split:
+    heads, query groups, FFN width and the (padded) vocabulary over ``tp`` ranks, layers over ``pp`` stages
+    (Megatron-LM's even pipeline split)."""
+    bad = []
+    if tp is not None:
+        if tp < 1:
+            raise ValueError(f"--target-tp must be positive, got {tp}")
+        for what, n in (("num_attention_heads", shape.n_heads), ("num_query_groups", shape.n_kv_heads),
+                        ("ffn_hidden_size", shape.d_ffn), ("padded vocabulary", shape.vocab_size)):
+            if n % tp:
+                bad.append(f"{what} {n} is not divisible by --target-tp {tp}")
+    if pp is not None:
+        if pp < 1:
+            raise ValueError(f"--target-pp must be positive, got {pp}")
+        if shape.n_layers % pp:
+            bad.append(f"num_layers {shape.n_layers} is not divisible by --target-pp {pp}")
+    if bad:
+        raise ValueError("the grown model cannot be laid out for the next job: " + "; ".join(bad))
+
+
+def grown_args(args, large: ModelShape, tp: Optional[int] = None, pp: Optional[int] = None):
+    """A copy of the saved ``args`` with the sizes of ``large`` (and the next job's ``tp`` / ``pp``, when
+    given): what the next job's flags must say."""
     new = copy.deepcopy(args)
     sizes = {"num_layers": large.n_layers, "hidden_size": large.d_model, "num_attention_heads": large.n_heads,
              "ffn_hidden_size": large.d_ffn, "kv_channels": large.head_dim, "norm_epsilon": large.norm_eps,
@@ -120,6 +141,8 @@ def grown_args(args, large: ModelShape, tp: Optional[int] = None):
              "group_query_attention": bool(_get(args, "group_query_attention")) or large.n_kv_heads != large.n_heads}
     if tp is not None:
         sizes["tensor_model_parallel_size"] = tp
+    if pp is not None:
+        sizes["pipeline_model_parallel_size"] = pp
     for k, v in sizes.items():
         if isinstance(new, dict):
             new[k] = v
@@ -187,5 +210,5 @@ def write_tracker(root, iteration) -> None:
     atomic.write_text(Path(root) / TRACKER, f"{iteration}\n" if iteration != "release" else "release\n")
 
 
-__all__ = ["ITER_RE", "RESHARDABLE_HINT", "RUN_STATE_KEYS", "SCHEDULER_POLICIES", "TRACKER", "check_shards", "scheduler_after_growth", "check_optimizer_format", "flavour_of", "grown_args", "is_run_root",
+__all__ = ["ITER_RE", "RESHARDABLE_HINT", "RUN_STATE_KEYS", "SCHEDULER_POLICIES", "TRACKER", "check_shards", "check_target_layout", "scheduler_after_growth", "check_optimizer_format", "flavour_of", "grown_args", "is_run_root",
            "iteration_dir", "resolve_iteration", "shape_from_args", "write_tracker"]
