@@ -6,13 +6,20 @@
                                                  checkpoint_version, opt_param_scheduler,
                                                  num_floating_point_operations_so_far, ...;
                                                  sharded: model (layers on one global layer axis),
-                                                 optimizer.state.{exp_avg,exp_avg_sq}.<model key>
+                                                 optimizer.state.{exp_avg,exp_avg_sq}.<model key>, float32
+                                                 masters as optimizer.state.param.<key> (distributed
+                                                 optimizer, fully_reshardable) or .fp32_param.<key>
+                                                 (mixed-precision optimizer); objects: Transformer Engine
+                                                 modules' _extra_state
 
 The shape of the model comes from the checkpoint's own metadata: the saved ``args`` (Megatron-LM's argument
 names) for the architecture and the embedding tensor's global shape (``load_tensors_metadata``) for the padded
 vocabulary. Optimizer formats: the per-parameter (model-space) formats load; the distributed optimizer's
 per-bucket ``dp_reshardable`` format, Megatron-LM's default, can only be resharded along data parallelism and
-is refused before anything is read or written, with the option that writes a reshardable one.
+is refused before anything is read or written, with the option that writes a reshardable one. The optimizer's
+common entries (param groups with ``wd_mult`` / ``lr_mult`` and Adam's ``step``, ``param_state_sharding_type``,
+``common_step``) and the content metadata are what Megatron-LM's loader reads to rebuild its optimizer; a grown
+checkpoint carries them (:func:`growth_ds.interop.megatron.grow_dist_checkpoint`).
 """
 from __future__ import annotations
 
