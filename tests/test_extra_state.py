@@ -24,7 +24,7 @@ def test_more_axes_after_the_layer_axis_are_kept():
 
 
 def test_refused_by_name():
-    with pytest.raises(ValueError, match="linear_fc1._extra_state: its first axis has 3 entries, not the checkpoint's 2"):
+    with pytest.raises(ValueError, match="linear_fc1._extra_state: its first axis has 3 entries, not the checkpoint's"):
         regrid({(FC1, (0,)): ("a", (3,))}, [0, 1], 2)
     with pytest.raises(ValueError, match=r"lacks the extra state at offsets \[\(1,\)\]"):  # layer 1's is missing
         regrid({(FC1, (0,)): ("a", (2,))}, [0, 1], 2)

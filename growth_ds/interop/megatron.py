@@ -900,8 +900,10 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
     Refused before anything is written: a grown shape the target layout cannot split, a missing iteration, a
     per-bucket distributed-optimizer checkpoint, shapes that do not grow, an existing output without
     ``overwrite``. A Transformer Engine run's ``_extra_state`` objects are carried: grown layer ``i`` gets those
-    of the layer it was built from (:mod:`growth_ds.interop.extra_state`). Atomic: the checkpoint is written next to its final name and renamed into place when
-    complete, so a crash leaves ``out_dir`` as it was (and ``overwrite`` replaces it whole).
+    of the layer it was built from (:mod:`growth_ds.interop.extra_state`). A Megatron-LM run's optimizer keeps
+    its format: masters under its own name, its param groups, Adam's step and the content metadata. Atomic: the
+    checkpoint is written next to its final name and renamed into place when complete, so a crash leaves
+    ``out_dir`` as it was (and ``overwrite`` replaces it whole).
     """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -988,11 +990,10 @@ def iteration_name(it) -> str:
     return "release" if it == "release" else f"iter_{int(it):07d}"
 
 
-__all__ = ["CHECKPOINT_FORMAT", "Entry", "GrownGPT", "build_gpt_model", "checkpoint_common",
-           "checkpoint_shape", "checkpoint_state_dict", "ensure_model_parallel",
-           "ensure_tp_attributes",
+__all__ = ["CHECKPOINT_FORMAT", "Entry", "GrownGPT", "MASTER_KEYS", "build_gpt_model", "checkpoint_common",
+           "checkpoint_shape", "checkpoint_state_dict", "ensure_model_parallel", "ensure_tp_attributes",
            "forward_logits", "fuse_megatron", "gather_logits", "gather_tensor", "gelu_tanh", "grow_config",
-           "grow_dist_checkpoint", "grow_gpt_model", "is_dist_checkpoint", "layer_spec", "load_dist_checkpoint",
-           "load_fp32_masters", "load_reference_state", "lm_loss", "megatron_layout", "megatron_to_reference", "reference_to_megatron",
-           "save_dist_checkpoint", "shape_of", "shard_spec_of", "split_megatron", "to_reference_state",
-           "transformer_config"]
+           "grow_dist_checkpoint", "grow_gpt_model", "is_dist_checkpoint", "layer_spec", "lm_loss",
+           "load_dist_checkpoint", "load_fp32_masters", "load_reference_state", "master_key_of", "megatron_layout",
+           "megatron_to_reference", "reference_to_megatron", "save_dist_checkpoint", "shape_of", "shard_spec_of",
+           "split_megatron", "to_reference_state", "transformer_config"]

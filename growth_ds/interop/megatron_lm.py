@@ -217,5 +217,7 @@ def write_tracker(root, iteration) -> None:
     atomic.write_text(Path(root) / TRACKER, f"{iteration}\n" if iteration != "release" else "release\n")
 
 
-__all__ = ["ITER_RE", "RESHARDABLE_HINT", "RUN_STATE_KEYS", "SCHEDULER_POLICIES", "TRACKER", "check_shards", "check_target_layout", "scheduler_after_growth", "check_optimizer_format", "flavour_of", "grown_args", "is_run_root",
-           "iteration_dir", "resolve_iteration", "shape_from_args", "write_tracker"]
+__all__ = ["ITER_RE", "RESHARDABLE_HINT", "RUN_STATE_KEYS", "SCHEDULER_POLICIES", "TRACKER",
+           "check_optimizer_format", "check_shards", "check_target_layout", "flavour_of", "grown_args",
+           "is_run_root", "iteration_dir", "resolve_iteration", "scheduler_after_growth", "shape_from_args",
+           "write_tracker"]
