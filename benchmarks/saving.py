@@ -113,6 +113,9 @@ RECIPES["tiny-zero-stack@15%"] = Recipe(
 for _w in (25, 50):  # the grown stage's LR ramped up again from 0 over _w steps (the spike after a stacked growth)
     RECIPES[f"zero-stack@15%-rw{_w}"] = _r(f"zero-stack@15%-rw{_w}", depth="stack", at=0.15, lr="rewarm", rho=1.0,
                                           rewarm_steps=_w)
+RECIPES["zero-stack@15%-cosine"] = Recipe(
+    "zero-stack@15%-cosine", RECIPES["zero-stack@15%"].grows, (None, None), {"schedule": "cosine", "min_lr_ratio": 0.1},
+    "cosine (to 0.1 of the peak) instead of WSD, against scratch under the same cosine at its WSD-tuned LR")
 RECIPES["zero-id-mup"] = Recipe("zero-id-mup", RECIPES["zero-id"].grows, (None, None), {"mup": True},
                                 RECIPES["zero-id-mup"].note)
 # LiGO names its initialising plan's width/depth; without them make_plan uses lemon + the default depth
@@ -286,42 +289,44 @@ def tuned(st: Study) -> dict:
     return json.loads(p.read_text())
 
 
+def _screen_baseline(st: Study, r: Recipe, seed: int, lr0: float):
+    """The scratch run a screened recipe is compared with, under the recipe's own schedule: tuned WSD scratch;
+    for a cosine recipe, scratch under the same cosine (the shipped demo's: at its 3e-3)."""
+    if r is SHIPPED_COSINE:
+        return st.scratch(seed, 3e-3, 1.0, schedule="cosine", min_lr_ratio=0.1)
+    if r.train.get("schedule", "wsd") != "wsd":
+        return st.scratch(seed, lr0, 1.0, schedule=r.train["schedule"], min_lr_ratio=r.train.get("min_lr_ratio"))
+    return st.scratch(seed, lr0, 1.0)
+
+
 def screen(st: Study, seeds, names=None, tag: str = "") -> List[dict]:
-    """Every recipe at budget 1x on the screening seeds against tuned scratch (single budget: the
-    single-curve crossing and the end-loss gap at equal FLOPs), written to ``screen{-tag}.json`` so that a
-    later screen keeps the earlier one's table."""
+    """Every recipe at budget 1x on the screening seeds against tuned scratch under the same schedule (single
+    budget: the single-curve crossing and the end-loss gap at equal FLOPs), written to ``screen{-tag}.json``
+    so that a later screen keeps the earlier one's table."""
     st.prepare(seeds)
     t = tuned(st)
     lr0, lrs = t["scratch"]["best"], tuple(t["staged_lrs"])
-    scratch = {s: st.scratch(s, lr0, 1.0) for s in seeds}
-    runs = dict(scratch.values())
-    entries = []
-    names = names or SCREENED
-    for r in [SHIPPED_COSINE if n == SHIPPED_COSINE.name else RECIPES[n] for n in names]:
-        use = r.lrs if r is SHIPPED_COSINE else (lrs + (lrs[-1],) * (len(r.grows) - 1))
-        for s in seeds:
-            entries.append((r, s, st.staged(s, r, 1.0, lr0, lrs=use)))
-    if SHIPPED_COSINE.name in names:  # the shipped demo's own baseline: scratch under its cosine at 3e-3
-        for s in seeds:
-            runs.update([st.scratch(s, 3e-3, 1.0, schedule="cosine", min_lr_ratio=0.1)])
-    runs.update(e[2] for e in entries)
+    recipes = [SHIPPED_COSINE if n == SHIPPED_COSINE.name else RECIPES[n] for n in (names or SCREENED)]
+
+    def stage_lrs(r):
+        return r.lrs if r is SHIPPED_COSINE else (lrs + (lrs[-1],) * (len(r.grows) - 1))
+
+    entries = [(r, s, st.staged(s, r, 1.0, lr0, lrs=stage_lrs(r)), _screen_baseline(st, r, s, lr0))
+               for r in recipes for s in seeds]
+    runs = dict([e[2] for e in entries] + [e[3] for e in entries])
     res = st.run_all(runs)
     rows = []
-    for r in {e[0].name: e[0] for e in entries}.values():
+    for r in recipes:
         per = []
-        for rr, s, (n, _) in entries:
-            if rr.name != r.name or res.get(n) is None:
+        for rr, s, (n, _), (b, _) in entries:
+            if rr.name != r.name or res.get(n) is None or res.get(b) is None:
                 continue
-            base = res[scratch[s][0]] if r is not SHIPPED_COSINE else res[st.scratch(s, 3e-3, 1.0, "cosine",
-                                                                                       min_lr_ratio=0.1)[0]]
-            if base is None:
-                continue
+            base = res[b]
             target = base["final_val_loss"]
             cross = flops_to_reach(res[n]["curve"], target)
             per.append({"seed": s, "gap": res[n]["final_val_loss"] - target,
                         "crossing_saving": saving_percent(flops_to_reach(base["curve"], target), cross)})
-        use = r.lrs if r is SHIPPED_COSINE else (lrs + (lrs[-1],) * (len(r.grows) - 1))
-        rows.append({"recipe": r.name, "note": r.note, "lrs": list(use), "seeds": per})
+        rows.append({"recipe": r.name, "note": r.note, "lrs": list(stage_lrs(r)), "seeds": per})
     atomic.write_text(st.out / f"screen{'-' + tag if tag else ''}.json", json.dumps(rows, indent=1))
     return rows
 
