@@ -27,6 +27,21 @@ def launch(args, nproc: int = 2, env: dict | None = None, timeout: int = 600) ->
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_one_process(script: str, out) -> tuple:
+    """Run ``script`` (argv: OUT, the tests directory) in a fresh process outside any launcher, so megatron-core's
+    global state stays there; ``({RESULT json}, stderr)``, or an assertion error with its output."""
+    import json
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-c", script, str(out), str(REPO / "tests")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):]), proc.stderr
+
+
 def tiny_shape(d=32, layers=2, heads=4, kv=2, ffn=64, vocab=512, flavour="llama"):
     return dict(flavour=flavour, n_layers=layers, d_model=d, n_heads=heads, n_kv_heads=kv if flavour == "llama" else heads,
                 head_dim=8, d_ffn=ffn, vocab_size=vocab, max_seq_len=32)

@@ -242,17 +242,11 @@ def train_steps(model, optimizer, n: int, *, fixed_batch: bool = True) -> List[f
 # checkpoints
 # ---------------------------------------------------------------------------------------------------
 def megatron_lm_args(shape, tp: int = 1, pp: int = 1, **extra) -> argparse.Namespace:
-    """Megatron-LM's argument names for the architecture (as tests/pp_worker.py megatron_lm_args)."""
-    llama = shape.flavour == "llama"
-    return argparse.Namespace(
-        num_layers=shape.n_layers, hidden_size=shape.d_model, num_attention_heads=shape.n_heads,
-        group_query_attention=shape.n_kv_heads != shape.n_heads, num_query_groups=shape.n_kv_heads,
-        kv_channels=shape.head_dim, ffn_hidden_size=shape.d_ffn, max_position_embeddings=shape.max_seq_len,
-        seq_length=shape.max_seq_len, normalization="RMSNorm" if llama else "LayerNorm", swiglu=llama,
-        position_embedding_type="rope" if llama else "learned_absolute", add_bias_linear=not llama,
-        untie_embeddings_and_output_weights=not shape.tied_embeddings, norm_epsilon=shape.norm_eps,
-        rotary_base=int(shape.rope_theta), tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        padded_vocab_size=shape.vocab_size, **extra)
+    """Megatron-LM's argument names for the architecture (``pp_worker.megatron_lm_args``) plus ``extra``."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import pp_worker
+
+    return pp_worker.megatron_lm_args(shape, tp, pp, **extra)
 
 
 def unwrap_model(model):

@@ -47,7 +47,7 @@ def tokens():
     return torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
 
 
-def megatron_lm_args(shape, tp, pp):
+def megatron_lm_args(shape, tp, pp, **extra):
     import argparse
 
     llama = shape.flavour == "llama"
@@ -59,7 +59,7 @@ def megatron_lm_args(shape, tp, pp):
         position_embedding_type="rope" if llama else "learned_absolute", add_bias_linear=not llama,
         untie_embeddings_and_output_weights=not shape.tied_embeddings, norm_epsilon=shape.norm_eps,
         rotary_base=int(shape.rope_theta), tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        padded_vocab_size=shape.vocab_size, lr=3e-4, train_iters=1000)
+        padded_vocab_size=shape.vocab_size, **{"lr": 3e-4, "train_iters": 1000, **extra})
 
 
 TE_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")

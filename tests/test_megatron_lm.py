@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from dist_utils import REPO
+from dist_utils import REPO, run_one_process
 
 _WORKER = r'''
 import argparse, json, os, sys, time
@@ -173,17 +173,7 @@ print("RESULT " + json.dumps(res))
 '''
 
 
-def _one_process(script: str, out):
-    """Run ``script`` (argv: OUT, the tests directory) in a fresh process outside any launcher (megatron-core's
-    global state stays there); its ``RESULT {json}`` line and its stderr."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
-        env.pop(k, None)
-    proc = subprocess.run([sys.executable, "-c", script, str(out), str(REPO / "tests")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):]), proc.stderr
+_one_process = run_one_process
 
 
 @pytest.fixture(scope="module")

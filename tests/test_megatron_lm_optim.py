@@ -9,14 +9,9 @@ Megatron-LM's ``load_checkpoint`` path. Checked: the loaded fp32 masters, ``exp_
 ``ops.grow`` of the state the small run's optimizer held, exactly; Adam's step carries; the grown model's logits
 equal the small model's (float32 runs); and the real optimizer trains the grown model on (its loss falls).
 """
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from dist_utils import REPO
+from dist_utils import run_one_process
 
 _WORKER = r'''
 import json, sys
@@ -100,15 +95,7 @@ CASES = ["llama_distopt_fp32", "gpt2_nondist_fp32", "llama_nondist_bf16", "gpt2_
 
 @pytest.fixture(scope="module")
 def real_optim(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mlm_optim")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
-        env.pop(k, None)
-    proc = subprocess.run([sys.executable, "-c", _WORKER, str(out), str(REPO / "tests")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return run_one_process(_WORKER, tmp_path_factory.mktemp("mlm_optim"))[0]
 
 
 @pytest.mark.parametrize("case", CASES)
