@@ -618,21 +618,12 @@ def _megatron_optimizer_tree(carried: dict, osd: dict, step: int) -> dict:
     (distributed optimizer), ``optimizer.state`` (mixed precision) or ``state`` (float32). Only the keys of the
     sharded tensors matter to a loader; the carried entries are what its ``load_state_dict`` reads."""
     tree = copy.deepcopy(carried)
-
-    def set_step(node):
-        if not isinstance(node, dict):
-            return
-        for k, v in node.items():
-            if k == "param_groups" and isinstance(v, list):
-                for g in v:
-                    if isinstance(g, dict) and "step" in g:
-                        g["step"] = type(g["step"])(step) if isinstance(g["step"], (int, float)) else step
-            elif k == "common_step":
-                node[k] = torch.tensor(float(step), dtype=v.dtype) if isinstance(v, torch.Tensor) else type(v)(step)
-            else:
-                set_step(v)
-
-    set_step(tree)
+    for node, k in _adam_step_sites(tree):
+        v = node[k]
+        if isinstance(v, torch.Tensor):
+            node[k] = torch.tensor(float(step), dtype=v.dtype)
+        else:
+            node[k] = type(v)(step) if isinstance(v, (int, float)) else step
     if "param_state_sharding_type" in tree:  # DistributedOptimizer
         tree["param_state"] = osd["state"]
     else:  # the inner torch optimizer's state, beside its common_step
@@ -860,22 +851,24 @@ def _source_shape(ckpt, common: dict, meta: dict, small: Optional[ModelShape]) -
                      f"(--shape)")
 
 
+def _adam_step_sites(tree):
+    """``(dict, key)`` of every place a megatron-core optimizer's common entries keep Adam's step: each param
+    group's ``step`` and the non-distributed optimizers' ``common_step``."""
+    if not isinstance(tree, dict):
+        return
+    for k, v in tree.items():
+        if k == "param_groups" and isinstance(v, list):
+            yield from ((g, "step") for g in v if isinstance(g, dict) and "step" in g)
+        elif k == "common_step":
+            yield tree, k
+        else:
+            yield from _adam_step_sites(v)
+
+
 def _adam_step(common: dict) -> int:
-    """Adam's step count in a Megatron-LM checkpoint: where its optimizer keeps it (the param groups' ``step``,
-    the non-distributed optimizers' ``state.common_step``), else the iteration (one step per iteration)."""
-    steps = set()
-
-    def walk(node):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if k == "param_groups" and isinstance(v, list):
-                    steps.update(int(g["step"]) for g in v if isinstance(g, dict) and "step" in g)
-                elif k == "common_step":
-                    steps.add(int(v))
-                else:
-                    walk(v)
-
-    walk(common.get("optimizer"))
+    """Adam's step count in a Megatron-LM checkpoint: where its optimizer keeps it (:func:`_adam_step_sites`),
+    else the iteration (one step per iteration)."""
+    steps = {int(node[k]) for node, k in _adam_step_sites(common.get("optimizer"))}
     if len(steps) > 1:
         raise ValueError(f"the checkpoint's optimizer disagrees with itself on Adam's step: {sorted(steps)}")
     return steps.pop() if steps else int(common.get("iteration") or 0)
