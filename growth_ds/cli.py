@@ -158,7 +158,8 @@ def cmd_grow_dist(args) -> int:
                                  moments=args.moments, lr=args.lr_policy, tp=getattr(args, "tp", None), small=small,
                                  overwrite=args.force, iteration=getattr(args, "iteration", None),
                                  no_optim=bool(getattr(args, "no_optim", None)),
-                                 target_tp=getattr(args, "target_tp", None), target_pp=getattr(args, "target_pp", None))
+                                 target_tp=getattr(args, "target_tp", None), target_pp=getattr(args, "target_pp", None),
+                                 stream=False if getattr(args, "in_memory", None) else None)
     if dist.get_rank() == 0:
         print(grown.plan.describe())
         print(grown.tp_plan.describe())
@@ -365,8 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--png", help="plot of fits, data points and boundaries")
     pl.set_defaults(func=cmd_plan)
 
-    gm = sub.add_parser("grow-megatron", help="grow a megatron-core dist checkpoint (torch_dist) in memory "
-                                              "and save it at the new shape; torchrun -nproc N for TP=N")
+    gm = sub.add_parser("grow-megatron", help="grow a megatron-core dist checkpoint (torch_dist) one parameter at "
+                                              "a time and save it at the new shape; torchrun -nproc N spreads "
+                                              "the work")
     gm.add_argument("--from", required=True, metavar="DIR", help="dist checkpoint directory")
     gm.add_argument("--to", required=True, metavar="SHAPE_YAML", help="target ModelShape YAML")
     gm.add_argument("--method", required=True, help="WIDTH, DEPTH or WIDTH+DEPTH, e.g. lemon+identity")
@@ -384,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     gm.add_argument("--target-pp", type=int, help="Megatron-LM run: the next job's PP size (checked; written "
                                                 "into args)")
     gm.add_argument("--no-optim", action="store_true", default=None, help="weights only (no optimizer state)")
+    gm.add_argument("--in-memory", action="store_true", default=None,
+                    help="grow each process's TP shard of the whole model in memory (TP=N over N processes) "
+                         "instead of streaming one parameter at a time")
     gm.set_defaults(func=cmd_grow_dist)
 
     cv = sub.add_parser(
@@ -441,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "into args)")
     g.add_argument("--no-optim", action="store_true", default=None,
                    help="megatron checkpoint: grow the weights only (no optimizer state)")
+    g.add_argument("--in-memory", action="store_true", default=None,
+                   help="megatron checkpoint: grow each process's TP shard of the whole model in memory instead "
+                        "of streaming one parameter at a time (the default; memory bounded by one parameter)")
     g.add_argument("--tag", help="DeepSpeed checkpoint directory: the tag to grow (default: latest)")
     g.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="--from-hf: dtype of the saved Hugging Face weights (default float32)")

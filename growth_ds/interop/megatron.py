@@ -635,7 +635,8 @@ def _megatron_optimizer_tree(carried: dict, osd: dict, step: int) -> dict:
 def save_dist_checkpoint(model, optimizer, ckpt_dir, *, extra: Optional[dict] = None,
                          run_state: Optional[dict] = None, model_dtype: Optional[torch.dtype] = None,
                          objects: Optional[dict] = None, master_key: Optional[str] = None,
-                         optimizer_common: Optional[dict] = None, content_metadata: Optional[dict] = None) -> None:
+                         optimizer_common: Optional[dict] = None, content_metadata: Optional[dict] = None,
+                         writer=None) -> None:
     """Save with ``megatron.core.dist_checkpointing`` (torch_dist); collective over all ranks.
 
     The checkpoint stores global (TP-independent) tensors, so it loads at any TP size. ``master_key`` (with an
@@ -643,7 +644,9 @@ def save_dist_checkpoint(model, optimizer, ckpt_dir, *, extra: Optional[dict] = 
     ``optimizer.state.<master_key>.<key>``, and the model's tensors in ``model_dtype`` (e.g. bf16; default
     float32); the model is float32 again when this returns. ``optimizer_common``: see
     :func:`checkpoint_state_dict`. ``content_metadata``: megatron-core's record of how the state dict was built
-    (e.g. ``distrib_optim_sharding_type``), which Megatron-LM's loader reads to build its own.
+    (e.g. ``distrib_optim_sharding_type``), which Megatron-LM's loader reads to build its own. ``writer``: called
+    as ``writer(state_dict, ckpt_dir, content_metadata)`` in place of ``dist_checkpointing.save`` (the streamed
+    growth's, whose model is on the ``meta`` device).
     """
     from megatron.core import dist_checkpointing
 
@@ -660,14 +663,20 @@ def save_dist_checkpoint(model, optimizer, ckpt_dir, *, extra: Optional[dict] = 
     for p in params if masters and model_dtype not in (None, torch.float32) else ():
         p.data = p.data.to(model_dtype)
     try:
-        dist_checkpointing.save(checkpoint_state_dict(model, optimizer, extra=extra, run_state=run_state,
-                                                      masters=masters, objects=objects,
-                                                      master_key=master_key or "fp32_param",
-                                                      optimizer_common=optimizer_common), str(ckpt_dir),
-                                content_metadata=content_metadata)
+        (writer or _megatron_save)(checkpoint_state_dict(model, optimizer, extra=extra, run_state=run_state,
+                                                         masters=masters, objects=objects,
+                                                         master_key=master_key or "fp32_param",
+                                                         optimizer_common=optimizer_common), str(ckpt_dir),
+                                   content_metadata)
     finally:
         for p in params if masters else ():
             p.data = masters[id(p)]
+
+
+def _megatron_save(sd: dict, ckpt_dir: str, content_metadata: Optional[dict]) -> None:
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(sd, ckpt_dir, content_metadata=content_metadata)
 
 
 def checkpoint_common(ckpt_dir) -> dict:
@@ -879,7 +888,7 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
                          lr: Optional[str] = None, tp: Optional[int] = None, small: Optional[ModelShape] = None,
                          overwrite: bool = False, iteration: Optional[int] = None,
                          no_optim: bool = False, target_tp: Optional[int] = None,
-                         target_pp: Optional[int] = None) -> GrownGPT:
+                         target_pp: Optional[int] = None, stream: Optional[bool] = None) -> GrownGPT:
     """Grow a megatron-core dist checkpoint: load at the old shape, grow in memory, save at the new shape.
 
     ``src_dir``: a dist checkpoint directory, or a Megatron-LM checkpoint root (``iteration``, default the
@@ -897,6 +906,14 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
     its format: masters under its own name, its param groups, Adam's step and the content metadata. Atomic: the
     checkpoint is written next to its final name and renamed into place when complete, so a crash leaves
     ``out_dir`` as it was (and ``overwrite`` replaces it whole).
+
+    ``stream`` (default: unless this process already runs model parallelism at TP > 1): grow one parameter at
+    a time (:mod:`growth_ds.interop.megatron_stream`): each saved tensor is computed from the old blocks it
+    needs while it is written, so a process holds one old and one grown parameter, never a model; the work is
+    spread over the launched processes, and ``tp`` (default: their number) only names the TP size whose plan
+    is applied. The checkpoint equals the in-memory executor's at that TP size bit for bit. In memory
+    (``stream=False``), each process loads its TP shard of the small model and grows it; the returned
+    :class:`GrownGPT` then holds the grown model (streamed: a model on the ``meta`` device).
     """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -916,26 +933,41 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
         from growth_ds.interop.megatron_lm import scheduler_after_growth
 
         scheduler = scheduler_after_growth(common.get("opt_param_scheduler"), plan.lr.kind)
-    tp = ensure_model_parallel(tp)
+    if stream is None:
+        from megatron.core import parallel_state as ps
+
+        stream = not (ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1)
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+    plan_tp = tp or world
+    tp = ensure_model_parallel(1 if stream else tp)
     from growth_ds.interop import extra_state
 
     # a Transformer Engine run's per-module _extra_state: placed on the grown layer stack, payloads untouched
     te_states = extra_state.regrid(extra_state.read_extra_states(ckpt), [e.source for e in plan.layers],
                                    small.n_layers)
-    model = build_gpt_model(small, tp=tp, perform_initialization=False)
-    optimizer, step = None, None
-    if not no_optim and ours.get("param_groups"):
-        named = dict(model.named_parameters())
-        cls = getattr(torch.optim, ours.get("optimizer_class", "AdamW"))
-        optimizer = cls([{"params": [named[n] for n in names]} for names in ours["param_groups"]])
-    elif not no_optim and any(k.startswith("optimizer.state.exp_avg.") for k in meta):  # per-parameter Adam state
-        optimizer = torch.optim.AdamW(model.parameters())
-        step = _adam_step(common)
-    load_dist_checkpoint(model, optimizer, ckpt, step=step)
-    masters = load_fp32_masters(model, ckpt, meta)  # a bf16 run: grow the float32 masters, not the rounded weights
-    master_key = master_key_of(meta) if optimizer is not None else None
-    grown = grow_gpt_model(model, optimizer, plan)
-    del model, optimizer
+    with_optim = not no_optim and (bool(ours.get("param_groups")) or
+                                   any(k.startswith("optimizer.state.exp_avg.") for k in meta))
+    masters = master_key_of(meta) is not None  # a bf16 run: grow the float32 masters, not the rounded weights
+    master_key = master_key_of(meta) if with_optim else None
+    writer = None
+    if stream:
+        from growth_ds.interop import megatron_stream
+
+        grown, writer = megatron_stream.meta_growth(ckpt, plan, plan_tp, ours, common, with_optim)
+    else:
+        model = build_gpt_model(small, tp=tp, perform_initialization=False)
+        optimizer, step = None, None
+        if with_optim and ours.get("param_groups"):
+            named = dict(model.named_parameters())
+            cls = getattr(torch.optim, ours.get("optimizer_class", "AdamW"))
+            optimizer = cls([{"params": [named[n] for n in names]} for names in ours["param_groups"]])
+        elif with_optim:  # a Megatron-LM run's per-parameter Adam state
+            optimizer = torch.optim.AdamW(model.parameters())
+            step = _adam_step(common)
+        load_dist_checkpoint(model, optimizer, ckpt, step=step)
+        load_fp32_masters(model, ckpt, meta)
+        grown = grow_gpt_model(model, optimizer, plan)
+        del model, optimizer
     extra = {"grown_from": small.to_dict(), "plan": plan.describe(), "tp_plan": grown.tp_plan.describe(),
              "lr_policy": grown.plan.lr.kind}
     run_state = None
@@ -965,7 +997,8 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
                          model_dtype=_model_dtype(meta) if masters and grown.optimizer is not None else None,
                          objects=extra_state.sharded_objects(te_states, write=rank0), master_key=master_key,
                          optimizer_common=carried if grown.optimizer is not None else None,
-                         content_metadata=dist_checkpointing.load_content_metadata(preloaded_state_dict=common))
+                         content_metadata=dist_checkpointing.load_content_metadata(preloaded_state_dict=common),
+                         writer=writer)
     if dist.is_initialized():
         dist.barrier()
     if rank0:
