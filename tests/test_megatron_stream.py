@@ -124,6 +124,7 @@ cases = [  # (name, shapes, width, depth, extra options)
     ("llama_duplicate_identity_weights_only", LLAMA, "duplicate", "identity", {"no_optim": True}),
     ("llama_megatron_lm_bf16", LLAMA, "zero", "identity", {}),
     ("llama_plan_tp2", LLAMA, "zero", "stack", {"tp": 2}),
+    ("gpt2_hypercloning_plan_tp2", GPT2, "hypercloning", "interleave", {"tp": 2}),  # (noise from the whole std)
 ]
 for i, (name, (small, large), width, depth, kw) in enumerate(cases):
     model, opt = trained(small, i)
@@ -168,7 +169,7 @@ def test_streamed_checkpoint_equals_the_in_memory_one(streamed, name):
     assert res[name + ".model_device"] == "meta"  # the growth never materialised the grown model
 
 
-@pytest.mark.parametrize("name", NAMES + ["llama_plan_tp2"])
+@pytest.mark.parametrize("name", NAMES + ["llama_plan_tp2", "gpt2_hypercloning_plan_tp2"])
 def test_streamed_growth_holds_one_parameter_at_a_time(streamed, name):
     # one old and one grown parameter (float32) alive at once, never the model; a leak or an up-front read of
     # the old checkpoint breaks the bound at once (every case has more than 10 parameters)
@@ -192,16 +193,19 @@ def _compare(a, b):
     return diff
 
 
-def test_two_processes_stream_what_one_does_and_match_in_memory_tp2(streamed):
+@pytest.mark.parametrize("name,method", [("llama_plan_tp2", "zero+stack"),
+                                         ("gpt2_hypercloning_plan_tp2", "hypercloning+interleave")])
+def test_two_processes_stream_what_one_does_and_match_in_memory_tp2(streamed, name, method):
     out, _ = streamed
-    src, large = out / "llama_plan_tp2_src", out / "llama_plan_tp2_large.yaml"
-    common = ["grow-megatron", "--from", src, "--to", large, "--method", "zero+stack", "--seed", "3"]
-    two = launch(common + ["--out", out / "two_streamed"], nproc=2, env={"PYTHONWARNINGS": "ignore"})
+    src, large = out / f"{name}_src", out / f"{name}_large.yaml"
+    common = ["grow-megatron", "--from", src, "--to", large, "--method", method, "--seed", "3"]
+    two = launch(common + ["--out", out / f"{name}_two_streamed"], nproc=2, env={"PYTHONWARNINGS": "ignore"})
     assert two.returncode == 0, two.stderr[-4000:]
-    mem = launch(common + ["--out", out / "two_in_memory", "--in-memory"], nproc=2,
+    mem = launch(common + ["--out", out / f"{name}_two_in_memory", "--in-memory"], nproc=2,
                  env={"PYTHONWARNINGS": "ignore"})
     assert mem.returncode == 0, mem.stderr[-4000:]
     # each rank wrote its own share of the tensors
-    assert sorted(p.name for p in (out / "two_streamed").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-    assert _compare(out / "llama_plan_tp2_streamed", out / "two_streamed") == []  # (plan TP = 2 in both)
-    assert _compare(out / "two_in_memory", out / "two_streamed") == []
+    assert sorted(p.name for p in (out / f"{name}_two_streamed").glob("*.distcp")) == ["__0_0.distcp",
+                                                                                       "__1_0.distcp"]
+    assert _compare(out / f"{name}_streamed", out / f"{name}_two_streamed") == []  # (plan TP = 2 in both)
+    assert _compare(out / f"{name}_two_in_memory", out / f"{name}_two_streamed") == []

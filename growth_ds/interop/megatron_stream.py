@@ -21,12 +21,13 @@ Invariants:
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from growth_ds.distributed.tensor_parallel import ShardGrower, ShardSpec, make_tp_plan
+from growth_ds.distributed.tensor_parallel import ShardGrower, ShardSpec, make_tp_plan, shard_axis
 from growth_ds.interop.dist_stream import ChunkReader, LazyChunk, object_bytes, save_streamed
 from growth_ds.models.schema import parameter_schema
 from growth_ds.ops.apply import source_name
@@ -146,35 +147,42 @@ class StreamedGrowth:
         read_kind = self.values_kind if kind not in ("exp_avg", "exp_avg_sq") else kind
         full_old = self.source.read(src, read_kind).to(torch.float32)
         dim = old_entry.expect[0]
+        picks, specs = [], []  # per plan-TP rank: the old pieces of entry.refs, the new entry's shard layout
+        for r in range(self.tp):
+            old_spec = ShardSpec(dim, old_entry.expect[1] if dim is not None else 1, r, self.tp)
+            specs.append(ShardSpec(entry.expect[0], entry.expect[1] if entry.expect[0] is not None else 1, r,
+                                   self.tp))
+            parts = split_megatron(old_entry, old_spec.shard(full_old), self.small, old_spec)
+            picks.append([parts[old_entry.refs.index(source_name(self.plan, ref))] for ref in entry.refs])
+        del full_old
         shards = []
         for r, grower in enumerate(self.growers):
-            old_spec = ShardSpec(dim, old_entry.expect[1] if dim is not None else 1, r, self.tp)
-            new_spec = ShardSpec(entry.expect[0], entry.expect[1] if entry.expect[0] is not None else 1, r, self.tp)
-            parts = split_megatron(old_entry, old_spec.shard(full_old), self.small, old_spec)
-            pick = [parts[old_entry.refs.index(source_name(self.plan, ref))] for ref in entry.refs]
             if kind in ("exp_avg", "exp_avg_sq"):
                 power = 1 if kind == "exp_avg" else 2
-                grown = [grower.moment(ref, self.schema[ref], p, power) for ref, p in zip(entry.refs, pick)]
+                grown = [grower.moment(ref, self.schema[ref], p, power) for ref, p in zip(entry.refs, picks[r])]
             else:
-                grown = [grower.value(ref, self.schema[ref], p, full_std=self._full_std(ref, full_old, old_entry))
-                         for ref, p in zip(entry.refs, pick)]
-            shards.append((fuse_megatron(entry, grown, self.grown, new_spec), new_spec))
-        del full_old
-        spec = shards[0][1]
-        value = spec.unshard([s for s, _ in shards]) if self.tp > 1 else shards[0][0]
+                grown = [grower.value(ref, self.schema[ref], p, full_std=self._full_std(ref, [q[j] for q in picks]))
+                         for j, (ref, p) in enumerate(zip(entry.refs, picks[r]))]
+            shards.append(fuse_megatron(entry, grown, self.grown, specs[r]))
+        value = specs[0].unshard(shards) if self.tp > 1 else shards[0]
         self._cache = ((name, kind), value)
         return value
 
-    def _full_std(self, ref: str, full_old: torch.Tensor, old_entry) -> Optional[float]:
-        """The std of the whole old reference weight, for methods whose noise is relative to it (HyperCloning)."""
-        from growth_ds.interop.megatron import split_megatron
+    def _full_std(self, ref: str, pieces: List[torch.Tensor]) -> Optional[float]:
+        """The std of the whole old reference weight from its pieces on each plan-TP rank, reduced in rank order
+        as the in-memory executor's all-reduce does (:func:`sharded_std`), for methods whose noise is relative
+        to it (HyperCloning); None where the grower computes it from its own piece."""
         from growth_ds.ops.noise import needs_full_std
 
         spec = self.schema[ref]
-        if self.tp == 1 or spec.role not in ("weight", "head") or not needs_full_std(self.tpp.plan, spec):
+        if self.tp == 1 or spec.role not in ("weight", "head") or shard_axis(spec) is None \
+                or not needs_full_std(self.tpp.plan, spec):
             return None
-        parts = split_megatron(old_entry, full_old, self.small, ShardSpec(old_entry.expect[0]))
-        return float(parts[old_entry.refs.index(source_name(self.plan, ref))].double().std())
+        xs = [p.detach().to(torch.float64) for p in pieces]  # (sharded_std's two reductions, summed in rank order)
+        stats = sum(torch.tensor([float(x.numel()), float(x.sum())], dtype=torch.float64) for x in xs)
+        n, mean = float(stats[0]), float(stats[1] / stats[0])
+        sq = sum(((x - mean) ** 2).sum().reshape(1) for x in xs)
+        return math.sqrt(float(sq[0]) / (n - 1))
 
 
 def _assign(groups: Dict[Tuple[str, str], int], world: int) -> Dict[Tuple[str, str], int]:
