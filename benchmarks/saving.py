@@ -58,6 +58,10 @@ MID = {"flavour": "llama", "n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_hea
        "d_ffn": 172, "vocab_size": 2048, "max_seq_len": 64}  # demo-small at demo-large's width
 TINY = {"flavour": "llama", "n_layers": 1, "d_model": 32, "n_heads": 2, "n_kv_heads": 1, "head_dim": 16,
         "d_ffn": 86, "vocab_size": 2048, "max_seq_len": 64}  # demo-small with one layer
+NARROW = {"flavour": "llama", "n_layers": 2, "d_model": 16, "n_heads": 1, "n_kv_heads": 1, "head_dim": 16,
+          "d_ffn": 43, "vocab_size": 2048, "max_seq_len": 64}  # demo-small at half its width (8x fewer FLOPs/token)
+SHALLOW_WIDE = {"flavour": "llama", "n_layers": 4, "d_model": 32, "n_heads": 2, "n_kv_heads": 1, "head_dim": 16,
+                "d_ffn": 86, "vocab_size": 2048, "max_seq_len": 64}  # demo-large at half its width (width-only growth)
 TOKENS_PER_STEP = 32 * 64
 BASE_STEPS = 750                 # the demo's scratch run (budget 1x), 2048 tokens per step
 LR_GRID = [2e-3, 4e-3, 8e-3, 1.6e-2]
@@ -118,6 +122,14 @@ RECIPES["zero-stack@15%-cosine"] = Recipe(
     "cosine (to 0.1 of the peak) instead of WSD, against scratch under the same cosine at its WSD-tuned LR")
 RECIPES["zero-id-mup"] = Recipe("zero-id-mup", RECIPES["zero-id"].grows, (None, None), {"mup": True},
                                 RECIPES["zero-id-mup"].note)
+# Third screen: the first shape (the LM head dominates these models' FLOPs, so width buys more than depth).
+for _at in (0.05, 0.10, 0.15):
+    RECIPES[f"narrow-zero-stack@{_at:.0%}"] = Recipe(
+        f"narrow-zero-stack@{_at:.0%}", ((LARGE, {"width": "zero", "depth": "stack"}, _at),), (None, None), {},
+        "a d_model 16 start (one head): width x4 and the stack x2", NARROW)
+RECIPES["zero-width@15%"] = Recipe("zero-width@15%", ((LARGE, {"width": "zero"}, 0.15),), (None, None), {},
+                                   "a four-layer d_model 32 start: width only", SHALLOW_WIDE)
+RECIPES["zero-interleave@15%"] = _r("zero-interleave@15%", depth="interleave", at=0.15)
 # LiGO names its initialising plan's width/depth; without them make_plan uses lemon + the default depth
 RECIPES["ligo"] = Recipe("ligo", ((LARGE, {"method": "ligo", "width": "lemon", "depth": "identity",
                                            "steps": 30}, 0.3),), (None, None), {}, "LiGO operator, 30 steps")
