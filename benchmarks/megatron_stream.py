@@ -1,12 +1,13 @@
 """Peak memory of growing a megatron-core checkpoint: streamed (one parameter at a time) against in memory.
 
-    python benchmarks/megatron_stream.py [--d 512] [--layers 8] [--vocab 8192] [--out /tmp/gds_stream]
+    python benchmarks/megatron_stream.py [--d 512] [--layers 4 8] [--vocab 8192] [--out /tmp/gds_stream]
 
-Saves a trained-shape Llama checkpoint with Adam state (d_model ``--d``, ``--layers`` layers), grows it to twice
-the width and depth both ways, each in a fresh process, and prints each process's peak resident memory
-(``ru_maxrss``), the same for a process that only imports megatron-core and builds nothing, the size of the
-grown training state (weights, masters-free float32 Adam moments), the wall time, and whether the two
-checkpoints are bit-identical.
+For each depth in ``--layers``: saves a Llama checkpoint with Adam state (d_model ``--d``), grows it to twice the
+width and depth both ways, each in a fresh process, and prints each process's peak resident memory
+(``ru_maxrss``) above that of a process that only imports megatron-core and builds nothing, against the size of
+the grown training state (float32 weights and Adam moments) and of its largest parameter, the wall time, and
+whether the two checkpoints are bit-identical. The streamed peak should not grow with the depth; the in-memory
+one grows with the state.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def phase(name: str, a) -> dict:
 
     from growth_ds.interop import megatron as gm
 
-    small, large = shapes(a.d, a.layers, a.vocab)
+    small, large = shapes(a.d, a.layers[0], a.vocab)
     out = Path(a.out)
     t0 = time.perf_counter()
     if name == "save":
@@ -58,7 +59,8 @@ def phase(name: str, a) -> dict:
         grown = gm.grow_dist_checkpoint(out / "small", large, out / name, width="zero", depth="stack",
                                         stream=name == "streamed", overwrite=True)
         n = sum(p.numel() for p in grown.model.parameters())
-        info = {"grown_params": n, "grown_state_bytes": 3 * 4 * n}
+        info = {"grown_params": n, "grown_state_bytes": 3 * 4 * n,
+                "largest_bytes": 4 * max(p.numel() for p in grown.model.parameters())}
     info.update(seconds=time.perf_counter() - t0, peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return info
 
@@ -67,7 +69,7 @@ def run(name: str, a) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), PYTHONWARNINGS="ignore")
     for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    proc = subprocess.run([sys.executable, __file__, "--phase", name, "--d", str(a.d), "--layers", str(a.layers),
+    proc = subprocess.run([sys.executable, __file__, "--phase", name, "--d", str(a.d), "--layers", str(a.layers[0]),
                            "--vocab", str(a.vocab), "--out", a.out], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-4000:])
@@ -93,7 +95,7 @@ def identical(a: Path, b: Path) -> bool:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--d", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--layers", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--out", default="/tmp/gds_stream")
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)
@@ -103,24 +105,25 @@ def main(argv=None):
         return
     import shutil
 
-    shutil.rmtree(a.out, ignore_errors=True)
-    Path(a.out).mkdir(parents=True)
-    small, large = shapes(a.d, a.layers, a.vocab)
-    print(f"{small.describe()}  ->  {large.describe()}")
-    saved, idle = run("save", a), run("idle", a)
-    rows = {k: run(k, a) for k in ("streamed", "in_memory")}
     gib = 2 ** 30
-    print(f"small: {saved['small_params'] / 1e6:.1f}M parameters; grown: {rows['streamed']['grown_params'] / 1e6:.1f}M "
-          f"(weights + Adam moments: {rows['streamed']['grown_state_bytes'] / gib:.2f} GiB)")
-    print(f"a process that imports megatron-core and builds nothing: {idle['peak_rss'] / gib:.2f} GiB")
-    print("| growth | peak RSS | above the idle process | wall |")
-    print("|---|---|---|---|")
-    for k, r in rows.items():
-        print(f"| {k} | {r['peak_rss'] / gib:.2f} GiB | {(r['peak_rss'] - idle['peak_rss']) / gib:.2f} GiB | "
-              f"{r['seconds']:.1f} s |")
-    s, m = (rows[k]["peak_rss"] - idle["peak_rss"] for k in ("streamed", "in_memory"))
-    print(f"in memory / streamed, above idle: {m / max(s, 1):.1f}x; checkpoints bit-identical: "
-          f"{identical(Path(a.out) / 'in_memory', Path(a.out) / 'streamed')}")
+    print("| small -> grown | grown state (weights + Adam) | largest parameter | streamed: peak above idle, wall "
+          "| in memory: peak above idle, wall | in memory / streamed | bit-identical |")
+    print("|---|---|---|---|---|---|---|")
+    depths = a.layers
+    for layers in depths:
+        a.layers = [layers]
+        shutil.rmtree(a.out, ignore_errors=True)
+        Path(a.out).mkdir(parents=True)
+        small, large = shapes(a.d, layers, a.vocab)
+        run("save", a)
+        idle = run("idle", a)["peak_rss"]
+        st, mem = run("streamed", a), run("in_memory", a)
+        s, m = st["peak_rss"] - idle, mem["peak_rss"] - idle
+        print(f"| {small.describe()} -> {large.describe()} | {st['grown_state_bytes'] / gib:.2f} GiB | "
+              f"{st['largest_bytes'] / 2 ** 20:.0f} MiB | {s / gib:.2f} GiB, {st['seconds']:.0f} s | "
+              f"{m / gib:.2f} GiB, {mem['seconds']:.0f} s | {m / max(s, 1):.1f}x | "
+              f"{identical(Path(a.out) / 'in_memory', Path(a.out) / 'streamed')} |", flush=True)
+    print(f"(idle process: {idle / gib:.2f} GiB)")
 
 
 if __name__ == "__main__":

@@ -147,6 +147,15 @@ for i, (name, (small, large), width, depth, kw) in enumerate(cases):
         sub = "iter_0000002" if "megatron_lm" in name else ""
         res[name + ".diff"] = compare(out / f"{name}_in_memory" / sub, out / f"{name}_streamed" / sub)
         res[name + ".n_tensors"] = len(ChunkReader(out / f"{name}_streamed" / sub).metadata.state_dict_metadata)
+# a shape the checkpoint does not hold (--shape): refused by name before anything is written
+import dataclasses
+try:
+    gm.grow_dist_checkpoint(out / "llama_zero_stack_src", LLAMA[1], out / "wrong", width="zero", depth="stack",
+                            small=dataclasses.replace(LLAMA[0], d_ffn=48), stream=True)
+    res["wrong_shape"] = None
+except ValueError as e:
+    res["wrong_shape"] = str(e)
+res["wrong_shape_wrote"] = sorted(p.name for p in out.iterdir() if "wrong" in p.name)
 print("RESULT " + json.dumps(res))
 '''
 
@@ -209,3 +218,9 @@ def test_two_processes_stream_what_one_does_and_match_in_memory_tp2(streamed, na
                                                                                        "__1_0.distcp"]
     assert _compare(out / f"{name}_streamed", out / f"{name}_two_streamed") == []  # (plan TP = 2 in both)
     assert _compare(out / f"{name}_two_in_memory", out / f"{name}_two_streamed") == []
+
+
+def test_a_shape_the_checkpoint_does_not_hold_is_refused_before_writing(streamed):
+    msg = streamed[1]["wrong_shape"]
+    assert msg is not None and "linear_fc1.weight" in msg and "global shape" in msg, msg
+    assert streamed[1]["wrong_shape_wrote"] == []

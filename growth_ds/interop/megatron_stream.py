@@ -93,6 +93,22 @@ class SourceParams:
         for (key, off), (name, sh) in model_chunks(sharded["model"]).items():
             self.blocks.setdefault(name, []).append(sh)
 
+    def check(self, kinds) -> None:
+        """``ValueError`` naming the first stored tensor of ``kinds`` that is missing or of another global shape
+        than the old shape's model has (before anything is written)."""
+        stored = self.reader.metadata.state_dict_metadata
+        for kind in kinds:
+            for blocks in self.blocks.values():
+                for sh in blocks:
+                    key = sh.key if kind == MODEL else f"{_OPT_PREFIX}{kind}.{sh.key}"
+                    md = stored.get(key)
+                    if md is None or not hasattr(md, "size"):
+                        raise ValueError(f"the checkpoint has no tensor {key!r}, which a model of the old shape "
+                                         f"needs")
+                    if tuple(md.size) != tuple(sh.global_shape):
+                        raise ValueError(f"{key}: the checkpoint stores global shape {tuple(md.size)}, the old shape's "
+                                         f"model has {tuple(sh.global_shape)}; the checkpoint is not of that shape")
+
     def read(self, name: str, kind: str) -> torch.Tensor:
         """The whole parameter ``name`` (TP=1 layout, the stored dtype)."""
         out = None
@@ -303,7 +319,9 @@ def meta_growth(ckpt_dir, plan: GrowthPlan, plan_tp: int, ours: dict, common: di
 
     meta = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
     values = master_key_of(meta) or MODEL
-    growth = StreamedGrowth(SourceParams(ckpt_dir, plan.small), plan, plan_tp, values)
+    source = SourceParams(ckpt_dir, plan.small)
+    source.check([values] + (["exp_avg", "exp_avg_sq"] if with_optim else []))
+    growth = StreamedGrowth(source, plan, plan_tp, values)
     return (GrownGPT(model, optimizer, tpp, tpp.plan.grown_shape, step),
             partial(write_streamed, growth=growth))
 
