@@ -38,6 +38,7 @@ def phase(name: str, a) -> dict:
     import torch
 
     from growth_ds.interop import megatron as gm
+    from growth_ds.interop.megatron_checkpoint import grow_dist_checkpoint
 
     small, large = shapes(a.d, a.layers[0], a.vocab)
     out = Path(a.out)
@@ -56,7 +57,7 @@ def phase(name: str, a) -> dict:
         gm.ensure_model_parallel(1)
         info = {}
     else:
-        grown = gm.grow_dist_checkpoint(out / "small", large, out / name, width="zero", depth="stack",
+        grown = grow_dist_checkpoint(out / "small", large, out / name, width="zero", depth="stack",
                                         stream=name == "streamed", overwrite=True)
         n = sum(p.numel() for p in grown.model.parameters())
         info = {"grown_params": n, "grown_state_bytes": 3 * 4 * n,
@@ -77,19 +78,9 @@ def run(name: str, a) -> dict:
 
 
 def identical(a: Path, b: Path) -> bool:
-    import torch
+    from growth_ds.interop.dist_stream import checkpoint_diff
 
-    from growth_ds.interop.dist_stream import ChunkReader
-
-    ra, rb = ChunkReader(a), ChunkReader(b)
-    if set(ra.metadata.state_dict_metadata) != set(rb.metadata.state_dict_metadata):
-        return False
-    for k, md in ra.metadata.state_dict_metadata.items():
-        if hasattr(md, "size"):
-            z = (0,) * len(md.size)
-            if not torch.equal(ra.read(k, z, md.size), rb.read(k, z, md.size)):
-                return False
-    return True
+    return checkpoint_diff(a, b) == []
 
 
 def main(argv=None):

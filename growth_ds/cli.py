@@ -148,7 +148,7 @@ def cmd_grow_dist(args) -> int:
     """``growth-ds grow`` / ``grow-megatron`` for a megatron-core dist checkpoint directory (``--tp``)."""
     import torch.distributed as dist
 
-    from growth_ds.interop.megatron import grow_dist_checkpoint
+    from growth_ds.interop.megatron_checkpoint import grow_dist_checkpoint
     from growth_ds.shapes import ModelShape
 
     large = ModelShape.from_yaml(args.to)

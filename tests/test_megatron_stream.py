@@ -9,11 +9,7 @@ Invariants:
 * spread over 2 processes (torchrun), the streamed checkpoint equals the one-process one, and both equal the
   in-memory executor's at TP = 2 over 2 processes.
 """
-import json
-import os
-
 import pytest
-import torch
 
 from dist_utils import launch, run_one_process
 
@@ -25,7 +21,8 @@ import yaml
 from megatron.core import dist_checkpointing
 from growth_ds.interop import megatron as gm
 from growth_ds.interop import megatron_stream as ms
-from growth_ds.interop.dist_stream import ChunkReader
+from growth_ds.interop.megatron_checkpoint import grow_dist_checkpoint
+from growth_ds.interop.dist_stream import ChunkReader, checkpoint_diff
 from growth_ds.shapes import ModelShape
 
 out = Path(sys.argv[1])
@@ -74,26 +71,6 @@ def megatron_lm_run(model, opt, small, root):
     (Path(root) / "latest_checkpointed_iteration.txt").write_text("2")
 
 
-def compare(a, b):
-    """Differences between two torch_dist checkpoints: keys, tensors (dtype and bits), objects, common state."""
-    ra, rb = ChunkReader(a), ChunkReader(b)
-    ka, kb = set(ra.metadata.state_dict_metadata), set(rb.metadata.state_dict_metadata)
-    diff = [f"key {k}" for k in sorted(ka ^ kb)]
-    for k in sorted(ka & kb):
-        md = ra.metadata.state_dict_metadata[k]
-        if hasattr(md, "size"):
-            x, y = ra.read(k, (0,) * len(md.size), md.size), rb.read(k, (0,) * len(md.size), md.size)
-            if x.dtype != y.dtype or not torch.equal(x, y):
-                diff.append(f"tensor {k}")
-    if ra.read_objects(ra.object_keys()) != rb.read_objects(rb.object_keys()):
-        diff.append("objects")
-    ca = torch.load(Path(a) / "common.pt", weights_only=False)
-    cb = torch.load(Path(b) / "common.pt", weights_only=False)
-    if repr(ca) != repr(cb):
-        diff.append("common")
-    return diff
-
-
 class Alive:
     """Peak bytes of the tensors the streamed growth reads and produces that are alive at once."""
 
@@ -135,22 +112,22 @@ for i, (name, (small, large), width, depth, kw) in enumerate(cases):
         gm.save_dist_checkpoint(model, opt, src)
     (out / f"{name}_large.yaml").write_text(yaml.safe_dump(large.to_dict()))
     alive.peak = alive.now = 0
-    grown = gm.grow_dist_checkpoint(src, large, out / f"{name}_streamed", width=width, depth=depth, seed=3,
+    grown = grow_dist_checkpoint(src, large, out / f"{name}_streamed", width=width, depth=depth, seed=3,
                                     stream=True, **kw)
     old_max = max(p.numel() for p in model.parameters())
     new_max = max(p.numel() for p in grown.model.parameters())
     res[name + ".peak_over_bound"] = alive.peak / ((old_max + new_max) * 4)
     res[name + ".model_device"] = next(grown.model.parameters()).device.type
     if kw.get("tp", 1) == 1:
-        gm.grow_dist_checkpoint(src, large, out / f"{name}_in_memory", width=width, depth=depth, seed=3,
+        grow_dist_checkpoint(src, large, out / f"{name}_in_memory", width=width, depth=depth, seed=3,
                                 stream=False, **kw)
         sub = "iter_0000002" if "megatron_lm" in name else ""
-        res[name + ".diff"] = compare(out / f"{name}_in_memory" / sub, out / f"{name}_streamed" / sub)
+        res[name + ".diff"] = checkpoint_diff(out / f"{name}_in_memory" / sub, out / f"{name}_streamed" / sub)
         res[name + ".n_tensors"] = len(ChunkReader(out / f"{name}_streamed" / sub).metadata.state_dict_metadata)
 # a shape the checkpoint does not hold (--shape): refused by name before anything is written
 import dataclasses
 try:
-    gm.grow_dist_checkpoint(out / "llama_zero_stack_src", LLAMA[1], out / "wrong", width="zero", depth="stack",
+    grow_dist_checkpoint(out / "llama_zero_stack_src", LLAMA[1], out / "wrong", width="zero", depth="stack",
                             small=dataclasses.replace(LLAMA[0], d_ffn=48), stream=True)
     res["wrong_shape"] = None
 except ValueError as e:
@@ -185,23 +162,6 @@ def test_streamed_growth_holds_one_parameter_at_a_time(streamed, name):
     assert 0 < streamed[1][name + ".peak_over_bound"] <= 1.0
 
 
-def _compare(a, b):
-    from growth_ds.interop.dist_stream import ChunkReader
-
-    ra, rb = ChunkReader(a), ChunkReader(b)
-    ka, kb = set(ra.metadata.state_dict_metadata), set(rb.metadata.state_dict_metadata)
-    diff = [f"key {k}" for k in sorted(ka ^ kb)]
-    for k in sorted(ka & kb):
-        md = ra.metadata.state_dict_metadata[k]
-        if hasattr(md, "size"):
-            x, y = ra.read(k, (0,) * len(md.size), md.size), rb.read(k, (0,) * len(md.size), md.size)
-            if x.dtype != y.dtype or not torch.equal(x, y):
-                diff.append(f"tensor {k}")
-    if ra.read_objects(ra.object_keys()) != rb.read_objects(rb.object_keys()):
-        diff.append("objects")
-    return diff
-
-
 @pytest.mark.parametrize("name,method", [("llama_plan_tp2", "zero+stack"),
                                          ("gpt2_hypercloning_plan_tp2", "hypercloning+interleave")])
 def test_two_processes_stream_what_one_does_and_match_in_memory_tp2(streamed, name, method):
@@ -216,8 +176,10 @@ def test_two_processes_stream_what_one_does_and_match_in_memory_tp2(streamed, na
     # each rank wrote its own share of the tensors
     assert sorted(p.name for p in (out / f"{name}_two_streamed").glob("*.distcp")) == ["__0_0.distcp",
                                                                                        "__1_0.distcp"]
-    assert _compare(out / f"{name}_streamed", out / f"{name}_two_streamed") == []  # (plan TP = 2 in both)
-    assert _compare(out / f"{name}_two_in_memory", out / f"{name}_two_streamed") == []
+    from growth_ds.interop.dist_stream import checkpoint_diff
+
+    assert checkpoint_diff(out / f"{name}_streamed", out / f"{name}_two_streamed") == []  # (plan TP = 2 in both)
+    assert checkpoint_diff(out / f"{name}_two_in_memory", out / f"{name}_two_streamed") == []
 
 
 def test_a_shape_the_checkpoint_does_not_hold_is_refused_before_writing(streamed):

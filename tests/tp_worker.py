@@ -279,6 +279,7 @@ def grow_checkpoint(tp, out, res, keep):
     import torch.distributed as dist
 
     from growth_ds.interop import megatron as gm
+    from growth_ds.interop.megatron_checkpoint import grow_dist_checkpoint
 
     for flavour, small, large, specs in cases():
         width, depth = methods(specs[0])
@@ -297,7 +298,7 @@ def grow_checkpoint(tp, out, res, keep):
                                       "--tp", str(tp), "--seed", "11"])
             res[f"ckpt_grow.tp{tp}.{flavour}.cli_rc"] = args.func(args)
         else:
-            gm.grow_dist_checkpoint(src, large, dst, width=width, depth=depth, seed=11)
+            grow_dist_checkpoint(src, large, dst, width=width, depth=depth, seed=11)
         model = gm.build_gpt_model(gm.checkpoint_shape(dst), perform_initialization=False)
         opt = torch.optim.AdamW(model.parameters())
         gm.load_dist_checkpoint(model, opt, dst)

@@ -214,4 +214,29 @@ def read_chunk(ckpt_dir, key: str, offset: Sequence[int], shape: Sequence[int]) 
     return ChunkReader(ckpt_dir).read(key, offset, shape)
 
 
-__all__ = ["ChunkReader", "LazyChunk", "object_bytes", "read_chunk", "save_streamed"]
+def checkpoint_diff(a, b, common: bool = True) -> List[str]:
+    """What differs between two ``torch_dist`` checkpoints, as readable lines (empty: identical): keys present in
+    one only, tensors of another dtype or other bits (read whole, one at a time), objects, and with ``common``
+    the non-sharded state (compared by ``repr``)."""
+    ra, rb = ChunkReader(a), ChunkReader(b)
+    ka, kb = set(ra.metadata.state_dict_metadata), set(rb.metadata.state_dict_metadata)
+    out = [f"key {k} in {'the first' if k in ka else 'the second'} only" for k in sorted(ka ^ kb)]
+    for k in sorted(ka & kb):
+        md = ra.metadata.state_dict_metadata[k]
+        if hasattr(md, "size"):
+            zero = (0,) * len(md.size)
+            x, y = ra.read(k, zero, md.size), rb.read(k, zero, md.size)
+            if x.dtype != y.dtype or not torch.equal(x, y):
+                out.append(f"tensor {k}")
+    if ra.read_objects(ra.object_keys()) != rb.read_objects(rb.object_keys()):
+        out.append("objects")
+    if common:
+        from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
+
+        ca, cb = (torch.load(Path(d) / COMMON_STATE_FNAME, weights_only=False) for d in (a, b))
+        if repr(ca) != repr(cb):
+            out.append("common state")
+    return out
+
+
+__all__ = ["ChunkReader", "LazyChunk", "checkpoint_diff", "object_bytes", "read_chunk", "save_streamed"]

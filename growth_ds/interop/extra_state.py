@@ -18,7 +18,6 @@ so megatron-core's loader finds each layer's object at any TP x PP.
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 from typing import Dict, Sequence, Tuple
 
 SUFFIX = "_extra_state"

@@ -19,7 +19,7 @@ per-bucket ``dp_reshardable`` format, Megatron-LM's default, can only be reshard
 is refused before anything is read or written, with the option that writes a reshardable one. The optimizer's
 common entries (param groups with ``wd_mult`` / ``lr_mult`` and Adam's ``step``, ``param_state_sharding_type``,
 ``common_step``) and the content metadata are what Megatron-LM's loader reads to rebuild its optimizer; a grown
-checkpoint carries them (:func:`growth_ds.interop.megatron.grow_dist_checkpoint`).
+checkpoint carries them (:func:`growth_ds.interop.megatron_checkpoint.grow_dist_checkpoint`).
 """
 from __future__ import annotations
 
