@@ -373,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     gm.add_argument("--to", required=True, metavar="SHAPE_YAML", help="target ModelShape YAML")
     gm.add_argument("--method", required=True, help="WIDTH, DEPTH or WIDTH+DEPTH, e.g. lemon+identity")
     gm.add_argument("--out", required=True, metavar="DIR", help="output dist checkpoint directory")
-    gm.add_argument("--tp", type=int, help="tensor-parallel size (default: the world size)")
+    gm.add_argument("--tp", type=int, help="the TP size whose block-diagonal plan is applied (default 1; with "
+                                           "--in-memory: the growth's TP size, default the world size)")
     gm.add_argument("--shape", help="ModelShape YAML of the checkpoint when it records none")
     gm.add_argument("--seed", type=int, default=0)
     gm.add_argument("--moments", choices=["adjoint", "reset"], help="default: the method's paper")
@@ -437,7 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ligo-lr", type=float, help="ligo: the operator's learning rate (default 1e-3)")
     g.add_argument("--batch-size", type=int, help="ligo: sequences per operator step (default 8)")
     g.add_argument("--seq-len", type=int, help="ligo: tokens per sequence (default 128, at most the context)")
-    g.add_argument("--tp", type=int, help="TP size for a megatron dist checkpoint (default: world size)")
+    g.add_argument("--tp", type=int, help="megatron dist checkpoint: the TP size whose block-diagonal plan is "
+                                          "applied (default 1; with --in-memory: the growth's TP size, default "
+                                          "the world size)")
     g.add_argument("--iteration", type=int, help="Megatron-LM checkpoint root: the iter_* to grow (default: "
                                                  "latest_checkpointed_iteration.txt)")
     g.add_argument("--target-tp", type=int, help="Megatron-LM run: the next job's TP size (checked; written "

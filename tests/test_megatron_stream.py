@@ -165,21 +165,37 @@ def test_streamed_growth_holds_one_parameter_at_a_time(streamed, name):
 @pytest.mark.parametrize("name,method", [("llama_plan_tp2", "zero+stack"),
                                          ("gpt2_hypercloning_plan_tp2", "hypercloning+interleave")])
 def test_two_processes_stream_what_one_does_and_match_in_memory_tp2(streamed, name, method):
+    from growth_ds.interop.dist_stream import checkpoint_diff
+
     out, _ = streamed
     src, large = out / f"{name}_src", out / f"{name}_large.yaml"
     common = ["grow-megatron", "--from", src, "--to", large, "--method", method, "--seed", "3"]
-    two = launch(common + ["--out", out / f"{name}_two_streamed"], nproc=2, env={"PYTHONWARNINGS": "ignore"})
+    two = launch(common + ["--out", out / f"{name}_two_streamed", "--tp", "2"], nproc=2,
+                 env={"PYTHONWARNINGS": "ignore"})
     assert two.returncode == 0, two.stderr[-4000:]
-    mem = launch(common + ["--out", out / f"{name}_two_in_memory", "--in-memory"], nproc=2,
+    mem = launch(common + ["--out", out / f"{name}_two_in_memory", "--in-memory"], nproc=2,  # (TP = 2 processes)
                  env={"PYTHONWARNINGS": "ignore"})
     assert mem.returncode == 0, mem.stderr[-4000:]
     # each rank wrote its own share of the tensors
     assert sorted(p.name for p in (out / f"{name}_two_streamed").glob("*.distcp")) == ["__0_0.distcp",
                                                                                        "__1_0.distcp"]
-    from growth_ds.interop.dist_stream import checkpoint_diff
-
     assert checkpoint_diff(out / f"{name}_streamed", out / f"{name}_two_streamed") == []  # (plan TP = 2 in both)
     assert checkpoint_diff(out / f"{name}_two_in_memory", out / f"{name}_two_streamed") == []
+
+
+def test_the_number_of_processes_does_not_change_a_streamed_growth(streamed):
+    """Three processes (no TP size divides the 2 KV heads by 3): the plan as made, the same checkpoint as one
+    process writes."""
+    from growth_ds.interop.dist_stream import checkpoint_diff
+
+    out, _ = streamed
+    name = "llama_zero_stack"
+    three = launch(["grow-megatron", "--from", out / f"{name}_src", "--to", out / f"{name}_large.yaml", "--method",
+                    "zero+stack", "--seed", "3", "--out", out / f"{name}_three"], nproc=3,
+                   env={"PYTHONWARNINGS": "ignore"})
+    assert three.returncode == 0, three.stderr[-4000:]
+    assert len(list((out / f"{name}_three").glob("*.distcp"))) == 3
+    assert checkpoint_diff(out / f"{name}_streamed", out / f"{name}_three") == []
 
 
 def test_a_shape_the_checkpoint_does_not_hold_is_refused_before_writing(streamed):

@@ -96,10 +96,11 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
     ``stream`` (default: unless this process already runs model parallelism at TP > 1): grow one parameter at
     a time (:mod:`growth_ds.interop.megatron_stream`): each saved tensor is computed from the old blocks it
     needs while it is written, so a process holds one old and one grown parameter, never a model; the work is
-    spread over the launched processes, and ``tp`` (default: their number) only names the TP size whose plan
-    is applied. The checkpoint equals the in-memory executor's at that TP size bit for bit. In memory
-    (``stream=False``), each process loads its TP shard of the small model and grows it; the returned
-    :class:`GrownGPT` then holds the grown model (streamed: a model on the ``meta`` device).
+    spread over the launched processes (any number), and ``tp`` (default 1: the plan as made) only names the
+    TP size whose block-diagonal plan is applied. The checkpoint equals the in-memory executor's at that TP
+    size bit for bit. In memory (``stream=False``), each process loads its TP shard of the small model and
+    grows it at TP = ``tp`` (default: the number of processes); the returned :class:`GrownGPT` then holds the
+    grown model (streamed: a model on the ``meta`` device).
     """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -124,7 +125,7 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
 
         stream = not (ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1)
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
-    plan_tp = tp or world
+    plan_tp = tp or (1 if stream else world)
     tp = ensure_model_parallel(1 if stream else tp)
     from growth_ds.interop import extra_state
 
