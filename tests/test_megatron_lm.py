@@ -20,7 +20,10 @@ from pathlib import Path
 import torch
 import yaml
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing import ShardedObject
 from growth_ds.cli import main as cli
+from growth_ds.interop.extra_state import read_objects
+from growth_ds.interop.megatron_lm import is_rng_key
 from growth_ds.interop import megatron as gm
 from growth_ds.ops import grow, make_plan
 from growth_ds.shapes import ModelShape
@@ -43,6 +46,10 @@ def save_run(model, opt, shape, root, iteration, content_metadata=None, bf16=Fal
         p.data = p.data.to(torch.bfloat16)
     sd = gm.checkpoint_state_dict(model, opt, masters=masters)
     del sd[gm.COMMON_KEY]  # a Megatron-LM checkpoint: no growth-ds entry
+    # the run's RNG states, as Megatron-LM saves them: one object of global shape (PP, TP), one list per rank
+    rng = [{"random_rng_state": __import__("random").getstate(), "torch_rng_state": torch.get_rng_state(),
+            "rng_tracker_states": {"model-parallel-rng": torch.get_rng_state()}, "tag": f"iteration {iteration}"}]
+    sd["rng_state"] = ShardedObject("rng_state", rng, (1, 1), (0, 0), replica_id=0)
     sd.update(args=megatron_lm_args(shape), iteration=iteration, checkpoint_version=3.0,
               opt_param_scheduler={"max_lr": 3e-4, "min_lr": 3e-5, "num_steps": iteration * 16, "warmup_steps": 2,
                                    "decay_style": "cosine"},
@@ -82,6 +89,7 @@ for flavour, small, large in [
         gm.lm_loss(model, x[:, :-1], x[:, 1:]).backward()
         opt.step()
     root, new = out_dir / f"{flavour}_run", out_dir / f"{flavour}_grown"
+    rng_before = torch.get_rng_state()  # (what save_run stores as torch_rng_state)
     save_run(model, opt, small, root, 3)
     to = out_dir / f"{flavour}_large.yaml"
     to.write_text(yaml.safe_dump(large.to_dict()))
@@ -116,6 +124,9 @@ for flavour, small, large in [
     res[r + "args"] = [a.num_layers, a.hidden_size, a.num_attention_heads, a.num_query_groups, a.ffn_hidden_size,
                        a.lr, a.train_iters]
     res[r + "layout"] = [a.tensor_model_parallel_size, a.pipeline_model_parallel_size]
+    # the layout changed: no rank's RNG state fits the new ranks; none written, and args say so
+    res[r + "rng_layout_changed"] = [sorted(k for k, _ in read_objects(new / "iter_0000003", is_rng_key)),
+                                     getattr(a, "no_save_rng", None)]
     res[r + "run_state"] = [common["iteration"], common["checkpoint_version"], common["opt_param_scheduler"]["num_steps"],
                             common["num_floating_point_operations_so_far"]]
     # megatron-core's loader at the grown shape (the plan's: zero width rescales the norm's eps)
@@ -138,6 +149,13 @@ for flavour, small, large in [
     res[r + "force_rc"] = cli(["grow", "--from", str(root), "--to", str(to), "--method", method, "--out", str(new),
                                "--force"])  # replaced whole, through a staging name
     res[r + "force_dirs"] = sorted(p.name for p in new.iterdir())
+    # the layout kept: the RNG states travel as they were
+    kept = read_objects(new / "iter_0000003", is_rng_key)
+    res[r + "rng_kept"] = [[k, list(off), list(shape), payload[0]["tag"],
+                            torch.equal(payload[0]["torch_rng_state"], rng_before)]
+                           for (k, off), (payload, shape) in sorted(kept.items())]
+    res[r + "rng_kept_no_save_rng"] = getattr(dist_checkpointing.load_common_state_dict(
+        str(new / "iter_0000003"))["args"], "no_save_rng", None)
     res[r + "leftovers"] = sorted(p.name for p in out_dir.iterdir() if p.name.startswith("."))
     # weights only
     w = out_dir / f"{flavour}_weights"
@@ -194,6 +212,17 @@ def test_megatron_lm_run_is_grown_in_its_layout(lm, flavour):
     assert res[r + "layout"] == [2, 3 if flavour == "gpt2" else 2]  # the next job's layout (--target-tp/-pp)
     assert res[r + "logit_err"] < 1e-5
     assert res[r + "moments_equal"] and res[r + "step"] == [3, 3]
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_the_run_rng_states_travel_when_the_layout_does(lm, flavour):
+    """Megatron-LM reloads its RNG states only at the checkpoint's own (TP, PP): kept when the layout is, dropped
+    (and ``args.no_save_rng`` set, so the next job seeds afresh instead of failing on missing shards) when not."""
+    res, _ = lm
+    r = f"{flavour}."
+    assert res[r + "rng_layout_changed"] == [[], True]
+    assert res[r + "rng_kept"] == [["rng_state", [0, 0], [1, 1], "iteration 3", True]]
+    assert res[r + "rng_kept_no_save_rng"] is None
 
 
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])

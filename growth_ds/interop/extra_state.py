@@ -18,7 +18,7 @@ so megatron-core's loader finds each layer's object at any TP x PP.
 from __future__ import annotations
 
 import itertools
-from typing import Dict, Sequence, Tuple
+from typing import Callable, Dict, Sequence, Tuple
 
 SUFFIX = "_extra_state"
 LAYER_STACK = "decoder.layers."
@@ -29,6 +29,12 @@ ExtraStates = Dict[Tuple[str, Tuple[int, ...]], Tuple[object, Tuple[int, ...]]]
 
 def read_extra_states(ckpt_dir) -> ExtraStates:
     """Every ``*._extra_state`` object of a dist checkpoint, loaded (all shards, on the calling rank)."""
+    return read_objects(ckpt_dir, lambda key: key.endswith(SUFFIX))
+
+
+def read_objects(ckpt_dir, wanted: Callable[[str], bool]) -> ExtraStates:
+    """Every ``ShardedObject`` of a dist checkpoint whose key is ``wanted``, loaded (all shards, on the calling
+    rank), as ``{(key, global offset): (payload, global shape)}``."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedObject
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
@@ -36,7 +42,7 @@ def read_extra_states(ckpt_dir) -> ExtraStates:
     meta = load_sharded_metadata(str(ckpt_dir))
     want = {}
     for obj in meta.values():
-        if isinstance(obj, ShardedObject) and obj.key.endswith(SUFFIX):
+        if isinstance(obj, ShardedObject) and wanted(obj.key):
             want[(obj.key, tuple(obj.global_offset))] = tuple(obj.global_shape)
     if not want:
         return {}
@@ -85,4 +91,4 @@ def sharded_objects(states: ExtraStates, write: bool) -> dict:
             for (key, off), (payload, shape) in sorted(states.items())}
 
 
-__all__ = ["ExtraStates", "read_extra_states", "regrid", "sharded_objects"]
+__all__ = ["ExtraStates", "read_extra_states", "read_objects", "regrid", "sharded_objects"]

@@ -157,15 +157,19 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
         del model, optimizer
     extra = {"grown_from": small.to_dict(), "plan": plan.describe(), "tp_plan": grown.tp_plan.describe(),
              "lr_policy": grown.plan.lr.kind}
-    run_state = None
+    run_state, objects = None, dict(te_states)
     if it is not None:
-        from growth_ds.interop.megatron_lm import RUN_STATE_KEYS, grown_args
+        from growth_ds.interop.megatron_lm import RUN_STATE_KEYS, grown_args, is_rng_key, rng_after_growth
 
         run_state = {k: common[k] for k in RUN_STATE_KEYS if k in common}
         if scheduler is not None:
             run_state["opt_param_scheduler"] = scheduler
         if "args" in run_state:
             run_state["args"] = grown_args(run_state["args"], grown.shape, tp=target_tp, pp=target_pp)
+            # the run's RNG states: carried, or (the layout changed) dropped and args say so
+            rng, run_state["args"] = rng_after_growth(extra_state.read_objects(ckpt, is_rng_key), common["args"],
+                                                      run_state["args"])
+            objects.update(rng)
     # the whole output (a dist checkpoint, or a Megatron-LM root: iter_* + tracker) is built under a staging name
     # next to out_dir and renamed into place when complete
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
@@ -182,7 +186,7 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
         else None
     save_dist_checkpoint(grown.model, grown.optimizer, ckpt_out, extra=extra, run_state=run_state,  # (every rank)
                          model_dtype=_model_dtype(meta) if masters and grown.optimizer is not None else None,
-                         objects=extra_state.sharded_objects(te_states, write=rank0), master_key=master_key,
+                         objects=extra_state.sharded_objects(objects, write=rank0), master_key=master_key,
                          optimizer_common=carried if grown.optimizer is not None else None,
                          content_metadata=dist_checkpointing.load_content_metadata(preloaded_state_dict=common),
                          writer=writer)

@@ -10,7 +10,7 @@
                                                  masters as optimizer.state.param.<key> (distributed
                                                  optimizer, fully_reshardable) or .fp32_param.<key>
                                                  (mixed-precision optimizer); objects: Transformer Engine
-                                                 modules' _extra_state
+                                                 modules' _extra_state, rng_state (PP x TP shards)
 
 The shape of the model comes from the checkpoint's own metadata: the saved ``args`` (Megatron-LM's argument
 names) for the architecture and the embedding tensor's global shape (``load_tensors_metadata``) for the padded
@@ -212,6 +212,33 @@ def scheduler_after_growth(state: Optional[dict], policy: str) -> Optional[dict]
     return {**state, "num_steps": 0}
 
 
+def is_rng_key(key: str) -> bool:
+    """A Megatron-LM run's RNG states: one ``ShardedObject`` ``[<prefix>]rng_state`` of global shape (PP, TP),
+    one shard per (pipeline, tensor) rank, each the list of that rank's generator states."""
+    return key == "rng_state" or key.endswith(".rng_state") or key.endswith("_rng_state")
+
+
+def _layout(args) -> Tuple[int, int]:
+    return int(_get(args, "tensor_model_parallel_size", 1) or 1), int(_get(args, "pipeline_model_parallel_size", 1) or 1)
+
+
+def rng_after_growth(rng_states: dict, args, new_args) -> Tuple[dict, Any]:
+    """What the grown checkpoint carries of the run's RNG states (``{(key, offset): (payload, shape)}``) and its
+    ``args``. Megatron-LM reloads them only when the next job's (TP, PP) equals the one in the checkpoint's
+    ``args`` (it then asks for every (PP, TP) shard; on a mismatch it ignores them). So: the layout unchanged,
+    they are carried as they are (the next job's dropout and sampling streams go on); the layout changed
+    (``--target-tp`` / ``--target-pp``, written into ``new_args``), no rank's state can be the new ranks', so
+    none is written and ``new_args.no_save_rng`` says so: the next job seeds its generators as a fresh run."""
+    if not rng_states or _layout(args) == _layout(new_args):
+        return dict(rng_states), new_args
+    new_args = copy.deepcopy(new_args)
+    if isinstance(new_args, dict):
+        new_args["no_save_rng"] = True
+    else:
+        setattr(new_args, "no_save_rng", True)
+    return {}, new_args
+
+
 def write_tracker(root, iteration) -> None:
     """Point ``root``'s tracker at ``iteration`` (atomic: a reader sees the old or the new one)."""
     atomic.write_text(Path(root) / TRACKER, f"{iteration}\n" if iteration != "release" else "release\n")
@@ -219,5 +246,5 @@ def write_tracker(root, iteration) -> None:
 
 __all__ = ["ITER_RE", "RESHARDABLE_HINT", "RUN_STATE_KEYS", "SCHEDULER_POLICIES", "TRACKER",
            "check_optimizer_format", "check_shards", "check_target_layout", "flavour_of", "grown_args",
-           "is_run_root", "iteration_dir", "resolve_iteration", "scheduler_after_growth", "shape_from_args",
-           "write_tracker"]
+           "is_rng_key", "is_run_root", "iteration_dir", "resolve_iteration", "rng_after_growth",
+           "scheduler_after_growth", "shape_from_args", "write_tracker"]
