@@ -119,14 +119,16 @@ def shape_from_args(args, vocab_size: int) -> ModelShape:
 
 def check_target_layout(shape: ModelShape, tp: Optional[int], pp: Optional[int]) -> None:
     """``ValueError`` naming each size of the grown ``shape`` that the next job's layout cannot split:
-    heads, query groups, FFN width and the (padded) vocabulary over ``tp`` ranks, layers over ``pp`` stages
-    (Megatron-LM's even pipeline split)."""
+    heads, query groups and FFN width over ``tp`` ranks, layers over ``pp`` stages (Megatron-LM's even pipeline
+    split). The vocabulary is not checked: Megatron-LM pads it again for its own TP size
+    (``make_vocab_size_divisible_by`` x TP) and megatron-core loads the embedding and output layer with
+    ``allow_shape_mismatch`` (rows beyond the checkpoint's are zero)."""
     bad = []
     if tp is not None:
         if tp < 1:
             raise ValueError(f"--target-tp must be positive, got {tp}")
         for what, n in (("num_attention_heads", shape.n_heads), ("num_query_groups", shape.n_kv_heads),
-                        ("ffn_hidden_size", shape.d_ffn), ("padded vocabulary", shape.vocab_size)):
+                        ("ffn_hidden_size", shape.d_ffn)):
             if n % tp:
                 bad.append(f"{what} {n} is not divisible by --target-tp {tp}")
     if pp is not None:
