@@ -105,6 +105,11 @@ for flavour, small, large in [
     res[r + "dp_reshardable"] = err(["grow", "--from", str(bad), "--to", str(to), "--method", method, "--out",
                                      str(new)])
     res[r + "dp_reshardable_wrote"] = new.exists()
+    flat = out_dir / f"{flavour}_flattened"
+    save_run(model, opt, small, flat, 3, content_metadata={"distrib_optim_sharding_type": "fully_sharded_model_space"})
+    res[r + "fully_sharded_model_space"] = err(["grow", "--from", str(flat), "--to", str(to), "--method", method,
+                                                "--out", str(new)])
+    res[r + "fully_sharded_model_space_wrote"] = new.exists()
     cut = out_dir / f"{flavour}_truncated"  # a copy of the run with one shard cut short
     __import__("shutil").copytree(root, cut)
     shard = sorted((cut / "iter_0000003").glob("*.distcp"))[0]
@@ -234,6 +239,8 @@ def test_bad_megatron_lm_input_is_refused_before_writing(lm, flavour):
     assert "no iter_0000009" in stderr and "iter_0000003" in stderr
     assert res[r + "dp_reshardable"] == "rc=2" and not res[r + "dp_reshardable_wrote"]
     assert "dp_reshardable" in stderr and "--dist-ckpt-optim-fully-reshardable" in stderr
+    assert res[r + "fully_sharded_model_space"] == "rc=2" and not res[r + "fully_sharded_model_space_wrote"]
+    assert "(fully_sharded_model_space), which megatron-core no longer loads" in stderr
     assert res[r + "truncated"] == "rc=2" and not res[r + "truncated_wrote"] and "is truncated" in stderr
     assert res[r + "target_tp"] == "rc=2" and not res[r + "target_tp_wrote"]
     assert "num_attention_heads" in stderr and "is not divisible by --target-tp 5" in stderr

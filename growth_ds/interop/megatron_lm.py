@@ -184,8 +184,9 @@ def check_shards(ckpt_dir) -> None:
 
 
 def check_optimizer_format(ckpt_dir) -> None:
-    """Refuse a distributed-optimizer checkpoint stored per bucket (``dp_reshardable``) before anything else
-    happens; the per-parameter formats (and a non-distributed optimizer's) pass."""
+    """Refuse a distributed-optimizer checkpoint stored per bucket (``dp_reshardable``) or as flattened slices
+    (``fully_sharded_model_space``) before anything else happens; the per-parameter ``fully_reshardable``
+    format (and a non-distributed optimizer's) pass."""
     from megatron.core import dist_checkpointing
 
     meta = dist_checkpointing.load_content_metadata(str(ckpt_dir)) or {}
@@ -193,6 +194,10 @@ def check_optimizer_format(ckpt_dir) -> None:
     if kind == "dp_reshardable":
         raise ValueError(f"{ckpt_dir}: the distributed optimizer's state is stored per bucket (dp_reshardable), "
                          f"which can only be resharded along data parallelism, not grown; {RESHARDABLE_HINT}")
+    if kind == "fully_sharded_model_space":
+        raise ValueError(f"{ckpt_dir}: the distributed optimizer's state is stored as flattened per-rank slices "
+                         f"(fully_sharded_model_space), which megatron-core no longer loads (ShardedTensor."
+                         f"flattened_range); {RESHARDABLE_HINT}")
 
 
 #: what each growth LR policy does to a Megatron-LM run's ``opt_param_scheduler`` state
