@@ -19,7 +19,8 @@
                                                            signal train: the mean train loss of every
                                                            ``every`` steps, default 25)
                - shape: ...
-                 grow: {width, depth, moments, lr, rho, rewarm_steps, positions, seed, reinit, recipe}
+                 grow: {width, depth, moments, lr, rho, rewarm_steps, positions, seed, reinit, recipe,
+                        fan_in_std}
                        (recipe: recommended fills the methods not named: ops.plan.RECIPES)
 
 Every error is a ``ValueError`` whose message starts with the offending key, e.g.
@@ -43,7 +44,8 @@ TRAIN_DEFAULTS = dict(seq_len=64, micro_batch_size=8, grad_accum=1, lr=3e-3, min
                       eval_tokens=None)
 DS_DEFAULTS = dict(zero_stage=0, precision="fp32", extra={})
 GROW_KEYS = {"width", "depth", "moments", "lr", "rho", "rewarm_steps", "horizon", "positions", "seed",
-             "method", "steps", "ligo_lr", "reinit", "recipe"}
+             "method", "steps", "ligo_lr", "reinit", "recipe", "fan_in_std"}
+# fan_in_std: std of the random fan-in of new units (zero width, lemon's residue columns; GrowthPlan.random_std)
 # method: ligo (width/depth then name the initialising plan); reinit: true replaces the grown model by a random
 # init of the new shape with a fresh optimizer (a control: what the transferred weights are worth)
 
@@ -219,6 +221,9 @@ def parse_config(raw: Dict[str, Any], source: Optional[Path] = None) -> RunConfi
         if grow.get("method") not in (None, "ligo"):
             raise ValueError(f"{where}.grow.method: only 'ligo' (a learned operator) is a method; fixed methods "
                              f"go in grow.width / grow.depth")
+        if "fan_in_std" in grow and not (isinstance(grow["fan_in_std"], (int, float)) and
+                                         not isinstance(grow["fan_in_std"], bool) and grow["fan_in_std"] > 0):
+            raise ValueError(f"{where}.grow.fan_in_std: must be a positive number, got {grow['fan_in_std']!r}")
         if "reinit" in grow and not isinstance(grow["reinit"], bool):
             raise ValueError(f"{where}.grow.reinit: must be true or false, got {grow['reinit']!r}")
         if grow.get("method") == "ligo":

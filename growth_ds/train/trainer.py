@@ -6,6 +6,7 @@ or as a single process. On CPU, DeepSpeed uses its CPU accelerator and gloo.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -192,6 +193,8 @@ class StagedTrainer:
         plan = make_plan(shape, stage.shape, width=g.get("width") or ("lemon" if ligo else None),
                          depth=g.get("depth"), seed=g.get("seed", 0), moments=None if ligo else g.get("moments"),
                          lr=policy, positions=g.get("positions"), recipe=g.get("recipe"))
+        if "fan_in_std" in g:  # the new units' random fan-in (zero width; lemon's residue columns)
+            plan = dataclasses.replace(plan, random_std=float(g["fan_in_std"]))
         new_shape = plan.grown_shape
         if g.get("reinit"):  # the control arm: the grown shape from a random init, a fresh optimizer
             new = self._new_engine(new_shape, fresh=True)
