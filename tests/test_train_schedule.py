@@ -140,3 +140,23 @@ def test_monitor_writes_tensorboard_and_csv(tmp_path, data_dir):
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == list(range(1, TOTAL + 1))
     assert float(rows[-1]["train_loss"]) == pytest.approx(steps[TOTAL]["train_loss"])
+
+
+def test_fan_in_std_reaches_the_new_units(tmp_path, data_dir):
+    """``grow.fan_in_std``: the new units' random fan-in has that std (the growth stays lossless: their outputs
+    are read with weight 0); a non-positive value is refused by name before anything runs."""
+    import yaml
+
+    from growth_ds.interop.hf import load_run
+    from growth_ds.train.config import load_config
+
+    steps, growth = run(tmp_path, data_dir, "fanin", grow={"fan_in_std": 0.5})
+    assert len(growth) == 1 and abs(growth[0]["val_loss_after"] - growth[0]["val_loss_before"]) < 1e-4
+    state = load_run(tmp_path / "fanin" / "staged")  # 14 steps after the growth: Adam moved each entry < 0.05
+    up = state.params["layers.0.mlp.up.weight"]  # d_ffn 64 -> 128: rows 64.. are new units
+    assert 0.45 < float(up[64:].std()) < 0.55 and float(up[:64, :32].std()) < 0.3
+    bad = yaml.safe_load((tmp_path / "fanin.yaml").read_text())
+    bad["stages"][1]["grow"]["fan_in_std"] = 0
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ValueError, match=r"stages\[1\]\.grow\.fan_in_std: must be a positive number"):
+        load_config(tmp_path / "bad.yaml")
