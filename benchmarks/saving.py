@@ -131,7 +131,7 @@ RECIPES["zero-width@15%"] = Recipe("zero-width@15%", ((LARGE, {"width": "zero"},
                                    "a four-layer d_model 32 start: width only", SHALLOW_WIDE)
 RECIPES["zero-interleave@15%"] = _r("zero-interleave@15%", depth="interleave", at=0.15)
 # Fourth screen: the new units' random fan-in std (GrowthPlan.random_std, 0.02 by default)
-for _s in (0.01, 0.05, 0.1):
+for _s in (0.01, 0.05, 0.1, 0.2, 0.4):
     RECIPES[f"zero-stack@15%-fi{_s:g}"] = _r(f"zero-stack@15%-fi{_s:g}", depth="stack", at=0.15, fan_in_std=_s)
 # LiGO names its initialising plan's width/depth; without them make_plan uses lemon + the default depth
 RECIPES["ligo"] = Recipe("ligo", ((LARGE, {"method": "ligo", "width": "lemon", "depth": "identity",
