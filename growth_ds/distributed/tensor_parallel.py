@@ -360,6 +360,16 @@ def sharded_std(local: torch.Tensor, reduce_sum: Optional[ReduceSum]) -> float:
     return math.sqrt(float(sq[0]) / (n - 1))
 
 
+def std_of_shards(pieces: List[torch.Tensor]) -> float:
+    """:func:`sharded_std` of the full tensor whose TP shards are ``pieces`` (rank order), computed in one process
+    with the same two reductions summed in rank order: what every rank of the TP group would get."""
+    xs = [p.detach().to(torch.float64) for p in pieces]
+    stats = sum(torch.tensor([float(x.numel()), float(x.sum())], dtype=torch.float64) for x in xs)
+    n, mean = float(stats[0]), float(stats[1] / stats[0])
+    sq = sum(((x - mean) ** 2).sum().reshape(1) for x in xs)
+    return math.sqrt(float(sq[0]) / (n - 1))
+
+
 class ShardGrower:
     """Grows one TP rank's shards of reference-named parameters and Adam moments.
 
@@ -417,4 +427,4 @@ class ShardGrower:
 
 __all__ = ["LAYER_SHARDED", "SHARDED_SPACES", "ShardSpec", "TPPlan", "ShardGrower", "block", "check_tp_shape",
            "divide", "is_block_diagonal", "local_map", "local_plan", "make_tp_plan", "permute_like", "permute_map",
-           "reference_shard_spec", "shard_axis", "sharded_std"]
+           "reference_shard_spec", "shard_axis", "sharded_std", "std_of_shards"]

@@ -1,6 +1,6 @@
 """Read and write megatron-core ``torch_dist`` checkpoints one tensor chunk at a time.
 
-Placement and I/O only (no growth math): :func:`read_chunk` reads one block of a saved tensor, and
+Placement and I/O only (no growth math): :class:`ChunkReader` reads any block of a saved tensor, and
 :func:`save_streamed` writes a checkpoint whose tensors are *produced* while the writer writes them, so a
 process holds one chunk (plus whatever its producer needs) at a time, never the whole state dict.
 
@@ -178,6 +178,7 @@ class ChunkReader:
     def __init__(self, ckpt_dir):
         self.reader = FileSystemReader(str(ckpt_dir))
         self.metadata = self.reader.read_metadata()
+        self.reader.read_metadata = lambda *a, **k: self.metadata  # (once per checkpoint, not per block)
 
     def global_shape(self, key: str) -> tuple:
         md = self.metadata.state_dict_metadata.get(key)
@@ -196,9 +197,7 @@ class ChunkReader:
         return got
 
     def _load(self, planner) -> None:
-        reader = self.reader
-        reader.read_metadata = lambda *a, **k: self.metadata  # (once per checkpoint, not per block)
-        torch.distributed.checkpoint.load({}, storage_reader=reader, planner=planner, no_dist=True)
+        torch.distributed.checkpoint.load({}, storage_reader=self.reader, planner=planner, no_dist=True)
 
     def read(self, key: str, offset: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
         md = self.metadata.state_dict_metadata.get(key)
@@ -207,11 +206,6 @@ class ChunkReader:
         dest = torch.empty(tuple(shape), dtype=md.properties.dtype)
         self._load(_ChunkLoadPlanner({key: (tuple(offset), dest)}))
         return dest
-
-
-def read_chunk(ckpt_dir, key: str, offset: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
-    """The block ``[offset, offset + shape)`` of tensor ``key`` of a ``torch_dist`` checkpoint."""
-    return ChunkReader(ckpt_dir).read(key, offset, shape)
 
 
 def checkpoint_diff(a, b, common: bool = True) -> List[str]:
@@ -239,4 +233,4 @@ def checkpoint_diff(a, b, common: bool = True) -> List[str]:
     return out
 
 
-__all__ = ["ChunkReader", "LazyChunk", "checkpoint_diff", "object_bytes", "read_chunk", "save_streamed"]
+__all__ = ["ChunkReader", "LazyChunk", "checkpoint_diff", "object_bytes", "save_streamed"]

@@ -271,6 +271,20 @@ def fuse_megatron(entry: Entry, parts: Sequence[torch.Tensor], shape: ModelShape
     return torch.cat([q, k, v], dim=1).reshape(groups * (g + 2) * hd, *rest)
 
 
+def megatron_sources(plan: GrowthPlan, grown: Optional[ModelShape] = None) -> Dict[str, str]:
+    """``{grown megatron parameter: the old megatron parameter it is built from}`` under ``plan`` (``grown``:
+    the grown shape when it is a TP plan's; default ``plan.grown_shape``). ``RuntimeError`` if a grown
+    parameter would need several old ones (a layout this executor does not know)."""
+    old_of_ref = {ref: name for name, e in megatron_layout(plan.small).items() for ref in e.refs}
+    out = {}
+    for name, entry in megatron_layout(grown or plan.grown_shape).items():
+        srcs = {old_of_ref[source_name(plan, ref)] for ref in entry.refs}
+        if len(srcs) != 1:
+            raise RuntimeError(f"{name} would be built from several old parameters: {sorted(srcs)}")
+        out[name] = srcs.pop()
+    return out
+
+
 def megatron_to_reference(full: Dict[str, torch.Tensor], shape: ModelShape) -> Dict[str, torch.Tensor]:
     """Gathered megatron tensors (``{megatron name: full tensor}``) -> ``{reference name: tensor}``."""
     layout = megatron_layout(shape)
@@ -457,19 +471,15 @@ def grow_gpt_model(model, optimizer: Optional[torch.optim.Optimizer], plan: Grow
 
     # 2. every new shard from the matching old shard
     old_specs = _model_specs(model, small)
-    old_of_ref = {ref: name for name, (_, e, _) in old_specs.items() for ref in e.refs}
     schema = parameter_schema(grown)
     new_params = dict(new.named_parameters())
     new_layout = megatron_layout(grown)
     _same_keys(new_params, new_layout, "grown GPTModel parameters")
-    src_name_of, new_specs = {}, {}
+    src_name_of, new_specs = megatron_sources(plan, grown), {}
     with torch.no_grad():
         for name, entry in new_layout.items():
             p_new = new_params[name]
-            srcs = {old_of_ref[source_name(plan, ref)] for ref in entry.refs}
-            assert len(srcs) == 1, (name, srcs)
-            src = src_name_of[name] = srcs.pop()
-            p_old, old_entry, old_spec = old_specs[src]
+            p_old, old_entry, old_spec = old_specs[src_name_of[name]]
             for key, value in vars(p_old).items():  # megatron's flags (TP layout, allreduce, shared, ...)
                 if not key.startswith("_") and not torch.is_tensor(value) and not callable(value):
                     setattr(p_new, key, value)
@@ -839,7 +849,7 @@ def _adam_step(common: dict) -> int:
 __all__ = ["CHECKPOINT_FORMAT", "Entry", "GrownGPT", "MASTER_KEYS", "build_gpt_model", "checkpoint_common",
            "checkpoint_shape", "checkpoint_state_dict", "ensure_model_parallel", "ensure_tp_attributes",
            "forward_logits", "fuse_megatron", "gather_logits", "gather_tensor", "gelu_tanh", "grow_config",
-           "grow_gpt_model", "is_dist_checkpoint", "layer_spec", "lm_loss",
-           "load_dist_checkpoint", "load_fp32_masters", "load_reference_state", "master_key_of", "megatron_layout",
+           "grow_gpt_model", "is_dist_checkpoint", "layer_spec", "lm_loss", "load_dist_checkpoint",
+           "load_fp32_masters", "load_reference_state", "master_key_of", "megatron_layout", "megatron_sources",
            "megatron_to_reference", "reference_to_megatron", "save_dist_checkpoint", "shape_of", "shard_spec_of",
            "split_megatron", "to_reference_state", "transformer_config"]

@@ -129,18 +129,25 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
     tp = ensure_model_parallel(1 if stream else tp)
     from growth_ds.interop import extra_state
 
-    # a Transformer Engine run's per-module _extra_state: placed on the grown layer stack, payloads untouched
-    te_states = extra_state.regrid(extra_state.read_extra_states(ckpt), [e.source for e in plan.layers],
-                                   small.n_layers)
+    from growth_ds.interop.megatron_lm import is_rng_key
+
+    # the objects that travel, read in one pass: a Transformer Engine run's per-module _extra_state (placed on
+    # the grown layer stack, payloads untouched) and a Megatron-LM run's RNG states
+    stored = extra_state.read_objects(ckpt, lambda k: k.endswith(extra_state.SUFFIX) or
+                                      (it is not None and is_rng_key(k)))
+    te_states = extra_state.regrid({k: v for k, v in stored.items() if k[0].endswith(extra_state.SUFFIX)},
+                                   [e.source for e in plan.layers], small.n_layers)
     with_optim = not no_optim and (bool(ours.get("param_groups")) or
                                    any(k.startswith("optimizer.state.exp_avg.") for k in meta))
-    masters = master_key_of(meta) is not None  # a bf16 run: grow the float32 masters, not the rounded weights
-    master_key = master_key_of(meta) if with_optim else None
+    stored_masters = master_key_of(meta)  # a bf16 run: grow the float32 masters, not the rounded weights
+    masters = stored_masters is not None
+    master_key = stored_masters if with_optim else None
     writer = None
     if stream:
         from growth_ds.interop import megatron_stream
 
-        grown, writer = megatron_stream.meta_growth(ckpt, plan, plan_tp, ours, common, with_optim)
+        grown, writer = megatron_stream.meta_growth(ckpt, plan, plan_tp, ours, common, with_optim,
+                                                    stored_masters or megatron_stream.MODEL)
     else:
         model = build_gpt_model(small, tp=tp, perform_initialization=False)
         optimizer, step = None, None
@@ -159,7 +166,7 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
              "lr_policy": grown.plan.lr.kind}
     run_state, objects = None, dict(te_states)
     if it is not None:
-        from growth_ds.interop.megatron_lm import RUN_STATE_KEYS, grown_args, is_rng_key, rng_after_growth
+        from growth_ds.interop.megatron_lm import RUN_STATE_KEYS, grown_args, rng_after_growth
 
         run_state = {k: common[k] for k in RUN_STATE_KEYS if k in common}
         if scheduler is not None:
@@ -167,8 +174,8 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
         if "args" in run_state:
             run_state["args"] = grown_args(run_state["args"], grown.shape, tp=target_tp, pp=target_pp)
             # the run's RNG states: carried, or (the layout changed) dropped and args say so
-            rng, run_state["args"] = rng_after_growth(extra_state.read_objects(ckpt, is_rng_key), common["args"],
-                                                      run_state["args"])
+            rng, run_state["args"] = rng_after_growth({k: v for k, v in stored.items() if is_rng_key(k[0])},
+                                                      common["args"], run_state["args"])
             objects.update(rng)
     # the whole output (a dist checkpoint, or a Megatron-LM root: iter_* + tracker) is built under a staging name
     # next to out_dir and renamed into place when complete

@@ -21,13 +21,12 @@ Invariants:
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from growth_ds.distributed.tensor_parallel import ShardGrower, ShardSpec, make_tp_plan, shard_axis
+from growth_ds.distributed.tensor_parallel import ShardGrower, ShardSpec, make_tp_plan, shard_axis, std_of_shards
 from growth_ds.interop.dist_stream import ChunkReader, LazyChunk, object_bytes, save_streamed
 from growth_ds.models.schema import parameter_schema
 from growth_ds.ops.apply import source_name
@@ -131,7 +130,7 @@ class StreamedGrowth:
     ``values_kind``: where the old values are read (the float32 masters when the run has them)."""
 
     def __init__(self, source: SourceParams, plan: GrowthPlan, plan_tp: int, values_kind: str):
-        from growth_ds.interop.megatron import megatron_layout
+        from growth_ds.interop.megatron import megatron_layout, megatron_sources
 
         self.source, self.plan, self.values_kind = source, plan, values_kind
         self.tpp = make_tp_plan(plan, plan_tp)
@@ -140,13 +139,7 @@ class StreamedGrowth:
         self.small, self.grown = plan.small, self.tpp.plan.grown_shape
         self.old_layout, self.new_layout = megatron_layout(self.small), megatron_layout(self.grown)
         self.schema = parameter_schema(self.grown)
-        old_of_ref = {ref: n for n, e in self.old_layout.items() for ref in e.refs}
-        self.src_of = {}
-        for name, entry in self.new_layout.items():
-            srcs = {old_of_ref[source_name(plan, ref)] for ref in entry.refs}
-            if len(srcs) != 1:
-                raise RuntimeError(f"{name} would be built from several old parameters: {sorted(srcs)}")
-            self.src_of[name] = srcs.pop()
+        self.src_of = megatron_sources(plan, self.grown)
         self._cache: Optional[Tuple[Tuple[str, str], torch.Tensor]] = None
 
     def tensor(self, name: str, kind: str) -> torch.Tensor:
@@ -162,12 +155,10 @@ class StreamedGrowth:
         entry, old_entry = self.new_layout[name], self.old_layout[src]
         read_kind = self.values_kind if kind not in ("exp_avg", "exp_avg_sq") else kind
         full_old = self.source.read(src, read_kind).to(torch.float32)
-        dim = old_entry.expect[0]
         picks, specs = [], []  # per plan-TP rank: the old pieces of entry.refs, the new entry's shard layout
         for r in range(self.tp):
-            old_spec = ShardSpec(dim, old_entry.expect[1] if dim is not None else 1, r, self.tp)
-            specs.append(ShardSpec(entry.expect[0], entry.expect[1] if entry.expect[0] is not None else 1, r,
-                                   self.tp))
+            old_spec = _spec(old_entry, r, self.tp)
+            specs.append(_spec(entry, r, self.tp))
             parts = split_megatron(old_entry, old_spec.shard(full_old), self.small, old_spec)
             picks.append([parts[old_entry.refs.index(source_name(self.plan, ref))] for ref in entry.refs])
         del full_old
@@ -185,20 +176,22 @@ class StreamedGrowth:
         return value
 
     def _full_std(self, ref: str, pieces: List[torch.Tensor]) -> Optional[float]:
-        """The std of the whole old reference weight from its pieces on each plan-TP rank, reduced in rank order
-        as the in-memory executor's all-reduce does (:func:`sharded_std`), for methods whose noise is relative
-        to it (HyperCloning); None where the grower computes it from its own piece."""
+        """The std of the whole old reference weight, as the in-memory executor's all-reduce gives it, for
+        methods whose noise is relative to it (HyperCloning); None where the grower computes it from its own
+        piece."""
         from growth_ds.ops.noise import needs_full_std
 
         spec = self.schema[ref]
         if self.tp == 1 or spec.role not in ("weight", "head") or shard_axis(spec) is None \
                 or not needs_full_std(self.tpp.plan, spec):
             return None
-        xs = [p.detach().to(torch.float64) for p in pieces]  # (sharded_std's two reductions, summed in rank order)
-        stats = sum(torch.tensor([float(x.numel()), float(x.sum())], dtype=torch.float64) for x in xs)
-        n, mean = float(stats[0]), float(stats[1] / stats[0])
-        sq = sum(((x - mean) ** 2).sum().reshape(1) for x in xs)
-        return math.sqrt(float(sq[0]) / (n - 1))
+        return std_of_shards(pieces)
+
+
+def _spec(entry, rank: int, tp: int) -> ShardSpec:
+    """Rank ``rank``'s TP shard layout of a megatron parameter (its local-spec ``Entry``) at TP = ``tp``."""
+    dim, stride = entry.expect
+    return ShardSpec(dim, stride if dim is not None else 1, rank, tp)
 
 
 def _assign(groups: Dict[Tuple[str, str], int], world: int) -> Dict[Tuple[str, str], int]:
@@ -276,19 +269,23 @@ def write_streamed(sd: dict, ckpt_dir, content_metadata: Optional[dict], growth:
     save_streamed(ckpt_dir, chunks, objects, common)
 
 
-def meta_growth(ckpt_dir, plan: GrowthPlan, plan_tp: int, ours: dict, common: dict, with_optim: bool):
+def meta_growth(ckpt_dir, plan: GrowthPlan, plan_tp: int, ours: dict, common: dict, with_optim: bool,
+                values_kind: str):
     """The grown model and optimizer on the ``meta`` device, as the in-memory executor would build them (same
     parameter groups and hyperparameters, Adam's step under the plan's moment rule), and the writer that
     fills them from the old checkpoint ``ckpt_dir`` while saving. Returns ``(GrownGPT, writer)``.
 
     ``ours``: the old checkpoint's growth-ds entry (its param groups by name), ``common``: its common state
-    dict; ``with_optim``: grow the optimizer state (per-parameter Adam state in the checkpoint)."""
+    dict; ``with_optim``: grow the optimizer state (per-parameter Adam state in the checkpoint);
+    ``values_kind``: where the old values are stored (:data:`MODEL`, or the masters' name)."""
     from functools import partial
 
-    from growth_ds.interop.megatron import GrownGPT, _adam_step, master_key_of
+    from growth_ds.interop.megatron import GrownGPT, _adam_step
 
-    tpp = make_tp_plan(plan, plan_tp)
-    model = _meta_model(tpp.plan.grown_shape)
+    source = SourceParams(ckpt_dir, plan.small)
+    source.check([values_kind] + (["exp_avg", "exp_avg_sq"] if with_optim else []))
+    growth = StreamedGrowth(source, plan, plan_tp, values_kind)
+    model = _meta_model(growth.grown)
     optimizer, step = None, 0
     if with_optim:
         named = dict(model.named_parameters())
@@ -301,12 +298,8 @@ def meta_growth(ckpt_dir, plan: GrowthPlan, plan_tp: int, ours: dict, common: di
             cls = getattr(torch.optim, ours.get("optimizer_class", "AdamW"))
         else:
             hyper, group_of, old_step, cls = [{}], None, _adam_step(common), torch.optim.AdamW
-        from growth_ds.interop.megatron import megatron_layout
-
-        old_of_ref = {ref: n for n, e in megatron_layout(plan.small).items() for ref in e.refs}
         groups = [dict(h, params=[]) for h in hyper]
-        for name, entry in megatron_layout(tpp.plan.grown_shape).items():
-            src = old_of_ref[source_name(plan, entry.refs[0])]
+        for name, src in growth.src_of.items():  # (each grown parameter joins its source's group)
             if group_of is not None and src not in group_of:
                 raise ValueError(f"{src} is not in the optimizer; growth needs every parameter in it")
             groups[group_of[src] if group_of is not None else 0]["params"].append(named[name])
@@ -315,15 +308,7 @@ def meta_growth(ckpt_dir, plan: GrowthPlan, plan_tp: int, ours: dict, common: di
         for p in named.values():
             optimizer.state[p] = {"step": torch.tensor(float(step)), "exp_avg": torch.empty_like(p),
                                   "exp_avg_sq": torch.empty_like(p)}
-    from megatron.core import dist_checkpointing
-
-    meta = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
-    values = master_key_of(meta) or MODEL
-    source = SourceParams(ckpt_dir, plan.small)
-    source.check([values] + (["exp_avg", "exp_avg_sq"] if with_optim else []))
-    growth = StreamedGrowth(source, plan, plan_tp, values)
-    return (GrownGPT(model, optimizer, tpp, tpp.plan.grown_shape, step),
-            partial(write_streamed, growth=growth))
+    return (GrownGPT(model, optimizer, growth.tpp, growth.grown, step), partial(write_streamed, growth=growth))
 
 
 __all__ = ["MODEL", "SourceParams", "StreamedGrowth", "meta_growth", "model_chunks", "streamed_chunks",
