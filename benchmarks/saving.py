@@ -133,6 +133,11 @@ RECIPES["zero-interleave@15%"] = _r("zero-interleave@15%", depth="interleave", a
 # Fourth screen: the new units' random fan-in std (GrowthPlan.random_std, 0.02 by default)
 for _s in (0.01, 0.05, 0.1, 0.2, 0.4):
     RECIPES[f"zero-stack@15%-fi{_s:g}"] = _r(f"zero-stack@15%-fi{_s:g}", depth="stack", at=0.15, fan_in_std=_s)
+# Fifth screen: the fan-in relative to each old weight's std (GrowthPlan.random_relative): a rule that carries to
+# other models, where an absolute std is tied to this one's weight scale (its trained matrices: std 0.03-0.12)
+for _s in (0.5, 1.0, 1.5, 2.0):
+    RECIPES[f"zero-stack@15%-fr{_s:g}"] = _r(f"zero-stack@15%-fr{_s:g}", depth="stack", at=0.15, fan_in_std=_s,
+                                            fan_in_relative=True)
 # LiGO names its initialising plan's width/depth; without them make_plan uses lemon + the default depth
 RECIPES["ligo"] = Recipe("ligo", ((LARGE, {"method": "ligo", "width": "lemon", "depth": "identity",
                                            "steps": 30}, 0.3),), (None, None), {}, "LiGO operator, 30 steps")

@@ -142,6 +142,32 @@ def test_monitor_writes_tensorboard_and_csv(tmp_path, data_dir):
     assert float(rows[-1]["train_loss"]) == pytest.approx(steps[TOTAL]["train_loss"])
 
 
+def test_relative_fan_in_follows_the_old_weights_std_on_two_ranks(tmp_path, data_dir):
+    """``grow.fan_in_relative``: on two ZeRO-1 ranks (each holding part of every weight: the std is reduced over
+    both) the new units' fan-in has ``fan_in_std`` x the std of the old weight at the growth; still lossless. A
+    non-boolean value is refused by name."""
+    import yaml
+
+    from growth_ds.interop.hf import load_run
+    from growth_ds.train.config import fan_in, load_config
+
+    steps, growth = run(tmp_path, data_dir, "rel", grow={"fan_in_std": 8.0, "fan_in_relative": True}, nproc=2,
+                        keep_last=10)
+    assert len(growth) == 1 and abs(growth[0]["val_loss_after"] - growth[0]["val_loss_before"]) < 1e-4
+    before = load_run(tmp_path / "rel" / "staged", tag=f"step{GROW_AT:08d}")  # the pre-growth checkpoint
+    old_std = float(before.params["layers.0.mlp.up.weight"].double().std())
+    up = load_run(tmp_path / "rel" / "staged").params["layers.0.mlp.up.weight"]
+    assert up.shape[0] == 2 * before.params["layers.0.mlp.up.weight"].shape[0] == 128
+    assert float(up[64:].double().std()) == pytest.approx(8.0 * old_std, rel=0.12)
+    assert fan_in({"fan_in_relative": True}) == {"random_relative": True, "random_std": 1.0}
+    assert fan_in({"fan_in_std": 0.1}) == {"random_std": 0.1}
+    bad = yaml.safe_load((tmp_path / "rel.yaml").read_text())
+    bad["stages"][1]["grow"]["fan_in_relative"] = "yes"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ValueError, match=r"stages\[1\]\.grow\.fan_in_relative: must be true or false"):
+        load_config(tmp_path / "bad.yaml")
+
+
 def test_fan_in_std_reaches_the_new_units(tmp_path, data_dir):
     """``grow.fan_in_std``: the new units' random fan-in has that std (the growth stays lossless: their outputs
     are read with weight 0); a non-positive value is refused by name before anything runs."""

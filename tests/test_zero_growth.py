@@ -90,14 +90,21 @@ PURE_CASES = [  # (flavour, width, depth, grown-shape changes)
     ("llama", "lemon", None, dict(d_model=48, n_heads=6, n_kv_heads=3, d_ffn=80)),
     ("llama", "zero", "identity", dict(d_model=48, n_heads=6, n_kv_heads=3, d_ffn=80, n_layers=3)),
     ("llama", "hypercloning", "identity", dict(d_model=64, n_heads=8, n_kv_heads=4, d_ffn=96, n_layers=3)),
+    # new units' fan-in relative to the old weight's std (the "std" reduction of the zero method)
+    ("llama", "zero-relative", "stack", dict(d_model=48, n_heads=6, n_kv_heads=3, d_ffn=80, n_layers=4)),
 ]
+
+
+def case_plan(small, large, width, depth, moments, seed):
+    from zero_worker import case_plan as plan
+
+    return plan(small, large, width, depth, moments, seed=seed)
 
 
 def _pure_case(flavour, width, depth, changes):
     """(plan, small state, ops.grow of it, PlanCache) of one PURE_CASES entry (adjoint moments, seed 3)."""
     small = small_shape(flavour, tied_embeddings=flavour == "gpt2")
-    plan = make_plan(small, dataclasses.replace(small, **changes), width=width, depth=depth, seed=3,
-                     moments="adjoint")
+    plan = case_plan(small, dataclasses.replace(small, **changes), width, depth, "adjoint", seed=3)
     state = _state(small)
     return plan, state, grow(state, plan), PlanCache(plan)
 
@@ -302,8 +309,7 @@ def test_stacked_kinds_equal_reference_bit_for_bit(flavour, width, depth, change
     bit for bit; members off the stride (a gap in the layout) are split into their own ops; where it declines
     (returns False) it has written nothing the per-parameter path does not rewrite."""
     small = small_shape(flavour, tied_embeddings=flavour == "gpt2")
-    plan = make_plan(small, dataclasses.replace(small, **changes), width=width, depth=depth, seed=3,
-                     moments="adjoint")
+    plan = case_plan(small, dataclasses.replace(small, **changes), width, depth, "adjoint", seed=3)
     state = _state(small, signed_zeros=False)
     ref = grow(state, plan)
     cache = PlanCache(plan)

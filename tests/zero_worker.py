@@ -263,6 +263,17 @@ def reference_step(ref_state, shape, x, y, lr):
 # ---- cases ----------------------------------------------------------------------------------------
 
 
+def case_plan(small, large, width, depth, moments, seed=5):
+    """The plan of one case_list entry; width ``zero-relative``: the zero method with the new units' fan-in
+    at 1.5 x the std of the old weight they join (GrowthPlan.random_relative)."""
+    from growth_ds.ops import make_plan
+
+    if width == "zero-relative":
+        return make_plan(small, large, width="zero", depth=depth, seed=seed, moments=moments, random_std=1.5,
+                         random_relative=True)
+    return make_plan(small, large, width=width, depth=depth, seed=seed, moments=moments)
+
+
 def case_list(which="full"):
     import dataclasses
 
@@ -299,6 +310,8 @@ def case_list(which="full"):
         ("llama/staged+interleave", ll, R(li, n_layers=4), "staged", "interleave", None),
         ("llama/zero+identity", ll, R(ln, n_layers=3), "zero", "identity", None),
         ("llama/duplicate+stack", ll, R(li, n_layers=4), "duplicate", "stack", "adjoint"),
+        # the new units' fan-in relative to each old weight's std: one scalar reduced over the partitions
+        ("llama/zero-relative+stack", ll, R(ln, n_layers=4), "zero-relative", "stack", None),
     ]
     if which == "full":
         return cases
@@ -310,7 +323,7 @@ BF16_CASES = {"gpt2/lemon+identity", "llama/staged+interleave"}
 # every width and depth method on both flavours
 SUBSET = {"gpt2/duplicate+interleave", "gpt2/lemon+identity", "gpt2/zero+stack", "gpt2/hypercloning", "gpt2/staged",
           "llama/lemon", "llama/hypercloning+identity", "llama/staged+interleave", "llama/zero+identity",
-          "llama/duplicate+stack"}
+          "llama/duplicate+stack", "llama/zero-relative+stack"}
 MINI = {"gpt2/lemon+identity", "llama/staged+interleave"}
 
 
@@ -342,7 +355,7 @@ def task_cases(out_dir, opts):
             rec = {"case": label, "stage": stage, "old_stage": old_stage, "ws": ws, "precision": precision,
                    "offload": OFFLOAD["on"]}
             try:
-                plan = make_plan(small, large, width=width, depth=depth, seed=5, moments=moments)
+                plan = case_plan(small, large, width, depth, moments)
                 shape = plan.grown_shape
                 key = (label.split("/")[0], small)
                 if key not in olds:
@@ -471,7 +484,7 @@ def task_memory(out_dir, opts):
             t0 = time.time()
             rec = {"case": label, "stage": stage, "ws": ws}
             try:
-                plan = make_plan(small, large, width=width, depth=depth, seed=5, moments=moments)
+                plan = case_plan(small, large, width, depth, moments)
                 shape = plan.grown_shape
                 state = random_state(small, seed=7)
                 old = make_engine(small, stage, fresh=True)

@@ -415,8 +415,9 @@ class ShardGrower:
         if full_std is None and needs_full_std(plan, spec):
             sharded = shard_axis(spec) is not None and self.tp > 1
             if sharded and self.reduce_sum is None:
-                raise RuntimeError(f"{name}: hypercloning's noise is relative to the std of the whole weight; "
-                                   f"pass reduce_sum (a sum over the TP group) or full_std")
+                raise RuntimeError(f"{name}: the random part is relative to the std of the whole weight "
+                                   f"(hypercloning, relative fan-in); pass reduce_sum (a sum over the TP group) "
+                                   f"or full_std")
             full_std = sharded_std(w_local, self.reduce_sum if sharded else None)
         (b_space, _), (a_space, _) = param_axes(spec)
         b, a = plan.spaces[b_space], plan.spaces[a_space]

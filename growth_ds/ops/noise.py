@@ -12,6 +12,9 @@ the draws:
 * ``new_units`` -- random fan-in of new output units read with weight 0 by every consumer (``random``
   residue, the ``zero`` method), scaled by ``plan.random_std``; it overwrites the rows it covers.
 
+The last two are scaled by ``plan.random_std`` times the std of the whole old weight when
+``plan.random_relative`` (new units drawn at the scale the trained weights reached).
+
 :func:`noise_window` returns any ``[rows, cols]`` window of ``N`` equal, bit for bit, to that window of
 the whole matrix; it draws only the keyed row blocks the window touches (:func:`keyed_randn`).
 """
@@ -54,13 +57,26 @@ def keyed_randn(seed: int, name: str, tag: str, rows: int, cols: int, r0: int = 
     return out
 
 
+def has_random_units(plan: GrowthPlan, spec: ParamSpec) -> bool:
+    """True when ``N`` of this 2-D weight has a ``residue_columns`` or ``new_units`` term."""
+    (b_space, _), (a_space, _) = param_axes(spec)
+    b, a = plan.spaces[b_space], plan.spaces[a_space]
+    if plan.random_std <= 0:
+        return False
+    return (a.residue in ("zero", "mean") and bool((a.src < 0).any())) or \
+        (b.residue == "random" and bool((b.src < 0).any()))
+
+
 def needs_full_std(plan: GrowthPlan, spec: ParamSpec) -> bool:
     """True when ``N`` of this parameter scales with the std of the whole old weight (HyperCloning's
-    relative noise): a sharded executor must reduce that one scalar before drawing any window."""
+    relative noise, or new units' fan-in relative to the trained weights): a sharded executor must reduce
+    that one scalar before drawing any window."""
     if spec.role not in ("weight", "head"):
         return False
     a = plan.spaces[param_axes(spec)[1][0]]
-    return plan.noise == "zero_sum" and plan.noise_std > 0 and plan.noise_relative and not a.is_identity
+    if plan.noise == "zero_sum" and plan.noise_std > 0 and plan.noise_relative and not a.is_identity:
+        return True
+    return plan.random_relative and has_random_units(plan, spec)
 
 
 def noise_window(plan: GrowthPlan, name: str, spec: ParamSpec, rows: slice = slice(None),
@@ -69,7 +85,7 @@ def noise_window(plan: GrowthPlan, name: str, spec: ParamSpec, rows: slice = sli
     ``[n_rows, n_cols]``, zeros where no term applies), bit-identical to that window of ``N`` drawn whole.
 
     ``rows``/``cols`` are unit-step slices of the grown ``[D_out, D_in]``. ``full_std`` is the std of the
-    whole old weight, required when :func:`needs_full_std`. The zero-sum term averages each row over the
+    whole old weight (unbiased, float64), required when :func:`needs_full_std`. The zero-sum term averages each row over the
     copies of an input unit, so a row window costs one draw of its rows over every column; a column window
     is cut from it."""
     (b_space, _), (a_space, _) = param_axes(spec)
@@ -93,20 +109,25 @@ def noise_window(plan: GrowthPlan, name: str, spec: ParamSpec, rows: slice = sli
         else:
             group_sum.index_add_(1, a.src[keep], R[:, keep])
             N[:, keep] = R[:, keep] - (group_sum / cnt)[:, a.src[keep]]
-    if bool(a_new.any()) and a.residue in ("zero", "mean") and plan.random_std > 0:
+    random_std = plan.random_std
+    if plan.random_relative and has_random_units(plan, spec):
+        if full_std is None:
+            raise ValueError(f"{name}: new units' fan-in relative to the old weight needs its std")
+        random_std = plan.random_std * full_std
+    if bool(a_new.any()) and a.residue in ("zero", "mean") and random_std > 0:
         k = int(a_new.sum())
-        N[:, a_new] = keyed_randn(plan.seed, name, "residue_columns", b.new, k, i0, i1) * plan.random_std
+        N[:, a_new] = keyed_randn(plan.seed, name, "residue_columns", b.new, k, i0, i1) * random_std
     b_new = b.src < 0
     if bool(b_new.any()) and b.residue == "random":
         blk = b_new[i0:i1]
         if bool(blk.any()):
             k0 = int(b_new[:i0].sum())
             k1 = k0 + int(blk.sum())
-            r = keyed_randn(plan.seed, name, "new_units", int(b_new.sum()), a.new, k0, k1) * plan.random_std
+            r = keyed_randn(plan.seed, name, "new_units", int(b_new.sum()), a.new, k0, k1) * random_std
             if bool(a_new.any()) and a.residue == "random":
                 r[:, a_new] = 0.0
             N[blk] = r
     return N if cols == slice(None) else N[:, cols]
 
 
-__all__ = ["NOISE_BLOCK", "keyed_generator", "keyed_randn", "needs_full_std", "noise_window"]
+__all__ = ["NOISE_BLOCK", "has_random_units", "keyed_generator", "keyed_randn", "needs_full_std", "noise_window"]

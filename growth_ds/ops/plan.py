@@ -9,6 +9,7 @@ the same plan can be executed on full tensors, ZeRO partitions or TP shards.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -77,6 +78,7 @@ class GrowthPlan:
     noise_std: float = 0.0                # absolute std, or relative to the weight's std if noise_relative
     noise_relative: bool = False
     random_std: float = 0.02              # std of random fan-in of new units (zero / lemon residue)
+    random_relative: bool = False         # random_std is relative to the std of the whole old weight
     moments: str = "adjoint"
     lr: LRPolicy = field(default_factory=LRPolicy)
     seed: int = 0
@@ -151,7 +153,8 @@ def _depth_layers(small: ModelShape, large: ModelShape, method: Optional[str],
 def make_plan(small: ModelShape, large: ModelShape, width: Optional[str] = None, depth: Optional[str] = None,
               seed: int = 0, *, moments: Optional[str] = None, lr: Optional[LRPolicy | str] = None,
               positions: Optional[Sequence[int]] = None, noise_std: Optional[float] = None,
-              snr_db: float = 10.0, recipe: Optional[str] = None) -> GrowthPlan:
+              snr_db: float = 10.0, recipe: Optional[str] = None, random_std: Optional[float] = None,
+              random_relative: Optional[bool] = None) -> GrowthPlan:
     """Plan the growth of ``small`` into ``large``.
 
     Args:
@@ -171,8 +174,12 @@ def make_plan(small: ModelShape, large: ModelShape, width: Optional[str] = None,
         positions: indices in the new model of the ``identity`` blocks.
         noise_std: std of LEMON's random fan-in split (default 0.02) or, for hypercloning, overrides
             the relative noise given by ``snr_db``.
-        recipe: ``"recommended"`` (:data:`RECIPES`) fills whatever of width, depth, moments and lr is not
-            given, for the axes that grow.
+        recipe: ``"recommended"`` (:data:`RECIPES`) fills whatever of width, depth, moments, lr and the
+            new units' fan-in is not given, for the axes that grow.
+        random_std: std of the random fan-in of new units (``zero`` width, the residue columns of
+            ``lemon``/``duplicate``'s new model coordinates); default 0.02 (the usual init).
+        random_relative: ``random_std`` is a multiple of the std of the whole old weight each new unit
+            joins (so the new units start at the scale the trained weights reached, whatever the model).
 
     Raises ``ValueError`` naming the field for any growth the method cannot do exactly.
     """
@@ -188,6 +195,8 @@ def make_plan(small: ModelShape, large: ModelShape, width: Optional[str] = None,
         depth = depth or (r["depth"] if large.n_layers != small.n_layers else None)
         moments = moments or r["moments"]
         lr = lr or r["lr"]
+        if random_std is None and random_relative is None:
+            random_std, random_relative = r.get("random_std"), r.get("random_relative")
     if width is not None and width not in WIDTH_METHODS:
         raise ValueError(f"width: unknown width method {width!r}; choose from {WIDTH_METHODS}")
     if depth is not None and depth not in DEPTH_METHODS:
@@ -200,6 +209,9 @@ def make_plan(small: ModelShape, large: ModelShape, width: Optional[str] = None,
                          f"choose from {DEPTH_METHODS} (or recipe='recommended')")
     if moments is not None and moments not in MOMENT_RULES:
         raise ValueError(f"moments: must be one of {MOMENT_RULES}, got {moments!r}")
+    if random_std is not None and (isinstance(random_std, bool) or not isinstance(random_std, (int, float))
+                                   or not math.isfinite(random_std) or random_std < 0):
+        raise ValueError(f"random_std: must be a finite number >= 0, got {random_std!r}")
 
     if width is not None:
         spaces = _width_spaces(small, large, width)
@@ -210,6 +222,9 @@ def make_plan(small: ModelShape, large: ModelShape, width: Optional[str] = None,
     layers = _depth_layers(small, large, depth, positions)
 
     plan = GrowthPlan(small, large, width, depth, spaces, layers, seed=seed)
+    if random_std is not None:
+        plan.random_std = float(random_std)
+    plan.random_relative = bool(random_relative)
     if width == "staged":
         plan.coupling = "block"
     if width == "lemon":

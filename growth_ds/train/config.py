@@ -20,7 +20,7 @@
                                                            ``every`` steps, default 25)
                - shape: ...
                  grow: {width, depth, moments, lr, rho, rewarm_steps, positions, seed, reinit, recipe,
-                        fan_in_std}
+                        fan_in_std, fan_in_relative}
                        (recipe: recommended fills the methods not named: ops.plan.RECIPES)
 
 Every error is a ``ValueError`` whose message starts with the offending key, e.g.
@@ -44,8 +44,9 @@ TRAIN_DEFAULTS = dict(seq_len=64, micro_batch_size=8, grad_accum=1, lr=3e-3, min
                       eval_tokens=None)
 DS_DEFAULTS = dict(zero_stage=0, precision="fp32", extra={})
 GROW_KEYS = {"width", "depth", "moments", "lr", "rho", "rewarm_steps", "horizon", "positions", "seed",
-             "method", "steps", "ligo_lr", "reinit", "recipe", "fan_in_std"}
-# fan_in_std: std of the random fan-in of new units (zero width, lemon's residue columns; GrowthPlan.random_std)
+             "method", "steps", "ligo_lr", "reinit", "recipe", "fan_in_std", "fan_in_relative"}
+# fan_in_std: std of the random fan-in of new units (zero width, lemon's residue columns; GrowthPlan.random_std);
+# fan_in_relative: true makes it a multiple of the std of the old weight each new unit joins (default 1.0 then)
 # method: ligo (width/depth then name the initialising plan); reinit: true replaces the grown model by a random
 # init of the new shape with a fresh optimizer (a control: what the transferred weights are worth)
 
@@ -224,6 +225,8 @@ def parse_config(raw: Dict[str, Any], source: Optional[Path] = None) -> RunConfi
         if "fan_in_std" in grow and not (isinstance(grow["fan_in_std"], (int, float)) and
                                          not isinstance(grow["fan_in_std"], bool) and grow["fan_in_std"] > 0):
             raise ValueError(f"{where}.grow.fan_in_std: must be a positive number, got {grow['fan_in_std']!r}")
+        if "fan_in_relative" in grow and not isinstance(grow["fan_in_relative"], bool):
+            raise ValueError(f"{where}.grow.fan_in_relative: must be true or false, got {grow['fan_in_relative']!r}")
         if "reinit" in grow and not isinstance(grow["reinit"], bool):
             raise ValueError(f"{where}.grow.reinit: must be true or false, got {grow['reinit']!r}")
         if grow.get("method") == "ligo":
@@ -318,6 +321,19 @@ def _lr_policy(grow: dict):
         return None
     kw = {k: grow[k] for k in ("rho", "rewarm_steps", "horizon") if k in grow}
     return LRPolicy(grow.get("lr", "rewarm" if "rho" in grow else "continue"), **kw)
+
+
+def fan_in(grow: dict) -> dict:
+    """``make_plan``'s ``random_std`` / ``random_relative`` from a stage's ``grow:`` block (empty when it names
+    neither: the plan's default or the recipe's). ``fan_in_relative: true`` alone means 1.0 x the old std."""
+    kw = {}
+    if "fan_in_relative" in grow:
+        kw["random_relative"] = bool(grow["fan_in_relative"])
+        if kw["random_relative"] and "fan_in_std" not in grow:
+            kw["random_std"] = 1.0
+    if "fan_in_std" in grow:
+        kw["random_std"] = float(grow["fan_in_std"])
+    return kw
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -6,7 +6,6 @@ or as a single process. On CPU, DeepSpeed uses its CPU accelerator and gloo.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ from growth_ds.distributed.zero.dense import grow_dense_engine
 from growth_ds.ops import LRSchedule, make_plan
 from growth_ds.shapes import ModelShape
 from growth_ds.train import deepspeed_engine as dse
-from growth_ds.train.config import RunConfig, _lr_policy, make_trigger
+from growth_ds.train.config import RunConfig, _lr_policy, fan_in, make_trigger
 from growth_ds.train.metrics import MetricsLog, flops_per_token
 from growth_ds.train.stop import EXIT_STOPPED, StopRequest
 
@@ -192,9 +191,7 @@ class StagedTrainer:
         policy = _lr_policy(g) or ("restart" if ligo else None)
         plan = make_plan(shape, stage.shape, width=g.get("width") or ("lemon" if ligo else None),
                          depth=g.get("depth"), seed=g.get("seed", 0), moments=None if ligo else g.get("moments"),
-                         lr=policy, positions=g.get("positions"), recipe=g.get("recipe"))
-        if "fan_in_std" in g:  # the new units' random fan-in (zero width; lemon's residue columns)
-            plan = dataclasses.replace(plan, random_std=float(g["fan_in_std"]))
+                         lr=policy, positions=g.get("positions"), recipe=g.get("recipe"), **fan_in(g))
         new_shape = plan.grown_shape
         if g.get("reinit"):  # the control arm: the grown shape from a random init, a fresh optimizer
             new = self._new_engine(new_shape, fresh=True)
