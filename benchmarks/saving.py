@@ -456,7 +456,7 @@ def calibrate(st: Study, best: str, long: str, seeds) -> dict:
     return {"best": best, "long": long, "seeds": list(seeds), "slopes": slopes, "threshold": sum(slopes) / len(slopes)}
 
 
-def auto(st: Study, seeds, best: str, long: str = "zero-id@60%") -> dict:
+def auto(st: Study, seeds, best: str, long: str = "zero-id@60%", tag: str = "") -> dict:
     """``until: auto`` on fresh seeds at budget 1x, its threshold from :func:`calibrate` on the screening
     seeds, against the hand-picked ``best`` recipe and tuned scratch on the same seeds."""
     t = tuned(st)
@@ -484,7 +484,7 @@ def auto(st: Study, seeds, best: str, long: str = "zero-id@60%") -> dict:
         row["scratch_loss"] = target
         rows.append(row)
     out = {"calibration": cal, "rows": rows}
-    (st.out / "auto.json").write_text(json.dumps(out, indent=1))
+    (st.out / f"auto{'-' + tag if tag else ''}.json").write_text(json.dumps(out, indent=1))
     return out
 
 
@@ -647,7 +647,7 @@ def main(argv=None):
     ap.add_argument("--cached", action="store_true", help="tabulate the runs that are done; start none")
     ap.add_argument("--long", default="zero-id@60%", help="auto: the recipe whose first stage (past the hand-picked "
                     "boundary) calibrates the trigger on the screening seeds")
-    ap.add_argument("--tag", default="", help="screen: write screen-TAG.json (keeps earlier screens)")
+    ap.add_argument("--tag", default="", help="screen / auto: write screen-TAG.json / auto-TAG.json (keeps earlier ones)")
     ap.add_argument("--quick", action="store_true", help="confirm: the 1x budget only, no controls (more seeds)")
     a = ap.parse_args(argv)
     st = Study(Path(a.out), a.jobs, a.eval_tokens, a.cached)
@@ -669,7 +669,7 @@ def main(argv=None):
     elif a.phase == "auto":
         if not a.recipe or not a.seeds:
             raise SystemExit("auto needs --recipe (the hand-picked best) and fresh --seeds")
-        print("\n".join(fmt_auto(auto(st, a.seeds, a.recipe, a.long))))
+        print("\n".join(fmt_auto(auto(st, a.seeds, a.recipe, a.long, a.tag))))
     else:
         out, parts = Path(a.out), []
         if (out / "tuned.json").exists():
@@ -683,8 +683,8 @@ def main(argv=None):
                          + "\n".join(fmt_screen(rows)))
         for p in sorted(out.glob("confirm-*.json")):
             parts.append("## Confirmation on fresh seeds\n\n" + "\n".join(fmt_confirm(json.loads(p.read_text()))))
-        if (out / "auto.json").exists():
-            parts.append("## until: auto\n\n" + "\n".join(fmt_auto(json.loads((out / "auto.json").read_text()))))
+        for p in sorted(out.glob("auto*.json")):
+            parts.append(f"## until: auto (`{p.stem}`)\n\n" + "\n".join(fmt_auto(json.loads(p.read_text()))))
         text = "\n\n".join(parts) + "\n"
         print(text)
         if a.write:
