@@ -21,6 +21,24 @@ def _parse_methods(method: str):
     return width, depth
 
 
+def _plan_args(args):
+    """(width, depth, make_plan's other options) of ``growth-ds grow``: ``--method recommended`` names the saving
+    study's recipe (``make_plan(recipe="recommended")``); ``--fan-in-std`` / ``--fan-in-relative`` the new
+    units' random fan-in."""
+    opts = {}
+    if args.method == "recommended":
+        width = depth = None
+        opts["recipe"] = "recommended"
+    else:
+        width, depth = _parse_methods(args.method)
+    if getattr(args, "fan_in_std", None) is not None:
+        opts["random_std"] = args.fan_in_std
+    if getattr(args, "fan_in_relative", None):
+        opts["random_relative"] = True
+        opts.setdefault("random_std", 1.0)
+    return width, depth, opts
+
+
 def cmd_grow(args) -> int:
     from pathlib import Path
 
@@ -50,9 +68,9 @@ def cmd_grow(args) -> int:
     if args.method == "ligo":
         grown, plan = _grow_ligo(args, state, large)
     else:
-        width, depth = _parse_methods(args.method)
+        width, depth, opts = _plan_args(args)
         plan = make_plan(state.shape, large, width=width, depth=depth, seed=args.seed, moments=args.moments,
-                         lr=args.lr_policy)
+                         lr=args.lr_policy, **opts)
         grown = grow(state, plan)
     save_state(grown, out, overwrite=args.force)
     print(plan.describe())
@@ -75,6 +93,7 @@ _GROW_ONLY = {  # option: (the sources it applies to, what it is for)
     "max_seq_len": (("hf",), "the context length of an imported Hugging Face model"),
 }
 _LIGO_ONLY = ("init", "steps", "data", "ligo_lr", "batch_size", "seq_len")
+_FIXED_ONLY = ("fan_in_std", "fan_in_relative")  # the fixed plans' new units (ligo learns its operator)
 
 
 def _check_grow_options(args, kind: str) -> None:
@@ -95,6 +114,9 @@ def _check_grow_options(args, kind: str) -> None:
         if args.moments in ("adjoint", "reset"):
             raise ValueError(f"--moments {args.moments}: ligo's grown moments are fresh (a new AdamW, step 0) "
                              f"or plan (the --init plan's rule on the small model's moments)")
+        for opt in _FIXED_ONLY:
+            if getattr(args, opt, None) is not None:
+                raise ValueError(f"--{opt.replace('_', '-')}: an option of the fixed methods, not of --method ligo")
     else:
         for opt in _LIGO_ONLY:
             if getattr(args, opt, None) is not None:
@@ -135,9 +157,9 @@ def cmd_grow_from_hf(args) -> int:
     """``growth-ds grow --from-hf DIR --to SHAPE --method M --out HF_DIR``."""
     from growth_ds.interop.hf import SUPPORTED, grow_hf
 
-    width, depth = _parse_methods(args.method)
+    width, depth, opts = _plan_args(args)
     plan = grow_hf(args.from_hf, args.to, args.out, width=width, depth=depth, seed=args.seed, moments=args.moments,
-                   lr=args.lr_policy, dtype=getattr(args, "dtype", None),
+                   lr=args.lr_policy, plan_options=opts, dtype=getattr(args, "dtype", None),
                    max_seq_len=getattr(args, "max_seq_len", None), overwrite=args.force)
     print(plan.describe())
     print(f"wrote {args.out}: {plan.grown_shape.describe()} ({SUPPORTED[plan.large.flavour]}, safetensors)")
@@ -153,9 +175,10 @@ def cmd_grow_dist(args) -> int:
 
     large = ModelShape.from_yaml(args.to)
     small = ModelShape.from_yaml(args.shape) if getattr(args, "shape", None) else None
-    width, depth = _parse_methods(args.method)
+    width, depth, opts = _plan_args(args)
     grown = grow_dist_checkpoint(getattr(args, "from"), large, args.out, width=width, depth=depth, seed=args.seed,
-                                 moments=args.moments, lr=args.lr_policy, tp=getattr(args, "tp", None), small=small,
+                                 moments=args.moments, lr=args.lr_policy, plan_options=opts,
+                                 tp=getattr(args, "tp", None), small=small,
                                  overwrite=args.force, iteration=getattr(args, "iteration", None),
                                  no_optim=bool(getattr(args, "no_optim", None)),
                                  target_tp=getattr(args, "target_tp", None), target_pp=getattr(args, "target_pp", None),
@@ -175,11 +198,11 @@ def cmd_grow_deepspeed(args) -> int:
 
     large = ModelShape.from_yaml(args.to)
     small = ModelShape.from_yaml(args.shape) if getattr(args, "shape", None) else None
-    width, depth = _parse_methods(args.method)
+    width, depth, opts = _plan_args(args)
     src = select_tag(getattr(args, "from"), getattr(args, "tag", None))  # default: the directory's latest
     summary = grow_universal_checkpoint(src, large, args.out, width=width, depth=depth,
                                         seed=args.seed, moments=getattr(args, "moments", None),
-                                        lr=getattr(args, "lr_policy", None), small=small,
+                                        lr=getattr(args, "lr_policy", None), small=small, plan_options=opts,
                                         overwrite=getattr(args, "force", False))
     print(f"{summary['params']} parameters, {summary['bytes'] / 2**20:.1f} MiB of new state in "
           f"{summary['seconds']:.1f}s")
@@ -371,7 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
                                               "the work")
     gm.add_argument("--from", required=True, metavar="DIR", help="dist checkpoint directory")
     gm.add_argument("--to", required=True, metavar="SHAPE_YAML", help="target ModelShape YAML")
-    gm.add_argument("--method", required=True, help="WIDTH, DEPTH or WIDTH+DEPTH, e.g. lemon+identity")
+    gm.add_argument("--method", required=True, help="WIDTH, DEPTH or WIDTH+DEPTH, e.g. lemon+identity; or "
+                                                    "recommended (the saving study's recipe, README Results)")
+    gm.add_argument("--fan-in-std", type=float, help="std of the new units' random fan-in (default 0.02; with "
+                                                  "--fan-in-relative: a multiple of each old weight's std, default 1)")
+    gm.add_argument("--fan-in-relative", action="store_true", default=None,
+                    help="--fan-in-std relative to the std of the old weight each new unit joins")
     gm.add_argument("--out", required=True, metavar="DIR", help="output dist checkpoint directory")
     gm.add_argument("--tp", type=int, help="the TP size whose block-diagonal plan is applied (default 1; with "
                                            "--in-memory: the growth's TP size, default the world size)")
@@ -424,7 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--from-hf", metavar="DIR", help="Hugging Face GPT2LMHeadModel/LlamaForCausalLM directory; "
                      "--out is then a grown Hugging Face directory (save_pretrained, safetensors)")
     g.add_argument("--to", required=True, metavar="SHAPE_YAML", help="target ModelShape YAML")
-    g.add_argument("--method", required=True, help="WIDTH, DEPTH or WIDTH+DEPTH, e.g. lemon+identity; or ligo")
+    g.add_argument("--method", required=True, help="WIDTH, DEPTH or WIDTH+DEPTH, e.g. lemon+identity; recommended "
+                                                   "(the saving study's recipe, README Results); or ligo")
+    g.add_argument("--fan-in-std", type=float, help="std of the new units' random fan-in (default 0.02; with "
+                                                  "--fan-in-relative: a multiple of each old weight's std, default 1)")
+    g.add_argument("--fan-in-relative", action="store_true", default=None,
+                    help="--fan-in-std relative to the std of the old weight each new unit joins")
     g.add_argument("--out", required=True, help="output checkpoint file (atomic write)")
     g.add_argument("--shape", help="ModelShape YAML of the checkpoint when it records none")
     g.add_argument("--seed", type=int, default=0)

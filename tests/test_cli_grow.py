@@ -135,3 +135,27 @@ def test_demo_and_train_refuse_options_that_do_not_apply(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "x.yaml", "--resume", "--no-resume"])
     assert e.value.code == 2
+
+
+def test_grow_recommended_with_a_relative_fan_in(small_ckpt, tmp_path, capsys):
+    """``--method recommended`` is make_plan's recipe; ``--fan-in-std`` / ``--fan-in-relative`` reach the plan (the
+    file equals growth_ds.ops.grow under that plan); ligo refuses them by name."""
+    from growth_ds.ops import grow, make_plan
+
+    shape, model, path, to = small_ckpt
+    out = tmp_path / "big.pt"
+    assert main(["grow", "--from", str(path), "--to", str(to), "--method", "recommended", "--fan-in-std", "2",
+                 "--fan-in-relative", "--seed", "4", "--out", str(out)]) == 0
+    large = load_state(out).shape
+    plan = make_plan(shape, large, recipe="recommended", seed=4, random_std=2.0, random_relative=True)
+    assert (plan.width, plan.depth, plan.random_relative) == ("zero", "stack", True)
+    want = grow(load_state(path), plan)
+    got = load_state(out)
+    for name, t in want.params.items():
+        assert torch.equal(got.params[name], t), name
+    absolute = grow(load_state(path), make_plan(shape, large, recipe="recommended", seed=4, random_std=2.0))
+    assert not torch.equal(absolute.params["layers.0.mlp.up.weight"], got.params["layers.0.mlp.up.weight"])
+    capsys.readouterr()
+    assert main(["grow", "--from", str(path), "--to", str(to), "--method", "ligo", "--fan-in-std", "0.1",
+                 "--out", str(tmp_path / "l.pt")]) == 2
+    assert "--fan-in-std" in capsys.readouterr().err

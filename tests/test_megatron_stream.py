@@ -102,6 +102,9 @@ cases = [  # (name, shapes, width, depth, extra options)
     ("llama_megatron_lm_bf16", LLAMA, "zero", "identity", {}),
     ("llama_plan_tp2", LLAMA, "zero", "stack", {"tp": 2}),
     ("gpt2_hypercloning_plan_tp2", GPT2, "hypercloning", "interleave", {"tp": 2}),  # (noise from the whole std)
+    # the new units' fan-in relative to each old weight's std: that std too is the whole weight's
+    ("llama_relative_plan_tp2", LLAMA, "zero", "stack",
+     {"tp": 2, "plan_options": {"random_std": 1.5, "random_relative": True}}),
 ]
 for i, (name, (small, large), width, depth, kw) in enumerate(cases):
     model, opt = trained(small, i)
@@ -155,21 +158,26 @@ def test_streamed_checkpoint_equals_the_in_memory_one(streamed, name):
     assert res[name + ".model_device"] == "meta"  # the growth never materialised the grown model
 
 
-@pytest.mark.parametrize("name", NAMES + ["llama_plan_tp2", "gpt2_hypercloning_plan_tp2"])
+TP2 = ["llama_plan_tp2", "gpt2_hypercloning_plan_tp2", "llama_relative_plan_tp2"]
+
+
+@pytest.mark.parametrize("name", NAMES + TP2)
 def test_streamed_growth_holds_one_parameter_at_a_time(streamed, name):
     # one old and one grown parameter (float32) alive at once, never the model; a leak or an up-front read of
     # the old checkpoint breaks the bound at once (every case has more than 10 parameters)
     assert 0 < streamed[1][name + ".peak_over_bound"] <= 1.0
 
 
-@pytest.mark.parametrize("name,method", [("llama_plan_tp2", "zero+stack"),
-                                         ("gpt2_hypercloning_plan_tp2", "hypercloning+interleave")])
+@pytest.mark.parametrize("name,method", [("llama_plan_tp2", ["zero+stack"]),
+                                         ("gpt2_hypercloning_plan_tp2", ["hypercloning+interleave"]),
+                                         ("llama_relative_plan_tp2",
+                                          ["zero+stack", "--fan-in-std", "1.5", "--fan-in-relative"])])
 def test_two_processes_stream_what_one_does_and_match_in_memory_tp2(streamed, name, method):
     from growth_ds.interop.dist_stream import checkpoint_diff
 
     out, _ = streamed
     src, large = out / f"{name}_src", out / f"{name}_large.yaml"
-    common = ["grow-megatron", "--from", src, "--to", large, "--method", method, "--seed", "3"]
+    common = ["grow-megatron", "--from", src, "--to", large, "--method", *method, "--seed", "3"]
     two = launch(common + ["--out", out / f"{name}_two_streamed", "--tp", "2"], nproc=2,
                  env={"PYTHONWARNINGS": "ignore"})
     assert two.returncode == 0, two.stderr[-4000:]

@@ -528,11 +528,13 @@ def _target_shape(path: str | Path, small: ModelShape) -> ModelShape:
 
 def grow_hf(src: str | Path, to: str | Path, out: str | Path, *, width: Optional[str] = None,
             depth: Optional[str] = None, seed: int = 0, moments: Optional[str] = None, lr: Optional[str] = None,
-            dtype=None, max_seq_len: Optional[int] = None, overwrite: bool = False):
+            plan_options: Optional[dict] = None, dtype=None, max_seq_len: Optional[int] = None,
+            overwrite: bool = False):
     """Grow a Hugging Face model directory straight into a grown Hugging Face directory. Returns the plan.
 
     ``to``: the target shape's YAML (``rope_theta`` / ``norm_eps`` it does not set are the source's);
-    ``width`` / ``depth`` and the rest are :func:`growth_ds.ops.make_plan`'s arguments.
+    ``width`` / ``depth`` and the rest are :func:`growth_ds.ops.make_plan`'s arguments (``plan_options``: its
+    other keyword arguments, e.g. ``recipe``, ``random_std``, ``random_relative``).
     """
     from growth_ds.ops import grow, make_plan
 
@@ -541,7 +543,8 @@ def grow_hf(src: str | Path, to: str | Path, out: str | Path, *, width: Optional
         raise FileExistsError(f"--out {out} exists; pass --force to replace it")
     state = load_hf(src, torch.float32, max_seq_len)
     large = _target_shape(to, state.shape)
-    plan = make_plan(state.shape, large, width=width, depth=depth, seed=seed, moments=moments, lr=lr)
+    plan = make_plan(state.shape, large, width=width, depth=depth, seed=seed, moments=moments, lr=lr,
+                     **(plan_options or {}))
     save_hf(grow(state, plan), out, dtype, overwrite=overwrite)
     return plan
 

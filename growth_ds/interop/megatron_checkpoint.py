@@ -74,7 +74,8 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
                          lr: Optional[str] = None, tp: Optional[int] = None, small: Optional[ModelShape] = None,
                          overwrite: bool = False, iteration: Optional[int] = None,
                          no_optim: bool = False, target_tp: Optional[int] = None,
-                         target_pp: Optional[int] = None, stream: Optional[bool] = None) -> GrownGPT:
+                         target_pp: Optional[int] = None, stream: Optional[bool] = None,
+                         plan_options: Optional[dict] = None) -> GrownGPT:
     """Grow a megatron-core dist checkpoint: load at the old shape, grow in memory, save at the new shape.
 
     ``src_dir``: a dist checkpoint directory, or a Megatron-LM checkpoint root (``iteration``, default the
@@ -85,6 +86,8 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
     The checkpoint's TP size does not matter (dist checkpoints reshard on load). ``no_optim``: weights only (the
     grown checkpoint has no optimizer state). ``target_tp`` / ``target_pp``: the next job's layout (any; the
     checkpoint is layout-free): the grown sizes are checked against it and it is written into ``args``.
+    ``plan_options``: :func:`growth_ds.ops.make_plan`'s other keyword arguments (``recipe``, ``random_std``,
+    ``random_relative``, ...).
     Refused before anything is written: a grown shape the target layout cannot split, a missing iteration, a
     per-bucket distributed-optimizer checkpoint, shapes that do not grow, an existing output without
     ``overwrite``. A Transformer Engine run's ``_extra_state`` objects are carried: grown layer ``i`` gets those
@@ -112,7 +115,8 @@ def grow_dist_checkpoint(src_dir, large: ModelShape, out_dir, *, width: Optional
     meta = dist_checkpointing.load_tensors_metadata(str(ckpt))  # (read once: shapes, moments, masters, dtype)
     ours = common.get(COMMON_KEY) or {}
     small = _source_shape(ckpt, common, meta, small)
-    plan = make_plan(small, large, width=width, depth=depth, seed=seed, moments=moments, lr=lr)  # (bad shapes: now)
+    plan = make_plan(small, large, width=width, depth=depth, seed=seed, moments=moments, lr=lr,
+                     **(plan_options or {}))  # (bad shapes: now)
     from growth_ds.interop.megatron_lm import check_target_layout
 
     check_target_layout(plan.grown_shape, target_tp, target_pp)

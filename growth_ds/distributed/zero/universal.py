@@ -245,12 +245,13 @@ def grow_universal_checkpoint(src: str | Path, large: ModelShape, out_dir: str |
                               moments: Optional[str] = None, lr=None, positions=None,
                               small: Optional[ModelShape] = None, tag: Optional[str] = None,
                               overwrite: bool = False, plan: Optional[GrowthPlan] = None,
-                              log=print) -> dict:
+                              plan_options: Optional[dict] = None, log=print) -> dict:
     """Grow the DeepSpeed checkpoint at ``src`` into a universal checkpoint of ``large`` at ``out_dir``.
 
     ``src``: a growth-ds trainer checkpoint directory, a DeepSpeed checkpoint directory or a tag directory,
     of any ZeRO stage and world size (universal or not). The small shape comes from the trainer's
-    ``growth_meta.json`` or ``small``. Method arguments are those of :func:`growth_ds.ops.make_plan`.
+    ``growth_meta.json`` or ``small``. Method arguments are those of :func:`growth_ds.ops.make_plan`
+    (``plan_options``: its other keyword arguments, e.g. ``recipe``, ``random_std``, ``random_relative``).
     Writes ``out_dir/<tag>/`` (default tag: ``<source tag>_grown``) and ``out_dir/latest_universal``.
     Raises ``ValueError`` naming the parameter if the checkpoint does not fit the small shape, and
     ``FileExistsError`` if ``out_dir`` exists and not ``overwrite``. Returns a summary dict.
@@ -269,7 +270,7 @@ def grow_universal_checkpoint(src: str | Path, large: ModelShape, out_dir: str |
         raise ValueError(f"{src}: the checkpoint records no model shape; pass the small shape (--shape)")
     if plan is None:
         plan = make_plan(small, large, width=width, depth=depth, seed=seed, moments=moments, lr=lr,
-                         positions=positions)
+                         positions=positions, **(plan_options or {}))
     grown = plan.grown_shape
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     if staging.exists():
