@@ -3,6 +3,8 @@
     python benchmarks/saving.py tune    [--seeds 100 101]         # LR grids on screening seeds
     python benchmarks/saving.py screen  [--seeds 100 101]         # the recipe study on screening seeds
     python benchmarks/saving.py confirm --recipe NAME --seeds 0 1 2 3 4   # the headline on fresh seeds
+    python benchmarks/saving.py oracle  --recipe NAME --seeds 0 1 2 3 4   # vs scratch's better LR per seed
+    python benchmarks/saving.py auto    --recipe NAME --seeds 0 1 2       # until: auto vs the hand-picked boundary
     python benchmarks/saving.py table                             # every table from what has run
 
 Protocol (each point is what a skeptical reviewer asks for):
@@ -539,6 +541,62 @@ def fmt_screen(rows) -> List[str]:
     return lines
 
 
+def oracle(st: Study, seeds, recipe: str, lrs=(4e-3, 8e-3)) -> dict:
+    """A check that favours scratch: on each seed, scratch at 1x at every LR of ``lrs`` (the grid's best two on
+    the screening seeds), the lowest end loss *chosen after the fact*, and the staged arm's saving against that
+    (its 0.5x / 1x / 2x runs interpolated, as in :func:`confirm`). Written to ``oracle-RECIPE-seedsA-B.json``."""
+    st.prepare(seeds)
+    t = tuned(st)
+    lr0, slrs = t["scratch"]["best"], tuple(t["staged_lrs"])
+    rec = RECIPES[recipe]
+    slrs = slrs + (slrs[-1],) * (len(rec.grows) - 1)
+    plan = {}
+    for s in seeds:
+        for lr in lrs:
+            plan[("scratch", s, lr)] = st.scratch(s, lr, 1.0)
+        for b in (0.5, 1.0, 2.0):
+            plan[("staged", s, b)] = st.staged(s, rec, b, lr0, lrs=slrs)
+    res = st.run_all(list(plan.values()))
+    R = {k: res[v[0]] for k, v in plan.items()}
+    rows = []
+    for s in seeds:
+        sc = {lr: R[("scratch", s, lr)] for lr in lrs if R[("scratch", s, lr)] is not None}
+        stg = [R[("staged", s, b)] for b in (0.5, 1.0, 2.0) if R[("staged", s, b)] is not None]
+        if len(sc) < len(lrs) or len(stg) < 2:
+            continue
+        best = min(sc, key=lambda lr: sc[lr]["final_val_loss"])
+        target = sc[best]["final_val_loss"]
+        f, extra = flops_to_match([r["flops"] for r in stg], [r["final_val_loss"] for r in stg], target)
+        eq = R[("staged", s, 1.0)]
+        rows.append({"seed": s, "scratch_losses": {f"{lr:g}": sc[lr]["final_val_loss"] for lr in lrs},
+                     "best_lr": best, "scratch_loss": target, "staged_loss": eq["final_val_loss"],
+                     "gap": target - eq["final_val_loss"], "saving": saving_percent(sc[best]["flops"], f),
+                     "extrapolated": extra})
+    out = {"recipe": recipe, "seeds": seeds, "lrs": list(lrs), "per_seed": rows}
+    if len(rows) >= 2:
+        out["saving"] = paired_summary([r["saving"] if r["saving"] is not None else float("nan")
+                                        for r in rows]).to_dict()
+        out["gap"] = paired_summary([r["gap"] for r in rows]).to_dict()
+    (st.out / f"oracle-{recipe}-seeds{min(seeds)}-{max(seeds)}.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def fmt_oracle(o: dict) -> List[str]:
+    lines = [f"recipe `{o['recipe']}`, seeds {o['seeds']}; scratch at 1x at LRs {o['lrs']}, the lower end loss "
+             f"per seed chosen after the fact (favours scratch)", "",
+             "| seed | " + " | ".join(f"scratch lr {x:g}" for x in o["lrs"]) +
+             " | staged end loss | saving vs the better scratch (interp.) |", "|---" * (len(o["lrs"]) + 3) + "|"]
+    for r in o["per_seed"]:
+        sv = "-" if r["saving"] is None else f"{r['saving']:.1f}%" + (" (extrap.)" if r["extrapolated"] else "")
+        lines.append(f"| {r['seed']} | " + " | ".join(f"{r['scratch_losses'][f'{x:g}']:.4f}" for x in o["lrs"]) +
+                     f" | {r['staged_loss']:.4f} | {sv} |")
+    if "saving" in o:
+        s, g = o["saving"], o["gap"]
+        lines += ["", f"- saving mean {s['mean']:.1f}% (90% CI [{s['lo']:.1f}%, {s['hi']:.1f}%], n={s['n']}); end loss "
+                      f"better scratch - staged {g['mean']:+.4f}, one-sided p={g['p']:.2g}"]
+    return lines
+
+
 def fmt_confirm(c: dict) -> List[str]:
     lines = [f"recipe `{c['recipe']}`, seeds {c['seeds']}, peak LRs {c['lrs']}", "",
              "| budget | seed | scratch end loss | staged end loss | saving (interp.) | crossing | small | reinit |",
@@ -636,7 +694,7 @@ def _confirm_run(out: Path, c: dict, arm: str, seed: int, budget: float) -> Opti
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("phase", choices=["tune", "screen", "baselines", "confirm", "auto", "table"])
+    ap.add_argument("phase", choices=["tune", "screen", "baselines", "confirm", "oracle", "auto", "table"])
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--recipe", default=None, help="confirm: the recipe; screen: only these (comma-separated); tune --staged-grid: the staged arm")
     ap.add_argument("--out", default=str(REPO / "runs" / "saving"))
@@ -666,6 +724,10 @@ def main(argv=None):
         if set(a.seeds) & set(SCREEN_SEEDS):
             raise SystemExit(f"confirm: seeds {sorted(set(a.seeds) & set(SCREEN_SEEDS))} were used to choose")
         print("\n".join(fmt_confirm(confirm(st, a.seeds, a.recipe, a.quick))))
+    elif a.phase == "oracle":
+        if not a.recipe or not a.seeds:
+            raise SystemExit("oracle needs --recipe and the confirmation's --seeds")
+        print("\n".join(fmt_oracle(oracle(st, a.seeds, a.recipe))))
     elif a.phase == "auto":
         if not a.recipe or not a.seeds:
             raise SystemExit("auto needs --recipe (the hand-picked best) and fresh --seeds")
@@ -683,6 +745,8 @@ def main(argv=None):
                          + "\n".join(fmt_screen(rows)))
         for p in sorted(out.glob("confirm-*.json")):
             parts.append("## Confirmation on fresh seeds\n\n" + "\n".join(fmt_confirm(json.loads(p.read_text()))))
+        for p in sorted(out.glob("oracle-*.json")):
+            parts.append("## Against scratch's better LR per seed\n\n" + "\n".join(fmt_oracle(json.loads(p.read_text()))))
         for p in sorted(out.glob("auto*.json")):
             parts.append(f"## until: auto (`{p.stem}`)\n\n" + "\n".join(fmt_auto(json.loads(p.read_text()))))
         text = "\n\n".join(parts) + "\n"
