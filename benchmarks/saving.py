@@ -696,7 +696,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("phase", choices=["tune", "screen", "baselines", "confirm", "oracle", "auto", "table"])
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
-    ap.add_argument("--recipe", default=None, help="confirm: the recipe; screen: only these (comma-separated); tune --staged-grid: the staged arm")
+    ap.add_argument("--recipe", default=None, help="confirm / oracle / auto: the recipe; screen: only these "
+                    "(comma-separated); tune --staged-grid: the staged arm")
     ap.add_argument("--out", default=str(REPO / "runs" / "saving"))
     ap.add_argument("--jobs", type=int, default=2, help="runs side by side (one process each)")
     ap.add_argument("--eval-tokens", type=int, default=65536)
@@ -705,7 +706,8 @@ def main(argv=None):
     ap.add_argument("--cached", action="store_true", help="tabulate the runs that are done; start none")
     ap.add_argument("--long", default="zero-id@60%", help="auto: the recipe whose first stage (past the hand-picked "
                     "boundary) calibrates the trigger on the screening seeds")
-    ap.add_argument("--tag", default="", help="screen / auto: write screen-TAG.json / auto-TAG.json (keeps earlier ones)")
+    ap.add_argument("--tag", default="", help="screen / auto: write screen-TAG.json / auto-TAG.json (keeps "
+                    "earlier ones)")
     ap.add_argument("--quick", action="store_true", help="confirm: the 1x budget only, no controls (more seeds)")
     a = ap.parse_args(argv)
     st = Study(Path(a.out), a.jobs, a.eval_tokens, a.cached)

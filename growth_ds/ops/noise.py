@@ -85,9 +85,9 @@ def noise_window(plan: GrowthPlan, name: str, spec: ParamSpec, rows: slice = sli
     ``[n_rows, n_cols]``, zeros where no term applies), bit-identical to that window of ``N`` drawn whole.
 
     ``rows``/``cols`` are unit-step slices of the grown ``[D_out, D_in]``. ``full_std`` is the std of the
-    whole old weight (unbiased, float64), required when :func:`needs_full_std`. The zero-sum term averages each row over the
-    copies of an input unit, so a row window costs one draw of its rows over every column; a column window
-    is cut from it."""
+    whole old weight (unbiased, float64), required when :func:`needs_full_std`. The zero-sum term averages
+    each row over the copies of an input unit, so a row window costs one draw of its rows over every column;
+    a column window is cut from it."""
     (b_space, _), (a_space, _) = param_axes(spec)
     b, a = plan.spaces[b_space], plan.spaces[a_space]
     i0, i1, _ = rows.indices(b.new)

@@ -97,7 +97,8 @@ class GrowthPlan:
     def describe(self) -> str:
         parts = [f"{self.small.describe()}  ->  {self.large.describe()}",
                  f"width={self.width} depth={self.depth} coupling={self.coupling} noise={self.noise} "
-                 f"moments={self.moments} lr={self.lr.kind} lossless={self.lossless}"]
+                 f"moments={self.moments} lr={self.lr.kind} lossless={self.lossless} "
+                 f"fan_in_std={self.random_std:g}{' x old std' if self.random_relative else ''}"]
         return "\n".join(parts)
 
 
