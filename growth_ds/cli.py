@@ -35,7 +35,6 @@ def _plan_args(args):
         opts["random_std"] = args.fan_in_std
     if getattr(args, "fan_in_relative", None):
         opts["random_relative"] = True
-        opts.setdefault("random_std", 1.0)
     return width, depth, opts
 
 
@@ -396,8 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     gm.add_argument("--to", required=True, metavar="SHAPE_YAML", help="target ModelShape YAML")
     gm.add_argument("--method", required=True, help="WIDTH, DEPTH or WIDTH+DEPTH, e.g. lemon+identity; or "
                                                     "recommended (the saving study's recipe, README Results)")
-    gm.add_argument("--fan-in-std", type=float, help="std of the new units' random fan-in (default 0.02; with "
-                                                  "--fan-in-relative: a multiple of each old weight's std, default 1)")
+    gm.add_argument("--fan-in-std", type=float, help="std of the new units' random fan-in: absolute (default "
+                   "0.02) or, with --fan-in-relative or --method recommended, a multiple of the std of the old "
+                   "weight each joins (default 1; recommended: 2)")
     gm.add_argument("--fan-in-relative", action="store_true", default=None,
                     help="--fan-in-std relative to the std of the old weight each new unit joins")
     gm.add_argument("--out", required=True, metavar="DIR", help="output dist checkpoint directory")
@@ -454,8 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--to", required=True, metavar="SHAPE_YAML", help="target ModelShape YAML")
     g.add_argument("--method", required=True, help="WIDTH, DEPTH or WIDTH+DEPTH, e.g. lemon+identity; recommended "
                                                    "(the saving study's recipe, README Results); or ligo")
-    g.add_argument("--fan-in-std", type=float, help="std of the new units' random fan-in (default 0.02; with "
-                                                  "--fan-in-relative: a multiple of each old weight's std, default 1)")
+    g.add_argument("--fan-in-std", type=float, help="std of the new units' random fan-in: absolute (default "
+                   "0.02) or, with --fan-in-relative or --method recommended, a multiple of the std of the old "
+                   "weight each joins (default 1; recommended: 2)")
     g.add_argument("--fan-in-relative", action="store_true", default=None,
                     help="--fan-in-std relative to the std of the old weight each new unit joins")
     g.add_argument("--out", required=True, help="output checkpoint file (atomic write)")

@@ -153,6 +153,14 @@ def test_recommended_recipe_fills_only_what_grows(axes, flavour):
     else:
         x, y = batch(small)
         assert torch.isfinite(loss_of(big, x, y))
+    assert (plan.random_std, plan.random_relative) == (rec["random_std"], rec["random_relative"])
     assert make_plan(small, large, recipe="recommended", moments="reset").moments == "reset"
+    # the fan-in: a std alone keeps the recipe's mode; the other mode alone takes that mode's default
+    p = make_plan(small, large, recipe="recommended", random_std=0.5)
+    assert (p.random_std, p.random_relative) == (0.5, rec["random_relative"])
+    p = make_plan(small, large, recipe="recommended", random_relative=not rec["random_relative"])
+    assert (p.random_std, p.random_relative) == (0.02 if rec["random_relative"] else 1.0, not rec["random_relative"])
+    assert make_plan(small, large, width="zero" if axes != "depth" else None,
+                     depth="stack" if axes != "width" else None).random_std == 0.02  # no recipe: absolute 0.02
     with pytest.raises(ValueError, match="recipe: unknown"):
         make_plan(small, large, recipe="best")

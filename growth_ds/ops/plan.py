@@ -51,7 +51,12 @@ MOMENT_RULES = ("adjoint", "reset")
 #: zero fan-out (lossless), the layer stack repeated (G_stack; not lossless: ``identity`` is the lossless
 #: depth method, a little behind it in the study), Adam moments kept for old entries and zero for new ones,
 #: the LR schedule continued (under WSD: growth in the stable phase, the decay at the run's end).
-RECIPES = {"recommended": {"width": "zero", "depth": "stack", "moments": "adjoint", "lr": "continue"}}
+#: The new units' random fan-in at twice the std of the old weight each joins (the fifth screen: 0.5 / 1 / 1.5 / 2 x
+#: the old std; an absolute std is tied to one model's weight scale).
+RECIPES = {"recommended": {"width": "zero", "depth": "stack", "moments": "adjoint", "lr": "continue",
+                           "random_std": 2.0, "random_relative": True}}
+DEFAULT_RANDOM_STD = 0.02           # the new units' fan-in std when absolute (the usual init)
+DEFAULT_RELATIVE_RANDOM_STD = 1.0   # ... when relative to the old weight's std
 LEMON_NOISE_STD = 0.02  # LEMON draws the asymmetric fan-in split from the large model's init
 
 
@@ -77,7 +82,7 @@ class GrowthPlan:
     noise: str = "none"                   # "none" | "zero_sum" (fan-in noise summing to 0 over copies)
     noise_std: float = 0.0                # absolute std, or relative to the weight's std if noise_relative
     noise_relative: bool = False
-    random_std: float = 0.02              # std of random fan-in of new units (zero / lemon residue)
+    random_std: float = DEFAULT_RANDOM_STD  # std of random fan-in of new units (zero / lemon residue)
     random_relative: bool = False         # random_std is relative to the std of the whole old weight
     moments: str = "adjoint"
     lr: LRPolicy = field(default_factory=LRPolicy)
@@ -178,9 +183,11 @@ def make_plan(small: ModelShape, large: ModelShape, width: Optional[str] = None,
         recipe: ``"recommended"`` (:data:`RECIPES`) fills whatever of width, depth, moments, lr and the
             new units' fan-in is not given, for the axes that grow.
         random_std: std of the random fan-in of new units (``zero`` width, the residue columns of
-            ``lemon``/``duplicate``'s new model coordinates); default 0.02 (the usual init).
+            ``lemon``/``duplicate``'s new model coordinates); default: the recipe's when the mode below is
+            the recipe's, else 0.02 (absolute) or 1.0 (relative).
         random_relative: ``random_std`` is a multiple of the std of the whole old weight each new unit
-            joins (so the new units start at the scale the trained weights reached, whatever the model).
+            joins (so the new units start at the scale the trained weights reached, whatever the model);
+            default: the recipe's, else False.
 
     Raises ``ValueError`` naming the field for any growth the method cannot do exactly.
     """
@@ -196,8 +203,10 @@ def make_plan(small: ModelShape, large: ModelShape, width: Optional[str] = None,
         depth = depth or (r["depth"] if large.n_layers != small.n_layers else None)
         moments = moments or r["moments"]
         lr = lr or r["lr"]
-        if random_std is None and random_relative is None:
-            random_std, random_relative = r.get("random_std"), r.get("random_relative")
+        r_relative = bool(r.get("random_relative", False))
+        if random_std is None and (random_relative is None or bool(random_relative) == r_relative):
+            random_std = r.get("random_std")
+        random_relative = r_relative if random_relative is None else random_relative
     if width is not None and width not in WIDTH_METHODS:
         raise ValueError(f"width: unknown width method {width!r}; choose from {WIDTH_METHODS}")
     if depth is not None and depth not in DEPTH_METHODS:
@@ -223,9 +232,10 @@ def make_plan(small: ModelShape, large: ModelShape, width: Optional[str] = None,
     layers = _depth_layers(small, large, depth, positions)
 
     plan = GrowthPlan(small, large, width, depth, spaces, layers, seed=seed)
-    if random_std is not None:
-        plan.random_std = float(random_std)
     plan.random_relative = bool(random_relative)
+    if random_std is None:
+        random_std = DEFAULT_RELATIVE_RANDOM_STD if plan.random_relative else DEFAULT_RANDOM_STD
+    plan.random_std = float(random_std)
     if width == "staged":
         plan.coupling = "block"
     if width == "lemon":

@@ -46,7 +46,8 @@ DS_DEFAULTS = dict(zero_stage=0, precision="fp32", extra={})
 GROW_KEYS = {"width", "depth", "moments", "lr", "rho", "rewarm_steps", "horizon", "positions", "seed",
              "method", "steps", "ligo_lr", "reinit", "recipe", "fan_in_std", "fan_in_relative"}
 # fan_in_std: std of the random fan-in of new units (zero width, lemon's residue columns; GrowthPlan.random_std);
-# fan_in_relative: true makes it a multiple of the std of the old weight each new unit joins (default 1.0 then)
+# fan_in_relative: true makes it a multiple of the std of the old weight each new unit joins. Either left out: the
+# recipe's (recommended: 2 x the old std), else 0.02 absolute / 1.0 relative
 # method: ligo (width/depth then name the initialising plan); reinit: true replaces the grown model by a random
 # init of the new shape with a fresh optimizer (a control: what the transferred weights are worth)
 
@@ -324,13 +325,11 @@ def _lr_policy(grow: dict):
 
 
 def fan_in(grow: dict) -> dict:
-    """``make_plan``'s ``random_std`` / ``random_relative`` from a stage's ``grow:`` block (empty when it names
-    neither: the plan's default or the recipe's). ``fan_in_relative: true`` alone means 1.0 x the old std."""
+    """``make_plan``'s ``random_std`` / ``random_relative`` from a stage's ``grow:`` block: only those it names
+    (make_plan fills the rest from the recipe, or 0.02 absolute / 1.0 relative)."""
     kw = {}
     if "fan_in_relative" in grow:
         kw["random_relative"] = bool(grow["fan_in_relative"])
-        if kw["random_relative"] and "fan_in_std" not in grow:
-            kw["random_std"] = 1.0
     if "fan_in_std" in grow:
         kw["random_std"] = float(grow["fan_in_std"])
     return kw
