@@ -327,11 +327,11 @@ def screen(st: Study, seeds, names=None, tag: str = "") -> List[dict]:
     so that a later screen keeps the earlier one's table."""
     st.prepare(seeds)
     t = tuned(st)
-    lr0, lrs = t["scratch"]["best"], tuple(t["staged_lrs"])
+    lr0 = t["scratch"]["best"]
     recipes = [SHIPPED_COSINE if n == SHIPPED_COSINE.name else RECIPES[n] for n in (names or SCREENED)]
 
     def stage_lrs(r):
-        return r.lrs if r is SHIPPED_COSINE else (lrs + (lrs[-1],) * (len(r.grows) - 1))
+        return r.lrs if r is SHIPPED_COSINE else tuned_stage_lrs(t, r)
 
     entries = [(r, s, st.staged(s, r, 1.0, lr0, lrs=stage_lrs(r)), _screen_baseline(st, r, s, lr0))
                for r in recipes for s in seeds]
@@ -363,15 +363,21 @@ def baselines(st: Study, seeds) -> None:
     st.run_all(runs)
 
 
+def tuned_stage_lrs(t: dict, rec: Recipe) -> tuple:
+    """The staged arm's tuned peak LRs (``tuned(st)["staged_lrs"]``: the first stage's, the grown stage's) for
+    every stage of ``rec``: later grown stages at the grown stage's."""
+    lrs = tuple(t["staged_lrs"])
+    return lrs + (lrs[-1],) * (len(rec.grows) - 1)
+
+
 def confirm(st: Study, seeds, recipe: str, quick: bool = False) -> dict:
     """The headline: ``recipe`` and its controls at every budget on fresh seeds. ``quick``: the 1x budget only
     (scratch at 1x, the staged arm at 0.5x, 1x and 2x to interpolate; no controls), written to
     more fresh seeds at a third of the cost. Written to ``confirm-RECIPE-seedsA-B.json``."""
     st.prepare(seeds)
     t = tuned(st)
-    lr0, lrs, lr_small = t["scratch"]["best"], tuple(t["staged_lrs"]), t["small"]["best"]
-    rec = RECIPES[recipe]
-    lrs = lrs + (lrs[-1],) * (len(rec.grows) - 1)
+    lr0, lr_small, rec = t["scratch"]["best"], t["small"]["best"], RECIPES[recipe]
+    lrs = tuned_stage_lrs(t, rec)
     plan = {}
     for s in seeds:
         for b in ([1.0] if quick else BUDGETS):
@@ -547,9 +553,8 @@ def oracle(st: Study, seeds, recipe: str, lrs=(4e-3, 8e-3)) -> dict:
     (its 0.5x / 1x / 2x runs interpolated, as in :func:`confirm`). Written to ``oracle-RECIPE-seedsA-B.json``."""
     st.prepare(seeds)
     t = tuned(st)
-    lr0, slrs = t["scratch"]["best"], tuple(t["staged_lrs"])
-    rec = RECIPES[recipe]
-    slrs = slrs + (slrs[-1],) * (len(rec.grows) - 1)
+    lr0, rec = t["scratch"]["best"], RECIPES[recipe]
+    slrs = tuned_stage_lrs(t, rec)
     plan = {}
     for s in seeds:
         for lr in lrs:

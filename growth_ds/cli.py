@@ -337,6 +337,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _add_fan_in_options(p: argparse.ArgumentParser) -> None:
+    """``--fan-in-std`` / ``--fan-in-relative`` of the offline growth commands (:func:`_plan_args`)."""
+    p.add_argument("--fan-in-std", type=float, help="std of the new units' random fan-in: absolute (default "
+                   "0.02) or, with --fan-in-relative or --method recommended, a multiple of the std of the old "
+                   "weight each joins (default 1; recommended: 2)")
+    p.add_argument("--fan-in-relative", action="store_true", default=None,
+                   help="--fan-in-std relative to the std of the old weight each new unit joins")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from growth_ds.interop.hf import DTYPES
 
@@ -395,11 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     gm.add_argument("--to", required=True, metavar="SHAPE_YAML", help="target ModelShape YAML")
     gm.add_argument("--method", required=True, help="WIDTH, DEPTH or WIDTH+DEPTH, e.g. lemon+identity; or "
                                                     "recommended (the saving study's recipe, README Results)")
-    gm.add_argument("--fan-in-std", type=float, help="std of the new units' random fan-in: absolute (default "
-                   "0.02) or, with --fan-in-relative or --method recommended, a multiple of the std of the old "
-                   "weight each joins (default 1; recommended: 2)")
-    gm.add_argument("--fan-in-relative", action="store_true", default=None,
-                    help="--fan-in-std relative to the std of the old weight each new unit joins")
+    _add_fan_in_options(gm)
     gm.add_argument("--out", required=True, metavar="DIR", help="output dist checkpoint directory")
     gm.add_argument("--tp", type=int, help="the TP size whose block-diagonal plan is applied (default 1; with "
                                            "--in-memory: the growth's TP size, default the world size)")
@@ -454,11 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--to", required=True, metavar="SHAPE_YAML", help="target ModelShape YAML")
     g.add_argument("--method", required=True, help="WIDTH, DEPTH or WIDTH+DEPTH, e.g. lemon+identity; recommended "
                                                    "(the saving study's recipe, README Results); or ligo")
-    g.add_argument("--fan-in-std", type=float, help="std of the new units' random fan-in: absolute (default "
-                   "0.02) or, with --fan-in-relative or --method recommended, a multiple of the std of the old "
-                   "weight each joins (default 1; recommended: 2)")
-    g.add_argument("--fan-in-relative", action="store_true", default=None,
-                    help="--fan-in-std relative to the std of the old weight each new unit joins")
+    _add_fan_in_options(g)
     g.add_argument("--out", required=True, help="output checkpoint file (atomic write)")
     g.add_argument("--shape", help="ModelShape YAML of the checkpoint when it records none")
     g.add_argument("--seed", type=int, default=0)
